@@ -1,0 +1,43 @@
+# kubetrain: `make demo` and `make test` bootstrap .venv themselves (README.md).
+# torch is pinned here only: 2.13.0 is the CPU build these machines carry; pyproject keeps a wide range.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint e2e bench crds clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[operator,trainer,dev]"
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kubetrain run examples/trainingrun-from-scratch-tiny.yaml
+	$(BIN)/kubetrain run examples/trainingrun-sft-tiny.yaml
+	$(BIN)/kubetrain run examples/trainingrun-lora-tiny.yaml
+	$(BIN)/kubetrain run examples/trainingrun-dpo-tiny.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/pytest
+
+e2e: $(STAMP)
+	$(BIN)/pytest -m e2e
+
+bench: $(STAMP)
+	$(BIN)/pytest -m bench -s tests/bench
+
+crds: $(STAMP)
+	$(BIN)/kubetrain crds
+
+clean:
+	rm -rf $(VENV) .tools outputs .pytest_cache .ruff_cache

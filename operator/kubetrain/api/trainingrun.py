@@ -1,0 +1,762 @@
+"""TrainingRun (kubetrain.dev/v1alpha1): spec, status, condition constants and conversions.
+
+The spec reuses the trainer's own config blocks (`kubetrain_trainer.config`) for the
+model, data, training and per-method settings, so a knob means the same thing in a CR, in a
+local run and inside the pod, and adds what only a cluster needs: resources, image, env,
+storage for the output, restarts and the backend. Every field carries a description (it
+becomes `kubectl explain` text) and the cross-field rules exist twice, as pydantic
+validators here and as CEL rules in the CRD, built side by side in `_spec_rules` so they
+agree (a unit test holds them to it). Status follows kstatus: `phase`, `conditions[]` with
+the types and reasons below, and `observedGeneration`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from kubetrain.api.cel import flag, present, rule, value_or_default
+from kubetrain.api.uris import UriRef, check_uri, uri_refs
+from kubetrain_trainer.config import (
+    Architecture,
+    DataSpec,
+    Dpo,
+    FromScratch,
+    Lora,
+    Method,
+    ModelSpec,
+    Spec,
+    TrainerConfig,
+    Training,
+    check_method_blocks,
+)
+
+GROUP = "kubetrain.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingRun"
+PLURAL = "trainingruns"
+SINGULAR = "trainingrun"
+SHORT_NAMES = ["tr"]
+CATEGORIES = ["kubetrain"]
+
+DEFAULT_IMAGE = "ghcr.io/kubetrain/trainer:0.1.0"
+C10D_PORT = 29500
+METRICS_PORT = 9400
+
+# Labels the operator puts on every child and pod, and the one Kueue reads from the CR.
+LABEL_RUN = "kubetrain.dev/run"
+LABEL_ATTEMPT = "kubetrain.dev/attempt"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+# Pods' hostnames are `<run>-<attempt>-<index>` (JobSet: `<run>-<attempt>-node-0-<index>`)
+# and must fit a 63-character DNS label with up to 3 attempt and 4 index digits.
+MAX_RUN_NAME_LENGTH = 40
+RUN_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_NODES = 1024
+MAX_RESTARTS = 100
+
+# Environment the operator owns: torchrun's rendezvous (PyTorchJob / Trainer v2 names),
+# what torchrun itself sets per worker, and the Hugging Face cache and token it wires up.
+# Users setting these would silently break the gang, so validation refuses them.
+OPERATOR_ENV_NAMES = (
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "HF_HOME",
+    "HF_TOKEN",
+)
+TORCHRUN_ENV_NAMES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+RESERVED_ENV_NAMES = OPERATOR_ENV_NAMES + TORCHRUN_ENV_NAMES
+RESERVED_ENV_PREFIXES = ("PET_", "TORCHELASTIC_")
+MAX_ENV_VARS = 128
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+PHASE_PENDING: Phase = "Pending"
+PHASE_RUNNING: Phase = "Running"
+PHASE_SUCCEEDED: Phase = "Succeeded"
+PHASE_FAILED: Phase = "Failed"
+PHASE_SUSPENDED: Phase = "Suspended"
+
+# Condition types. Ready is True only once the run Succeeded (kstatus: the resource has
+# reached its desired state); Running, Succeeded, Failed and Suspended mirror the phase so
+# `kubectl wait --for=condition=Succeeded` works.
+CONDITION_READY = "Ready"
+CONDITION_RUNNING = "Running"
+CONDITION_SUCCEEDED = "Succeeded"
+CONDITION_FAILED = "Failed"
+CONDITION_SUSPENDED = "Suspended"
+CONDITION_TYPES = (
+    CONDITION_READY,
+    CONDITION_RUNNING,
+    CONDITION_SUCCEEDED,
+    CONDITION_FAILED,
+    CONDITION_SUSPENDED,
+)
+
+# Condition reasons (CamelCase, as Kubernetes conditions require).
+REASON_CREATED = "Created"  # children created, no pod running yet
+REASON_WAITING_FOR_DEPENDENCIES = "WaitingForDependencies"  # a PVC or Secret is missing
+REASON_QUEUED = "Queued"  # the workload is suspended by a queue (Kueue), not by the spec
+REASON_SUSPENDED = "Suspended"  # spec.suspend is true
+REASON_PODS_STARTING = "PodsStarting"  # some pods scheduled, not all running
+REASON_TRAINING = "Training"  # all pods running
+REASON_RESTARTING = "Restarting"  # a retriable failure; starting the next attempt
+REASON_PREEMPTED = "Preempted"  # the trainer saved a checkpoint on SIGTERM (exit 75)
+REASON_COMPLETED = "Completed"  # every pod exited 0
+REASON_CONFIG_ERROR = "ConfigError"  # the trainer refused its config or data (exit 78)
+REASON_INVALID_SPEC = "InvalidSpec"  # the operator could not render the spec
+REASON_RESTARTS_EXHAUSTED = "RestartsExhausted"  # failed again after maxRestarts restarts
+
+
+class K8sObject(BaseModel):
+    """Base for Kubernetes-shaped objects that are not trainer blocks (same conventions)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class SecretKeySelector(K8sObject):
+    """A key of a Secret in the run's namespace."""
+
+    name: str = Field(min_length=1, description="Name of the Secret.")
+    key: str = Field("token", min_length=1, description="Key inside the Secret.")
+
+
+class RunModel(ModelSpec):
+    """The starting model, plus how the pods authenticate to the Hugging Face hub."""
+
+    # Same field as the trainer's, bounded so the API server can cost the CEL rule that
+    # reads it (unbounded strings make CEL cost estimates fail at CRD creation).
+    name: str | None = Field(
+        None, max_length=1024, description=ModelSpec.model_fields["name"].description
+    )
+
+    token_secret_ref: SecretKeySelector | None = Field(
+        None,
+        description="Secret key holding a Hugging Face token for gated or private hub "
+        "models; the pods get it as HF_TOKEN. Key defaults to `token`.",
+    )
+
+
+class ConfigMapKeySelector(K8sObject):
+    """A key of a ConfigMap in the run's namespace."""
+
+    name: str = Field(min_length=1, description="Name of the ConfigMap.")
+    key: str = Field(min_length=1, description="Key inside the ConfigMap.")
+    optional: bool | None = Field(None, description="Start even if the key is missing.")
+
+
+class EnvSecretKeySelector(K8sObject):
+    """A key of a Secret in the run's namespace, for an environment variable."""
+
+    name: str = Field(min_length=1, description="Name of the Secret.")
+    key: str = Field(min_length=1, description="Key inside the Secret.")
+    optional: bool | None = Field(None, description="Start even if the key is missing.")
+
+
+class ObjectFieldSelector(K8sObject):
+    """A field of the pod (downward API)."""
+
+    field_path: str = Field(description="Pod field, e.g. metadata.name or status.podIP.")
+    api_version: str | None = Field(None, description="Schema version of fieldPath (v1).")
+
+
+# resource.Quantity as controller-gen writes it: an integer or a string in Kubernetes'
+# quantity syntax (`4`, "500m", "64Gi"). Fractions must be quoted strings, as on the API.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+
+
+def check_quantity(quantity: Any) -> Any:
+    """Refuse what Kubernetes would not parse as a resource.Quantity, saying how to fix it."""
+    if isinstance(quantity, float):
+        raise ValueError(
+            f'{quantity!r}: write fractional quantities as strings ("500m" or "0.5"); '
+            "the API accepts only integers and strings"
+        )
+    if isinstance(quantity, str) and not _QUANTITY.match(quantity):
+        raise ValueError(f'{quantity!r} is not a Kubernetes quantity (e.g. 8, "500m", "64Gi")')
+    return quantity
+
+
+Quantity = Annotated[
+    int | Annotated[str, WithJsonSchema({"type": "string", "pattern": QUANTITY_PATTERN})],
+    BeforeValidator(check_quantity),
+]
+
+
+class ResourceFieldSelector(K8sObject):
+    """A resource request or limit of the trainer container (downward API)."""
+
+    resource: str = Field(description="Resource, e.g. limits.memory or requests.cpu.")
+    container_name: str | None = Field(None, description="Container; defaults to trainer.")
+    divisor: Quantity | None = Field(None, description="Unit to express the value in.")
+
+
+class EnvVarSource(K8sObject):
+    """Where an environment variable's value comes from; set exactly one field."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                rule(
+                    "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0)"
+                    " + (has(self.fieldRef) ? 1 : 0) + (has(self.resourceFieldRef) ? 1 : 0)"
+                    " == 1",
+                    "set exactly one of secretKeyRef, configMapKeyRef, fieldRef or "
+                    "resourceFieldRef",
+                )
+            ]
+        }
+    )
+
+    secret_key_ref: EnvSecretKeySelector | None = Field(None, description="A Secret's key.")
+    config_map_key_ref: ConfigMapKeySelector | None = Field(None, description="A ConfigMap's key.")
+    field_ref: ObjectFieldSelector | None = Field(None, description="A pod field.")
+    resource_field_ref: ResourceFieldSelector | None = Field(
+        None, description="A container resource."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVarSource:
+        chosen = [
+            self.secret_key_ref,
+            self.config_map_key_ref,
+            self.field_ref,
+            self.resource_field_ref,
+        ]
+        if sum(c is not None for c in chosen) != 1:
+            raise ValueError(
+                "set exactly one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef"
+            )
+        return self
+
+
+class EnvVar(K8sObject):
+    """An environment variable for the trainer container (Kubernetes EnvVar)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                rule(
+                    "!(has(self.value) && has(self.valueFrom))",
+                    "set value or valueFrom, not both",
+                )
+            ]
+        }
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$",
+        description="Variable name. PET_*, TORCHELASTIC_*, MASTER_ADDR, MASTER_PORT, "
+        "WORLD_SIZE, RANK, LOCAL_RANK, NODE_RANK, GROUP_RANK, LOCAL_WORLD_SIZE, HF_HOME and "
+        "HF_TOKEN are set by the operator and torchrun and may not be given here.",
+    )
+    value: str | None = Field(None, description="Literal value.")
+    value_from: EnvVarSource | None = Field(
+        None, description="Take the value from a Secret, ConfigMap or the pod."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"env {self.name}: set value or valueFrom, not both")
+        return self
+
+
+def is_reserved_env_name(name: str) -> bool:
+    """Whether the operator or torchrun owns this environment variable name."""
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+class Toleration(K8sObject):
+    """A Kubernetes toleration, e.g. for the taint on GPU nodes."""
+
+    key: str | None = Field(None, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        None, description="Exists or Equal (the default)."
+    )
+    value: str | None = Field(None, description="Taint value to match with Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="How long a NoExecute taint is tolerated before eviction."
+    )
+
+
+class Resources(K8sObject):
+    """How many pods the run uses and what each one asks of its node."""
+
+    nodes: int = Field(
+        1, ge=1, le=MAX_NODES, description="Pods (one per node) that train together."
+    )
+    proc_per_node: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes per pod, usually the GPUs per node "
+        "(torchrun --nproc-per-node).",
+    )
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Per-pod resource requests, e.g. cpu: 8, memory: 64Gi, nvidia.com/gpu: 8.",
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Per-pod resource limits; GPUs (nvidia.com/gpu) must be set here.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must land on."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the pods tolerate (e.g. GPU node taints)."
+    )
+    priority_class_name: str | None = Field(
+        None, description="PriorityClass of the pods (preemption order)."
+    )
+
+
+class RestartPolicy(K8sObject):
+    """When the operator starts the whole gang again after a failure."""
+
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=MAX_RESTARTS,
+        description="Restarts after retriable failures (node loss, preemption, crashes); "
+        "never after a config error (exit 78). Each restart resumes from the newest "
+        "checkpoint.",
+    )
+
+
+def _spec_rules() -> list[dict[str, str]]:
+    """CEL twins of check_method_blocks, Training's validator and the env rule."""
+    eval_strategy = value_or_default("training.evalStrategy", Training, "eval_strategy")
+    save_strategy = value_or_default("training.saveStrategy", Training, "save_strategy")
+    load_best = flag("training.loadBestModelAtEnd")
+    eval_every = (
+        f"({present('training.evalSteps')} ? self.training.evalSteps : "
+        f"{value_or_default('training.loggingSteps', Training, 'logging_steps')})"
+    )
+    max_steps = value_or_default("training.maxSteps", Training, "max_steps")
+    heads = value_or_default(
+        "model.architecture.numAttentionHeads", Architecture, "num_attention_heads"
+    )
+    hidden = value_or_default("model.architecture.hiddenSize", Architecture, "hidden_size")
+    kv_heads = (
+        f"({present('model.architecture.numKeyValueHeads')} ? "
+        f"self.model.architecture.numKeyValueHeads : {heads})"
+    )
+    reserved = ", ".join(f"'{n}'" for n in RESERVED_ENV_NAMES)
+    prefixes = " && ".join(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
+    return [
+        rule(
+            f"!has(self.lora) || self.method == 'lora' || {flag('dpo.useLora')}",
+            "lora block given but method is not lora; use method lora (or method dpo with "
+            "dpo.useLora: true)",
+            field_path=".lora",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            "!has(self.dpo) || self.method == 'dpo'",
+            "dpo block given but method is not dpo",
+            field_path=".dpo",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            "!has(self.fromScratch) || self.method == 'from_scratch'",
+            "fromScratch block given but method is not from_scratch",
+            field_path=".fromScratch",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            f"self.method != 'from_scratch' || ({present('model.architecture')})",
+            "method from_scratch needs model.architecture (the model shape)",
+            field_path=".model",
+            reason="FieldValueRequired",
+        ),
+        rule(
+            f"self.method != 'from_scratch' || !({present('model.name')})",
+            "method from_scratch builds a new model; drop model.name or use method sft to "
+            "continue training an existing one",
+            field_path=".model",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            f"self.method == 'from_scratch' || ({present('model.name')} && "
+            "self.model.name.matches('\\\\S'))",
+            "this method needs model.name (the model to start from)",
+            field_path=".model",
+            reason="FieldValueRequired",
+        ),
+        rule(
+            "self.method == 'dpo' || !has(self.data.maxPromptLength)",
+            "data.maxPromptLength applies to method dpo only",
+            field_path=".data.maxPromptLength",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            "self.method != 'dpo' || !has(self.data.format) || "
+            "self.data.format in ['auto', 'preference']",
+            "method dpo needs preference data (prompt/chosen/rejected): data.format must be "
+            "auto or preference",
+            field_path=".data.format",
+        ),
+        rule(
+            "!(self.method in ['sft', 'lora']) || !has(self.data.format) || "
+            "self.data.format != 'preference'",
+            "methods sft and lora train on text, messages or instruction data, not "
+            "preference pairs",
+            field_path=".data.format",
+        ),
+        rule(
+            "!has(self.data.mlmProbability)",
+            "data.mlmProbability masks tokens for masked language models; kubetrain trains "
+            "causal decoders, so remove the field",
+            field_path=".data.mlmProbability",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            f"{eval_strategy} == 'no' || (has(self.data.eval) && self.data.eval != '')",
+            "training.evalStrategy steps or epoch needs data.eval",
+            field_path=".data",
+            reason="FieldValueRequired",
+        ),
+        rule(
+            f"!({flag('training.bf16')} && {flag('training.fp16')})",
+            "bf16 and fp16 are exclusive; pick one",
+            field_path=".training",
+        ),
+        rule(
+            f"{max_steps} == -1 || {max_steps} > 0",
+            "training.maxSteps must be -1 (use epochs) or positive",
+            field_path=".training",
+        ),
+        rule(
+            f"!({present('training.earlyStoppingPatience')}) || {load_best}",
+            "training.earlyStoppingPatience needs loadBestModelAtEnd: true so the best "
+            "checkpoint is known",
+            field_path=".training",
+        ),
+        rule(
+            f"!{load_best} || {eval_strategy} != 'no'",
+            "training.loadBestModelAtEnd needs evalStrategy steps or epoch",
+            field_path=".training",
+        ),
+        rule(
+            f"!{load_best} || {save_strategy} == {eval_strategy}",
+            "training.loadBestModelAtEnd needs saveStrategy to match evalStrategy",
+            field_path=".training",
+        ),
+        rule(
+            f"!{load_best} || {eval_strategy} != 'steps' || "
+            f"{value_or_default('training.saveSteps', Training, 'save_steps')} % {eval_every}"
+            " == 0",
+            "training.loadBestModelAtEnd needs saveSteps to be a multiple of evalSteps "
+            "(loggingSteps when evalSteps is unset)",
+            field_path=".training",
+        ),
+        rule(
+            f"!({present('model.architecture')}) || "
+            f"({hidden} % {heads} == 0 && {heads} % {kv_heads} == 0)",
+            "model.architecture: hiddenSize must be a multiple of numAttentionHeads, and "
+            "numAttentionHeads a multiple of numKeyValueHeads",
+            field_path=".model.architecture",
+        ),
+        rule(
+            f"!has(self.env) || self.env.all(e, {prefixes} && !(e.name in [{reserved}]))",
+            "env may not set PET_*, TORCHELASTIC_*, MASTER_ADDR, MASTER_PORT, WORLD_SIZE, "
+            "RANK, LOCAL_RANK, NODE_RANK, GROUP_RANK, LOCAL_WORLD_SIZE, HF_HOME or HF_TOKEN: "
+            "the operator and torchrun set them (use model.tokenSecretRef for HF_TOKEN)",
+            field_path=".env",
+            reason="FieldValueForbidden",
+        ),
+    ]
+
+
+class TrainingRunSpec(Spec):
+    """What to train, on what data, with which resources, and where the model goes."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _spec_rules()})
+
+    method: Method = Field(description="Training method: from_scratch, sft, lora or dpo.")
+    model: RunModel = Field(
+        default_factory=RunModel,
+        description="The starting model: a hub id, pvc://claim/path, or (from_scratch) an "
+        "architecture.",
+    )
+    data: DataSpec = Field(description="Training and evaluation data (pvc:// URIs).")
+    training: Training = Field(
+        default_factory=Training,
+        description="Optimisation, precision, evaluation and checkpoint cadence.",
+    )
+    lora: Lora | None = Field(None, description="LoRA settings (method lora, or dpo.useLora).")
+    dpo: Dpo | None = Field(None, description="DPO settings (method dpo).")
+    from_scratch: FromScratch | None = Field(
+        None, description="Tokenizer settings for method from_scratch."
+    )
+    output: str = Field(
+        min_length=1,
+        description="Where checkpoints and the final model go: pvc://claim/sub/path on a "
+        "cluster (the claim is mounted read-write), or a local path for `kubetrain run`. "
+        "s3:// is reserved and not supported yet.",
+    )
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Trainer container image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy; empty uses the Kubernetes default."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Pods, processes per pod and their resources."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=MAX_ENV_VARS,
+        description="Extra environment for the trainer (e.g. WANDB_API_KEY from a Secret). "
+        "Names the operator or torchrun set are refused.",
+    )
+    suspend: bool = Field(
+        False,
+        description="Hold the run: no pods start (running pods are stopped; training "
+        "resumes from the newest checkpoint when set back to false).",
+    )
+    restart_policy: RestartPolicy = Field(
+        default_factory=RestartPolicy, description="Restarts after retriable failures."
+    )
+    backend: Literal["job", "jobset"] = Field(
+        "job",
+        description="Workload kind: job (an Indexed Job and a headless Service, plain "
+        "Kubernetes) or jobset (one JobSet; needs the JobSet controller).",
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _output_uri(cls, value: str) -> str:
+        return check_uri(value)
+
+    @field_validator("env")
+    @classmethod
+    def _env_not_reserved(cls, env: list[EnvVar]) -> list[EnvVar]:
+        taken = [e.name for e in env if is_reserved_env_name(e.name)]
+        if taken:
+            raise ValueError(
+                f"env sets {', '.join(taken)}, which the operator and torchrun set "
+                "(PET_*, TORCHELASTIC_*, MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, "
+                "LOCAL_RANK, NODE_RANK, GROUP_RANK, LOCAL_WORLD_SIZE, HF_HOME, HF_TOKEN); "
+                "remove them (use model.tokenSecretRef for HF_TOKEN)"
+            )
+        return env
+
+    @model_validator(mode="after")
+    def _method_blocks(self) -> TrainingRunSpec:
+        # Same attribute names as TrainerConfig, so the trainer's own rule applies as is.
+        check_method_blocks(self)  # type: ignore[arg-type]
+        for ref in uri_refs(self):
+            check_uri(ref.uri)
+        return self
+
+
+class Condition(K8sObject):
+    """One observation of the run (metav1.Condition)."""
+
+    type: str = Field(description="Ready, Running, Succeeded, Failed or Suspended.", max_length=316)
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        description="CamelCase cause, e.g. Training, Completed, ConfigError.", max_length=1024
+    )
+    message: str = Field("", description="What happened and, on failure, how to fix it.")
+    last_transition_time: str = Field(
+        description="When status last changed (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+
+class Progress(K8sObject):
+    """Training progress read from rank 0's metrics endpoint."""
+
+    step: int | None = Field(None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps planned.")
+    epoch: float | None = Field(None, ge=0, description="Epochs done (fractional).")
+    loss: float | None = Field(None, description="Latest training loss.")
+    eval_loss: float | None = Field(None, description="Latest evaluation loss.")
+    tokens_per_second: float | None = Field(
+        None, ge=0, description="Training throughput over all workers."
+    )
+    eta: str | None = Field(None, description="Estimated time left as a Go duration, e.g. 1h2m3s.")
+    percent: int | None = Field(
+        None, ge=0, le=100, description="step / totalSteps as a whole percentage."
+    )
+
+
+class Outputs(K8sObject):
+    """What a finished run leaves behind."""
+
+    model_uri: str | None = Field(
+        None, description="URI of the final model (spec.output); adapters for LoRA runs."
+    )
+
+
+class TrainingRunStatus(K8sObject):
+    """Observed state of a TrainingRun, written by the operator only."""
+
+    # Tolerate status fields this version does not know (written by a newer operator or by
+    # kopf) rather than failing to read the object.
+    model_config = ConfigDict(extra="ignore")
+
+    phase: Phase | None = Field(
+        None, description="Pending, Running, Succeeded, Failed or Suspended."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Running, Succeeded, Failed and Suspended, each with a reason.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="metadata.generation this status was computed from."
+    )
+    start_time: str | None = Field(
+        None,
+        description="When the first attempt's pods started (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+    completion_time: str | None = Field(
+        None,
+        description="When the run Succeeded or Failed (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+    attempt: int | None = Field(
+        None, ge=0, description="Current attempt; the Job is named <run>-<attempt>."
+    )
+    restarts: int | None = Field(
+        None, ge=0, description="Gang restarts so far (at most restartPolicy.maxRestarts)."
+    )
+    progress: Progress | None = Field(None, description="Training progress of the attempt.")
+    latest_checkpoint: str | None = Field(
+        None, description="URI of the newest complete checkpoint (<output>/checkpoint-N)."
+    )
+    outputs: Outputs | None = Field(None, description="Results of a finished run.")
+
+
+class ObjectMeta(BaseModel):
+    """Kubernetes object metadata; fields beyond these are kept as given."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str = Field(min_length=1, description="Object name.")
+    namespace: str | None = Field(None, description="Namespace (the current one if empty).")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+    uid: str | None = Field(None, description="Set by the API server.")
+    generation: int | None = Field(None, description="Set by the API server.")
+
+
+_RUN_NAME = re.compile(RUN_NAME_PATTERN)
+
+
+class TrainingRun(K8sObject):
+    """A training job for an LLM: one method, one model, its data, and the gang that runs it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                rule(
+                    f"!has(self.metadata.name) || (self.metadata.name.size() <= "
+                    f"{MAX_RUN_NAME_LENGTH} && self.metadata.name.matches('{RUN_NAME_PATTERN}'))",
+                    f"metadata.name must be a DNS label of at most {MAX_RUN_NAME_LENGTH} "
+                    "characters (lowercase letters, digits, '-', starting with a letter) so "
+                    "the pods' hostnames <name>-<attempt>-<index> fit 63 characters",
+                )
+            ]
+        }
+    )
+
+    api_version: Literal["kubetrain.dev/v1alpha1"] = Field(
+        API_VERSION, description="kubetrain.dev/v1alpha1"
+    )
+    kind: Literal["TrainingRun"] = Field(KIND, description="TrainingRun")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: TrainingRunSpec = Field(description="What to train and how.")
+    status: TrainingRunStatus | None = Field(None, description="Written by the operator.")
+
+    @model_validator(mode="after")
+    def _name_fits_hostnames(self) -> TrainingRun:
+        name = self.metadata.name
+        if len(name) > MAX_RUN_NAME_LENGTH or not _RUN_NAME.match(name):
+            raise ValueError(
+                f"metadata.name {name!r} must be a DNS label of at most "
+                f"{MAX_RUN_NAME_LENGTH} characters (lowercase letters, digits, '-', starting "
+                "with a letter) so the pods' hostnames <name>-<attempt>-<index> fit 63"
+            )
+        return self
+
+
+def to_trainer_config(
+    name: str,
+    spec: TrainingRunSpec,
+    resolve_uri: Callable[[UriRef], str],
+    *,
+    metrics_port: int = METRICS_PORT,
+) -> TrainerConfig:
+    """The TrainerConfig a run's pods (or local processes) read.
+
+    `resolve_uri` turns each URI-bearing field (see `uri_refs`) into the path the trainer
+    opens: the renderer maps pvc:// to the claim's mount, the local runner to a folder. It
+    may raise ValueError naming `ref.field` to refuse a form (a local path on a cluster).
+    Hub ids are passed to it too, so it decides whether to leave them alone.
+    """
+    resolved = {ref.field: resolve_uri(ref) for ref in uri_refs(spec)}
+    model = spec.model.model_dump(exclude={"token_secret_ref"}, exclude_none=True)
+    for key in ("name", "tokenizer"):
+        if f"spec.model.{key}" in resolved:
+            model[key] = resolved[f"spec.model.{key}"]
+    data = spec.data.model_dump(exclude_none=True)
+    data["train"] = resolved["spec.data.train"]
+    if "spec.data.eval" in resolved:
+        data["eval"] = resolved["spec.data.eval"]
+    dpo: dict[str, Any] | None = None
+    if spec.dpo is not None:
+        dpo = spec.dpo.model_dump(exclude_none=True)
+        if "spec.dpo.referenceModel.name" in resolved:
+            dpo["reference_model"]["name"] = resolved["spec.dpo.referenceModel.name"]
+    return TrainerConfig.model_validate(
+        {
+            "method": spec.method,
+            "model": model,
+            "data": data,
+            "training": spec.training.model_dump(),
+            "lora": spec.lora.model_dump() if spec.lora else None,
+            "dpo": dpo,
+            "from_scratch": spec.from_scratch.model_dump() if spec.from_scratch else None,
+            "output_dir": resolved["spec.output"],
+            "run_name": name,
+            "metrics_port": metrics_port,
+        }
+    )

@@ -1,0 +1,318 @@
+"""The one module that talks to the Kubernetes API (and to rank 0's metrics endpoint).
+
+Everything goes through the official `kubernetes` client and comes back as plain
+camelCase dicts, exactly as the API serves them (`_preload_content=False`), so the pure
+modules (`status`, `render`) read the same shapes as YAML. How the client reaches the API
+is decided in one place, `configure`: an explicit server (argument or
+$KUBETRAIN_API_SERVER, e.g. `kubectl proxy` or a test's emulated API), else the pod's
+service account, else the local kubeconfig. Creation is idempotent (an object that exists
+is left as it is), deletion names its propagation policy (batch/v1 Jobs orphan their pods
+by default), and a 404 reads as "absent" rather than as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import requests
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubetrain.api import GROUP, LABEL_RUN, METRICS_PORT, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+API_SERVER_ENV = "KUBETRAIN_API_SERVER"
+JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
+METRICS_TIMEOUT_SECONDS = 2.0
+
+_lock = threading.Lock()
+_api_client: client.ApiClient | None = None
+_api_server: str | None = None
+
+
+def configure(api_server: str | None = None) -> None:
+    """Choose how to reach the API server; the next call builds a client that way.
+
+    Order: `api_server`, then $KUBETRAIN_API_SERVER (both: a URL such as
+    http://127.0.0.1:8001, TLS unverified), then the in-cluster service account, then
+    kubeconfig ($KUBECONFIG or ~/.kube/config, current context).
+    """
+    global _api_client, _api_server
+    with _lock:
+        if _api_client is not None:
+            _api_client.close()
+        _api_client = None
+        _api_server = api_server
+
+
+def api_server_override() -> str | None:
+    """The explicit API server URL, if one was configured; None means the usual discovery."""
+    return _api_server or os.environ.get(API_SERVER_ENV) or None
+
+
+def _client_configuration() -> client.Configuration:
+    configuration = client.Configuration()
+    server = api_server_override()
+    if server:
+        configuration.host = server.rstrip("/")
+        configuration.verify_ssl = False
+        return configuration
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return configuration
+
+
+def api_client() -> client.ApiClient:
+    """The process's API client, built on first use as `configure` decided."""
+    global _api_client
+    with _lock:
+        if _api_client is None:
+            _api_client = client.ApiClient(_client_configuration())
+        return _api_client
+
+
+def _body(response: Any) -> dict[str, Any]:
+    return json.loads(response.data)
+
+
+def _absent_on_404(call: Callable[[], Any]) -> dict[str, Any] | None:
+    try:
+        return _body(call())
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _core() -> client.CoreV1Api:
+    return client.CoreV1Api(api_client())
+
+
+def _batch() -> client.BatchV1Api:
+    return client.BatchV1Api(api_client())
+
+
+def _custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client())
+
+
+# --- TrainingRuns -----------------------------------------------------------------------
+
+
+def get_trainingrun(namespace: str, name: str) -> dict[str, Any] | None:
+    """The TrainingRun as stored now, or None once it is gone."""
+    return _absent_on_404(
+        lambda: _custom().get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+        )
+    )
+
+
+def patch_trainingrun_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON-merge-patch the status subresource with `patch` (the status, not {status: ...})."""
+    _custom().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _preload_content=False
+    )
+
+
+def annotate_trainingrun(namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+    """Set (or, with None, remove) annotations on a TrainingRun."""
+    _custom().patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name,
+        {"metadata": {"annotations": annotations}}, _preload_content=False,
+    )
+
+
+# --- Children ---------------------------------------------------------------------------
+
+
+def _create(obj: dict[str, Any]) -> Any:
+    namespace = obj["metadata"]["namespace"]
+    kind = (obj["apiVersion"], obj["kind"])
+    if kind == ("v1", "ConfigMap"):
+        return _core().create_namespaced_config_map(namespace, obj, _preload_content=False)
+    if kind == ("v1", "Service"):
+        return _core().create_namespaced_service(namespace, obj, _preload_content=False)
+    if kind == ("batch/v1", "Job"):
+        return _batch().create_namespaced_job(namespace, obj, _preload_content=False)
+    if kind == (f"{JOBSET_GROUP}/{JOBSET_VERSION}", "JobSet"):
+        return _custom().create_namespaced_custom_object(
+            JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, obj, _preload_content=False
+        )
+    raise ValueError(f"cannot create {obj['apiVersion']} {obj['kind']}: not a kind kubetrain makes")
+
+
+def describe(obj: dict[str, Any]) -> str:
+    """`Kind namespace/name`, the way log lines and events name an object."""
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
+
+
+def apply_children(objects: Iterable[dict[str, Any]]) -> list[str]:
+    """Create each object in order, leaving any that exists as it is; returns those created.
+
+    Idempotent, so a reconcile interrupted half-way (operator restart) just runs again.
+    """
+    created = []
+    for obj in objects:
+        try:
+            _create(obj)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            continue
+        created.append(describe(obj))
+        log.info("Created %s", describe(obj))
+    return created
+
+
+def get_job(namespace: str, name: str) -> dict[str, Any] | None:
+    return _absent_on_404(
+        lambda: _batch().read_namespaced_job(name, namespace, _preload_content=False)
+    )
+
+
+def get_jobset(namespace: str, name: str) -> dict[str, Any] | None:
+    return _absent_on_404(
+        lambda: _custom().get_namespaced_custom_object(
+            JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name, _preload_content=False
+        )
+    )
+
+
+def get_workload(backend: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """An attempt's Job (backend job) or JobSet (backend jobset), or None."""
+    if backend == "jobset":
+        return get_jobset(namespace, name)
+    return get_job(namespace, name)
+
+
+def list_workloads(namespace: str, run_name: str) -> list[dict[str, Any]]:
+    """Every Job and JobSet of a run (all attempts). A cluster without JobSets has none."""
+    selector = f"{LABEL_RUN}={run_name}"
+    jobs = _body(
+        _batch().list_namespaced_job(namespace, label_selector=selector, _preload_content=False)
+    )["items"]
+    for job in jobs:  # lists leave kind and apiVersion out of their items
+        job.setdefault("apiVersion", "batch/v1")
+        job.setdefault("kind", "Job")
+    try:
+        jobsets = _body(
+            _custom().list_namespaced_custom_object(
+                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL,
+                label_selector=selector, _preload_content=False,
+            )
+        )["items"]
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        jobsets = []
+    for jobset in jobsets:
+        jobset.setdefault("apiVersion", f"{JOBSET_GROUP}/{JOBSET_VERSION}")
+        jobset.setdefault("kind", "JobSet")
+    return jobs + jobsets
+
+
+def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> bool:
+    """Delete a Job and (Foreground: first) its pods; False if it was already gone.
+
+    The policy is always named: the API's default for batch/v1 Jobs orphans the pods.
+    """
+    try:
+        _batch().delete_namespaced_job(
+            name, namespace, propagation_policy=propagation, _preload_content=False
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+def delete_jobset(namespace: str, name: str, propagation: str = "Foreground") -> bool:
+    """Delete a JobSet and its Jobs and pods; False if it was already gone."""
+    try:
+        _custom().delete_namespaced_custom_object(
+            JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name,
+            propagation_policy=propagation, _preload_content=False,
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+def delete_workload(workload: dict[str, Any], propagation: str = "Foreground") -> bool:
+    """Delete a Job or JobSet as returned by `list_workloads` / `get_workload`."""
+    meta = workload["metadata"]
+    if workload.get("kind") == "JobSet":
+        return delete_jobset(meta["namespace"], meta["name"], propagation)
+    return delete_job(meta["namespace"], meta["name"], propagation)
+
+
+def list_pods(namespace: str, selector: str) -> list[dict[str, Any]]:
+    """Pods matching a label selector, e.g. `kubetrain.dev/run=sft,kubetrain.dev/attempt=2`."""
+    return _body(
+        _core().list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+    )["items"]
+
+
+def pvc_exists(namespace: str, name: str) -> bool:
+    return (
+        _absent_on_404(
+            lambda: _core().read_namespaced_persistent_volume_claim(
+                name, namespace, _preload_content=False
+            )
+        )
+        is not None
+    )
+
+
+def secret_exists(namespace: str, name: str) -> bool:
+    # Reading a Secret's metadata needs `get secrets`; the chart grants it (never `list`).
+    return (
+        _absent_on_404(
+            lambda: _core().read_namespaced_secret(name, namespace, _preload_content=False)
+        )
+        is not None
+    )
+
+
+def config_map_exists(namespace: str, name: str) -> bool:
+    return (
+        _absent_on_404(
+            lambda: _core().read_namespaced_config_map(name, namespace, _preload_content=False)
+        )
+        is not None
+    )
+
+
+# --- Rank 0's metrics -------------------------------------------------------------------
+
+
+def pod_metrics_address(pod: dict[str, Any], port: int = METRICS_PORT) -> tuple[str, int]:
+    """Where a trainer pod serves /metrics: its IP, else its DNS name under the Service."""
+    status = pod.get("status") or {}
+    if status.get("podIP"):
+        return status["podIP"], port
+    meta, spec = pod["metadata"], pod.get("spec") or {}
+    hostname = spec.get("hostname") or meta["name"]
+    subdomain = spec.get("subdomain")
+    host = f"{hostname}.{subdomain}.{meta['namespace']}.svc" if subdomain else hostname
+    return host, port
+
+
+def read_pod_metrics(host: str, port: int = METRICS_PORT) -> str:
+    """GET http://host:port/metrics (Prometheus text). Raises requests.RequestException."""
+    response = requests.get(f"http://{host}:{port}/metrics", timeout=METRICS_TIMEOUT_SECONDS)
+    response.raise_for_status()
+    return response.text

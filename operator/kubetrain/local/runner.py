@@ -1,0 +1,83 @@
+"""Run one TrainingRun on this machine with the same trainer the pods run.
+
+The spec becomes the same TrainerConfig the operator mounts into pods, with URIs resolved to
+local paths instead of volume mounts; then the trainer starts as a child process: plain
+`python -m kubetrain_trainer` for one process, or the torchrun launcher with
+nodes x procPerNode processes on this host. This module never imports torch (the operator
+image has none); the trainer's exit code comes back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubetrain.api import TrainingRun, UriRef, to_trainer_config
+from kubetrain_trainer.config import ConfigError, dump_trainer_config
+
+CONFIG_FILE = "kubetrain-trainer-config.yaml"
+
+
+def resolve_local_uri(ref: UriRef) -> str:
+    """A path this machine can open; hub ids stay as they are unless such a folder exists."""
+    if ref.kind == "pvc":
+        raise ValueError(
+            f"{ref.field}: {ref.uri} names a PersistentVolumeClaim, which only exists on a "
+            "cluster (the operator mounts it). On this machine use a local path."
+        )
+    if ref.kind == "s3":
+        raise ValueError(
+            f"{ref.field}: s3:// URIs are not supported yet; copy the data to a local path"
+        )
+    if ref.kind == "hub" and not Path(ref.uri).exists():
+        return ref.uri
+    # Relative paths are relative to where `kubetrain run` was started, as with any CLI.
+    return str(Path(ref.uri).expanduser().resolve())
+
+
+def trainer_command(config_path: Path, processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "kubetrain_trainer", "--config", str(config_path)]
+    return [
+        sys.executable, "-m", "kubetrain_trainer.launch",
+        "--standalone", "--nproc-per-node", str(processes),
+        "--config", str(config_path),
+    ]  # fmt: skip
+
+
+@dataclass
+class LocalRun:
+    """What a finished local run left behind."""
+
+    name: str
+    exit_code: int
+    output_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0
+
+
+def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRun:
+    """Train `run` here; returns once the trainer exits. Raises ConfigError on bad URIs."""
+    name, spec = run.metadata.name, run.spec
+    try:
+        cfg = to_trainer_config(name, spec, resolve_local_uri)
+    except ValueError as e:
+        raise ConfigError(f"TrainingRun {name}: {e}") from e
+    if metrics_port is not None:
+        cfg.metrics_port = metrics_port
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / CONFIG_FILE
+    config_path.write_text(dump_trainer_config(cfg))
+
+    processes = spec.resources.nodes * spec.resources.proc_per_node
+    exit_code = subprocess.call(trainer_command(config_path, processes))
+    metrics_file = output_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if exit_code == 0 and metrics_file.is_file() else {}
+    return LocalRun(name=name, exit_code=exit_code, output_dir=output_dir, metrics=metrics)

@@ -1,0 +1,65 @@
+"""Pure renderers: kubetrain custom resources in, Kubernetes objects (dicts) out.
+
+No client and no clock: the operator creates what these return, golden files pin them,
+and `kubetrain render` prints them. The names below are the stable surface.
+"""
+
+from kubetrain.render.storage import (
+    PVC_MOUNT_ROOT,
+    ClaimMount,
+    RenderError,
+    claim_mounts,
+    claims_used,
+    cluster_path,
+    config_maps_used,
+    secrets_used,
+)
+from kubetrain.render.trainingrun import (
+    CONFIG_PATH,
+    CONTAINER_NAME,
+    JOBSET_API_VERSION,
+    TRAINER_COMMAND,
+    attempt_labels,
+    config_map_name,
+    job_name,
+    master_addr,
+    owner_reference,
+    render_config_map,
+    render_job,
+    render_jobset,
+    render_pod_spec,
+    render_service,
+    render_trainer_config,
+    render_trainingrun,
+    run_labels,
+    service_name,
+)
+
+__all__ = [
+    "CONFIG_PATH",
+    "CONTAINER_NAME",
+    "JOBSET_API_VERSION",
+    "PVC_MOUNT_ROOT",
+    "TRAINER_COMMAND",
+    "ClaimMount",
+    "RenderError",
+    "attempt_labels",
+    "claim_mounts",
+    "claims_used",
+    "cluster_path",
+    "config_map_name",
+    "config_maps_used",
+    "job_name",
+    "master_addr",
+    "owner_reference",
+    "render_config_map",
+    "render_job",
+    "render_jobset",
+    "render_pod_spec",
+    "render_service",
+    "render_trainer_config",
+    "render_trainingrun",
+    "run_labels",
+    "secrets_used",
+    "service_name",
+]

@@ -1,0 +1,107 @@
+"""Map a TrainingRun's storage URIs onto volumes a pod can mount.
+
+On a cluster every model, dataset and output lives on a PersistentVolumeClaim named by a
+`pvc://claim/sub/path` URI (or, for models, on the Hugging Face hub). Each claim becomes
+one volume mounted at `/mnt/pvc/<claim>`: read-only, except the claim that holds the output,
+which the trainer writes checkpoints to. Local paths mean nothing inside a pod and s3:// is
+not wired up yet, so both are refused here with the field that holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from kubetrain.api import TrainingRunSpec, UriRef, parse_pvc_uri, uri_refs
+
+PVC_MOUNT_ROOT = "/mnt/pvc"
+
+
+class RenderError(ValueError):
+    """A spec the operator cannot turn into Kubernetes objects; the message says why."""
+
+
+@dataclass(frozen=True)
+class ClaimMount:
+    """One PersistentVolumeClaim the pods mount."""
+
+    claim: str
+    volume: str
+    mount_path: str
+    read_only: bool
+
+
+def volume_name(claim: str) -> str:
+    """A volume name for a claim: `pvc-<claim>`, shortened with a hash to fit 63 chars."""
+    name = f"pvc-{claim}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(claim.encode()).hexdigest()[:8]
+    return f"pvc-{claim[:50].rstrip('-')}-{digest}"
+
+
+def cluster_path(ref: UriRef) -> str:
+    """Where the trainer finds `ref` inside a pod; RenderError for forms a pod cannot use."""
+    if ref.kind == "hub":
+        return ref.uri
+    if ref.kind == "pvc":
+        pvc = parse_pvc_uri(ref.uri)
+        return "/".join(p for p in (PVC_MOUNT_ROOT, pvc.claim, pvc.path) if p)
+    if ref.kind == "s3":
+        raise RenderError(
+            f"{ref.field}: s3:// storage ({ref.uri}) is not supported yet; copy the files to "
+            "a PersistentVolumeClaim and write pvc://<claim>/<path>"
+        )
+    hint = " or a Hugging Face hub id" if ref.field.startswith("spec.model") else ""
+    raise RenderError(
+        f"{ref.field}: local path {ref.uri!r} does not exist inside the pods; put it on a "
+        f"PersistentVolumeClaim and write pvc://<claim>/<path>{hint} (local paths work with "
+        "`kubetrain run`)"
+    )
+
+
+def claim_mounts(spec: TrainingRunSpec) -> list[ClaimMount]:
+    """One mount per claim the spec names, sorted by claim; the output's is writable."""
+    claims: dict[str, bool] = {}
+    for ref in uri_refs(spec):
+        if ref.kind != "pvc":
+            continue
+        claim = parse_pvc_uri(ref.uri).claim
+        writable = ref.field == "spec.output"
+        claims[claim] = claims.get(claim, False) or writable
+    return [
+        ClaimMount(
+            claim=claim,
+            volume=volume_name(claim),
+            mount_path=f"{PVC_MOUNT_ROOT}/{claim}",
+            read_only=not writable,
+        )
+        for claim, writable in sorted(claims.items())
+    ]
+
+
+def claims_used(spec: TrainingRunSpec) -> list[str]:
+    """Names of the PersistentVolumeClaims the pods mount, sorted (must exist to start)."""
+    return [mount.claim for mount in claim_mounts(spec)]
+
+
+def secrets_used(spec: TrainingRunSpec) -> list[str]:
+    """Names of the Secrets the pods read, sorted; optional env references are left out."""
+    names = set()
+    if spec.model.token_secret_ref is not None:
+        names.add(spec.model.token_secret_ref.name)
+    for env in spec.env:
+        ref = env.value_from.secret_key_ref if env.value_from else None
+        if ref is not None and not ref.optional:
+            names.add(ref.name)
+    return sorted(names)
+
+
+def config_maps_used(spec: TrainingRunSpec) -> list[str]:
+    """Names of user ConfigMaps the pods read through env, sorted (optional ones left out)."""
+    names = set()
+    for env in spec.env:
+        ref = env.value_from.config_map_key_ref if env.value_from else None
+        if ref is not None and not ref.optional:
+            names.add(ref.name)
+    return sorted(names)

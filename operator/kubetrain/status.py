@@ -1,0 +1,435 @@
+"""What the operator observes, turned into a TrainingRun's status: pure functions, no I/O.
+
+`observe_attempt` reads one attempt's workload (Indexed Job or JobSet) and its pods, as the
+API returns them (camelCase dicts), and says whether the attempt is pending, running,
+succeeded or failed, and for a failure whether a restart can help: evictions, preemption,
+OOM kills, SIGTERM/SIGKILL (exit 143/137), the trainer's own "preempted" exit (75), lost
+peers (NCCL, c10d, connection errors) and plain crashes are retriable; a configuration
+error (exit 78, or a termination message starting with "config error", which the trainer
+writes to /dev/termination-log) is not. `parse_trainer_metrics` reads rank 0's Prometheus
+text, `eta_seconds` extrapolates the step rate between two samples the caller timed, and
+`next_status` writes phase and conditions the kstatus way: one condition per type, its
+`lastTransitionTime` moved only when its status flips, every one stamped with the
+generation it was computed from. Clocks are passed in, so every function here is pure.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetrain.api import (
+    CONDITION_FAILED,
+    CONDITION_READY,
+    CONDITION_RUNNING,
+    CONDITION_SUCCEEDED,
+    CONDITION_SUSPENDED,
+    PHASE_FAILED,
+    PHASE_RUNNING,
+    PHASE_SUCCEEDED,
+    PHASE_SUSPENDED,
+    REASON_COMPLETED,
+    REASON_CONFIG_ERROR,
+    REASON_CREATED,
+    REASON_PODS_STARTING,
+    REASON_PREEMPTED,
+    REASON_QUEUED,
+    REASON_TRAINING,
+    Phase,
+    Progress,
+)
+from kubetrain_trainer.config import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+
+# Set while the spec differs from the one the current attempt runs: edits apply only to a
+# suspended run (they are rendered when it resumes), never to pods already training.
+CONDITION_SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
+REASON_RUN_IN_PROGRESS = "RunInProgress"
+
+# Retriable failure causes (used in messages, events and the restarts metric).
+CAUSE_EVICTED = "Evicted"
+CAUSE_PREEMPTED = REASON_PREEMPTED
+CAUSE_OOM_KILLED = "OOMKilled"
+CAUSE_SIGNALLED = "Signalled"
+CAUSE_NETWORK = "NetworkError"
+CAUSE_NODE_LOST = "NodeLost"
+CAUSE_CRASHED = "Crashed"
+
+# The trainer's message for exit 78 starts with this (kubetrain_trainer.__main__).
+CONFIG_ERROR_PREFIX = "config error"
+# Lost peers and rendezvous trouble: the gang cannot go on, a fresh one can.
+_NETWORK_ERROR = re.compile(
+    r"nccl|c10d|rendezvous|gloo|connection ?(reset|refused|closed|error|aborted)|"
+    r"broken pipe|timed out|timeout",
+    re.IGNORECASE,
+)
+# Pod disruption reasons Kubernetes records in the DisruptionTarget condition.
+_DISRUPTION_CAUSES = {
+    "PreemptionByScheduler": CAUSE_PREEMPTED,
+    "PreemptionByKubeScheduler": CAUSE_PREEMPTED,
+    "EvictionByEvictionAPI": CAUSE_EVICTED,
+    "TerminationByKubelet": CAUSE_EVICTED,
+    "DeletionByTaintManager": CAUSE_NODE_LOST,
+    "DeletionByPodGC": CAUSE_NODE_LOST,
+}
+# Container waiting reasons worth showing while pods start (they need a human).
+_STUCK_WAITING = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+}
+# Both the Job's index annotation and the JobSet's copy of it carry the node rank.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+AttemptState = Literal["pending", "running", "succeeded", "failed"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One attempt as observed: its state, a condition reason and a message for people.
+
+    For `failed`, `retriable` says whether a new attempt can help and `reason` is the cause
+    (CAUSE_* above, or REASON_CONFIG_ERROR); `message` names the pod and what it said.
+    """
+
+    state: AttemptState
+    reason: str
+    message: str = ""
+    retriable: bool = False
+    running_pods: int = 0
+    expected_pods: int = 0
+
+
+def _conditions_true(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return {c.get("type", ""): c for c in conditions if c.get("status") == "True"}
+
+
+def _pod_name(pod: Mapping[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("name", "?")
+
+
+def _terminated_containers(pod: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated:
+            yield terminated
+
+
+def classify_pod_failure(pod: Mapping[str, Any]) -> tuple[str, bool, str]:
+    """(cause, retriable, message) for a pod that failed, from its status alone."""
+    name = _pod_name(pod)
+    status = pod.get("status") or {}
+    for terminated in _terminated_containers(pod):
+        code = terminated.get("exitCode")
+        said = (terminated.get("message") or "").strip()
+        if code == EXIT_CONFIG_ERROR or said.lower().startswith(CONFIG_ERROR_PREFIX):
+            return REASON_CONFIG_ERROR, False, said or f"pod {name} exited {code}"
+        if code == 0:
+            continue
+        detail = f"pod {name} exited {code}" + (f": {said}" if said else "")
+        if code == EXIT_PREEMPTED:
+            return CAUSE_PREEMPTED, True, detail
+        if terminated.get("reason") == "OOMKilled":
+            return CAUSE_OOM_KILLED, True, f"pod {name} was OOM-killed (exit {code})"
+        if said and _NETWORK_ERROR.search(said):
+            return CAUSE_NETWORK, True, detail
+        if code in (137, 143):
+            return CAUSE_SIGNALLED, True, detail
+        disruption = _disruption_cause(pod)
+        return (disruption or CAUSE_CRASHED), True, detail
+    if status.get("reason") == "Evicted":
+        return CAUSE_EVICTED, True, f"pod {name} was evicted: {status.get('message', '')}".strip()
+    disruption = _disruption_cause(pod)
+    if disruption:
+        return disruption, True, f"pod {name}: {status.get('message') or disruption}"
+    return CAUSE_CRASHED, True, f"pod {name} failed: {status.get('reason') or 'no reason given'}"
+
+
+def _disruption_cause(pod: Mapping[str, Any]) -> str | None:
+    disruption = _conditions_true(pod).get("DisruptionTarget")
+    if disruption is None:
+        return None
+    return _DISRUPTION_CAUSES.get(disruption.get("reason", ""), CAUSE_EVICTED)
+
+
+def _waiting_problem(pod: Mapping[str, Any]) -> str | None:
+    status = pod.get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _STUCK_WAITING:
+            message = waiting.get("message") or ""
+            return f"pod {_pod_name(pod)}: {waiting['reason']}" + (f": {message}" if message else "")
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return f"pod {_pod_name(pod)} is not scheduled: {condition.get('message', '')}".strip()
+    return None
+
+
+def _is_terminating(pod: Mapping[str, Any]) -> bool:
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def observe_attempt(
+    workload: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], expected_pods: int
+) -> Observation:
+    """The state of one attempt from its Job (or JobSet) and the pods it made.
+
+    Any failed pod fails the whole attempt: the ranks of a torchrun gang cannot go on
+    without it, and a fresh gang resumes from the newest checkpoint. A config error on
+    any pod wins over other failures, since no restart can fix it.
+    """
+    pods = list(pods)
+    conditions = _conditions_true(workload)
+    failures = [classify_pod_failure(p) for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    config_errors = [f for f in failures if not f[1]]
+    if config_errors:
+        cause, _, message = config_errors[0]
+        return Observation("failed", cause, message, retriable=False, expected_pods=expected_pods)
+    if "Complete" in conditions or "Completed" in conditions:
+        return Observation("succeeded", REASON_COMPLETED, "all pods finished", expected_pods=expected_pods)
+    if failures:
+        cause, _, message = failures[0]
+        return Observation("failed", cause, message, retriable=True, expected_pods=expected_pods)
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    if failed:
+        said = failed.get("message") or failed.get("reason") or "the workload failed"
+        if f"exit code {EXIT_CONFIG_ERROR}" in said:
+            return Observation("failed", REASON_CONFIG_ERROR, said, expected_pods=expected_pods)
+        return Observation("failed", CAUSE_CRASHED, said, retriable=True, expected_pods=expected_pods)
+    if (workload.get("spec") or {}).get("suspend"):
+        return Observation(
+            "pending", REASON_QUEUED, "the workload is suspended, waiting for a queue to admit it",
+            expected_pods=expected_pods,
+        )
+    live = [p for p in pods if not _is_terminating(p)]
+    running = sum(1 for p in live if (p.get("status") or {}).get("phase") in ("Running", "Succeeded"))
+    if running >= expected_pods and any((p.get("status") or {}).get("phase") == "Running" for p in live):
+        return Observation(
+            "running", REASON_TRAINING, f"{running}/{expected_pods} pods running",
+            running_pods=running, expected_pods=expected_pods,
+        )
+    problems = [problem for p in live if (problem := _waiting_problem(p))]
+    if not live:
+        return Observation(
+            "pending", REASON_CREATED, "waiting for the pods to be created",
+            expected_pods=expected_pods,
+        )
+    message = f"{running}/{expected_pods} pods running" + (f"; {problems[0]}" if problems else "")
+    return Observation(
+        "pending", REASON_PODS_STARTING, message, running_pods=running, expected_pods=expected_pods
+    )
+
+
+def rank0_pod(pods: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The running pod of node rank 0 (completion index 0), which serves the metrics."""
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        index = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (
+            meta.get("labels") or {}
+        ).get(COMPLETION_INDEX)
+        if index == "0" and (pod.get("status") or {}).get("phase") == "Running":
+            return pod
+    return None
+
+
+@dataclass(frozen=True)
+class TrainerMetrics:
+    """The `kubetrain_trainer_*` values the status shows; None where the trainer has none."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    checkpoint_step: int | None = None
+
+
+_METRIC_FIELDS = {
+    "kubetrain_trainer_step": "step",
+    "kubetrain_trainer_total_steps": "total_steps",
+    "kubetrain_trainer_epoch": "epoch",
+    "kubetrain_trainer_loss": "loss",
+    "kubetrain_trainer_eval_loss": "eval_loss",
+    "kubetrain_trainer_tokens_per_second": "tokens_per_second",
+    "kubetrain_trainer_checkpoint_step": "checkpoint_step",
+}
+_INTEGER_FIELDS = {"step", "total_steps", "checkpoint_step"}
+
+
+def parse_trainer_metrics(text: str) -> TrainerMetrics:
+    """Read rank 0's /metrics text. Gauges still at NaN (nothing measured yet) become None.
+
+    Raises ValueError when the text is not Prometheus exposition format.
+    """
+    values: dict[str, Any] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            field = _METRIC_FIELDS.get(sample.name)
+            if field is None or sample.labels or not math.isfinite(sample.value):
+                continue
+            values[field] = int(sample.value) if field in _INTEGER_FIELDS else sample.value
+    if values.get("total_steps") == 0:  # the trainer has not planned its steps yet
+        values.pop("total_steps")
+    return TrainerMetrics(**values)
+
+
+def eta_seconds(
+    first: tuple[int, float] | None, latest: tuple[int, float], total_steps: int | None
+) -> float | None:
+    """Seconds left at the mean step rate between two (step, unix time) samples."""
+    if first is None or not total_steps:
+        return None
+    steps = latest[0] - first[0]
+    elapsed = latest[1] - first[1]
+    if steps <= 0 or elapsed <= 0:
+        return None
+    return max(total_steps - latest[0], 0) * elapsed / steps
+
+
+def format_duration(seconds: float) -> str:
+    """A Go duration (`1h2m3s`, `45s`), the form Kubernetes tools print."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "")
+    return text + f"{secs}s"
+
+
+def progress_status(metrics: TrainerMetrics, eta: float | None) -> dict[str, Any]:
+    """status.progress (camelCase) from a metrics sample and an ETA in seconds."""
+    percent = None
+    if metrics.step is not None and metrics.total_steps:
+        percent = min(100, int(100 * metrics.step / metrics.total_steps))
+    progress = Progress(
+        step=metrics.step,
+        total_steps=metrics.total_steps,
+        epoch=metrics.epoch,
+        loss=metrics.loss,
+        eval_loss=metrics.eval_loss,
+        tokens_per_second=metrics.tokens_per_second,
+        eta=format_duration(eta) if eta is not None else None,
+        percent=percent,
+    )
+    return progress.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def checkpoint_uri(output: str, checkpoint_step: int | None) -> str | None:
+    """URI of the checkpoint the trainer saved at `checkpoint_step` (HF's checkpoint-N)."""
+    if not checkpoint_step:
+        return None
+    return f"{output.rstrip('/')}/checkpoint-{checkpoint_step}"
+
+
+# Which condition is True in each phase; the others are False with the phase's reason.
+_TRUE_IN_PHASE = {
+    PHASE_RUNNING: CONDITION_RUNNING,
+    PHASE_SUCCEEDED: CONDITION_SUCCEEDED,
+    PHASE_FAILED: CONDITION_FAILED,
+    PHASE_SUSPENDED: CONDITION_SUSPENDED,
+}
+
+
+def _condition(
+    previous: Mapping[str, Mapping[str, Any]],
+    type_: str,
+    true: bool,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None,
+) -> dict[str, Any]:
+    status = "True" if true else "False"
+    before = previous.get(type_)
+    moved = before is None or before.get("status") != status
+    condition = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now if moved else before.get("lastTransitionTime", now),
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return condition
+
+
+def next_status(
+    previous: Mapping[str, Any] | None,
+    *,
+    phase: Phase,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None,
+    spec_change_ignored: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The whole new status: `previous` with phase, conditions and `fields` (camelCase) set.
+
+    Ready is True only once the run Succeeded (kstatus: desired state reached); Running,
+    Succeeded, Failed and Suspended mirror the phase. `spec_change_ignored`, when given, is
+    the message of a True SpecChangeIgnored condition; otherwise that condition is dropped.
+    A field given as None is removed.
+    """
+    status = dict(previous or {})
+    before = {c.get("type", ""): c for c in status.get("conditions") or []}
+    true_type = _TRUE_IN_PHASE.get(phase)
+    conditions = [
+        _condition(
+            before, CONDITION_READY, phase == PHASE_SUCCEEDED, reason, message, now, generation
+        )
+    ]
+    for type_ in (CONDITION_RUNNING, CONDITION_SUCCEEDED, CONDITION_FAILED, CONDITION_SUSPENDED):
+        conditions.append(
+            _condition(before, type_, type_ == true_type, reason, message, now, generation)
+        )
+    if spec_change_ignored:
+        conditions.append(
+            _condition(
+                before, CONDITION_SPEC_CHANGE_IGNORED, True, REASON_RUN_IN_PROGRESS,
+                spec_change_ignored, now, generation,
+            )
+        )
+    status.update(phase=phase, conditions=conditions)
+    if generation is not None:
+        status["observedGeneration"] = generation
+    for key, value in fields.items():
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value
+    return status
+
+
+def condition_of(status: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
+    """The condition of a type in a status, or None."""
+    for condition in (status or {}).get("conditions") or []:
+        if condition.get("type") == type_:
+            return condition
+    return None
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`; {} when equal."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif isinstance(value, Mapping) and isinstance(old[key], Mapping):
+            nested = merge_patch(old[key], value)
+            if nested:
+                patch[key] = nested
+        elif old[key] != value:
+            patch[key] = value
+    return patch

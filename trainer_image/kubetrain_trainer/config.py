@@ -1,0 +1,485 @@
+"""TrainerConfig: every knob the trainer reads, as pydantic models and nothing else.
+
+This module is imported by the operator (which embeds these blocks in the TrainingRun CRD)
+as well as by the trainer, so it must never import torch, transformers or TRL. Field names
+follow Hugging Face's TrainingArguments / TRL / PEFT names so the training-methods guide
+reads straight across; in YAML they are camelCase (`perDeviceTrainBatchSize`), in Python
+snake_case, and either spelling is accepted when a file is loaded.
+
+Knobs from the guide that cannot apply here are refused with the reason (see the
+`_refuse_*` validators) rather than accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+# Exit codes the trainer uses so a launcher (and the operator) can tell outcomes apart.
+# Values follow BSD sysexits.h, which nothing else in the stack uses.
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 78  # EX_CONFIG: bad spec or data; retrying cannot help
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint
+
+Method = Literal["from_scratch", "sft", "lora", "dpo"]
+DataFormat = Literal["auto", "text", "messages", "instruction", "preference"]
+
+# TRL's DPOConfig.loss_type values (TRL 1.x). Several may be combined in TRL; one is enough
+# for every recipe in the guide, and a single value keeps the CRD a plain enum.
+DpoLossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+
+SchedulerType = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+]
+
+
+class Spec(BaseModel):
+    """Base for every config block: camelCase aliases, unknown keys are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+    )
+
+
+class Architecture(Spec):
+    """Shape of a model built from scratch (no pretrained weights)."""
+
+    model_type: Literal["qwen2", "llama"] = Field(
+        "qwen2", description="Transformers model family to instantiate: qwen2 or llama."
+    )
+    vocab_size: int = Field(
+        32000,
+        ge=64,
+        description="Vocabulary size; also the size of the BPE tokenizer trained when no "
+        "tokenizer is given.",
+    )
+    hidden_size: int = Field(2048, ge=8, description="Width of the residual stream.")
+    num_hidden_layers: int = Field(24, ge=1, description="Number of decoder layers.")
+    num_attention_heads: int = Field(16, ge=1, description="Attention heads per layer.")
+    num_key_value_heads: int | None = Field(
+        None,
+        ge=1,
+        description="Key/value heads for grouped-query attention; defaults to "
+        "numAttentionHeads (plain multi-head attention).",
+    )
+    intermediate_size: int = Field(8192, ge=8, description="Width of the MLP.")
+    max_position_embeddings: int = Field(
+        2048, ge=16, description="Longest sequence the position embedding supports."
+    )
+    tie_word_embeddings: bool = Field(
+        False, description="Share input embedding and LM head weights (saves memory)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> Architecture:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hiddenSize {self.hidden_size} must be a multiple of numAttentionHeads "
+                f"{self.num_attention_heads}"
+            )
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv:
+            raise ValueError(
+                f"numAttentionHeads {self.num_attention_heads} must be a multiple of "
+                f"numKeyValueHeads {kv}"
+            )
+        return self
+
+
+class ModelSpec(Spec):
+    """Where the starting model comes from."""
+
+    name: str | None = Field(
+        None,
+        description="Hub id (Qwen/Qwen2.5-3B), local path, pvc://claim/path or s3:// URI "
+        "of the starting model. Leave empty for fromScratch, which builds one from "
+        "`architecture`.",
+    )
+    architecture: Architecture | None = Field(
+        None, description="Model shape for method from_scratch (ignored by other methods)."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer to use instead of the model's own. For from_scratch, an "
+        "existing tokenizer; when empty a BPE tokenizer is trained on the training text.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the weights are loaded in."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with the model repository. Off unless you "
+        "trust the repository.",
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None,
+        description="Attention kernel; flash_attention_2 needs the flash-attn package and "
+        "a GPU. Empty picks the transformers default (sdpa).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank; leave it out for from_scratch")
+        return value
+
+
+class DataSpec(Spec):
+    """Training and evaluation data."""
+
+    train: str = Field(
+        description="Training data: a .jsonl/.json/.parquet file, a folder of them, or a "
+        "folder written by datasets.save_to_disk. Local path or pvc:// URI."
+    )
+    eval: str | None = Field(None, description="Evaluation data, same forms as `train`.")
+    format: DataFormat = Field(
+        "auto",
+        description="Row format: text {text}, messages {messages:[{role,content}]}, "
+        "instruction {instruction,input,output}, preference {prompt,chosen,rejected}. "
+        "auto detects it from the first rows.",
+    )
+    max_length: int = Field(
+        2048, ge=8, description="Longest tokenized sequence; longer rows are truncated."
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several short rows into one maxLength sequence (sft/lora; "
+        "from_scratch always packs).",
+    )
+    dataset_text_field: str = Field(
+        "text", description="Column holding raw text for format text."
+    )
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        description="DPO only: keep at most this many prompt tokens (the end of the "
+        "prompt is kept). TRL 1.x dropped this knob; kubetrain applies it before TRL.",
+    )
+    mlm_probability: float | None = Field(
+        None,
+        description="Refused: masked-language-model masking does not apply to the causal "
+        "models kubetrain trains. Present only to explain that when a guide config sets it.",
+    )
+
+    @field_validator("mlm_probability")
+    @classmethod
+    def _refuse_mlm(cls, value: float | None) -> None:
+        if value is not None:
+            raise ValueError(
+                "mlmProbability masks tokens for masked language models (BERT-style); "
+                "kubetrain trains causal decoders (qwen2, llama) that learn to predict the "
+                "next token, so masking would corrupt the objective. Remove the field."
+            )
+        return None
+
+
+class Training(Spec):
+    """Optimisation, precision, evaluation and checkpoint cadence (TrainingArguments names)."""
+
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
+    max_steps: int = Field(
+        -1, description="Stop after this many optimizer steps; -1 uses numTrainEpochs."
+    )
+    per_device_train_batch_size: int = Field(8, ge=1, description="Rows per device per step.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per device in eval.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches summed before each optimizer step."
+    )
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: SchedulerType = Field("cosine", description="Learning-rate schedule.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (wins over ratio).")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup as a share of all steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
+    optimizer: str = Field(
+        "adamw_torch",
+        description="transformers optimizer name (adamw_torch, adamw_torch_fused, "
+        "adafactor, paged_adamw_8bit, ...).",
+    )
+    bf16: bool = Field(False, description="bfloat16 mixed precision (Ampere GPUs and newer).")
+    fp16: bool = Field(False, description="float16 mixed precision with loss scaling.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile.")
+    torch_compile_backend: str | None = Field(
+        None, description="torch.compile backend (inductor by default)."
+    )
+    eval_strategy: Literal["no", "steps", "epoch"] = Field(
+        "no", description="When to evaluate; steps uses evalSteps. Needs data.eval."
+    )
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps; defaults to loggingSteps."
+    )
+    save_strategy: Literal["no", "steps", "epoch"] = Field(
+        "steps", description="When to checkpoint; steps uses saveSteps."
+    )
+    save_steps: int = Field(500, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: int | None = Field(
+        None, ge=1, description="Keep only the newest N checkpoints (plus the best one)."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log (and update metrics) every N steps.")
+    load_best_model_at_end: bool = Field(
+        False, description="Finish with the checkpoint that scored best on metricForBestModel."
+    )
+    metric_for_best_model: str = Field("eval_loss", description="Metric that ranks checkpoints.")
+    greater_is_better: bool = Field(False, description="Whether a larger metric is better.")
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after N evaluations without improvement (needs evaluation and "
+        "loadBestModelAtEnd).",
+    )
+    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers besides Prometheus. Their credentials come from "
+        "env (e.g. WANDB_API_KEY from a Secret), never from the spec.",
+    )
+    seed: int = Field(42, description="Random seed for weights init, shuffling and dropout.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
+    dataloader_pin_memory: bool = Field(True, description="Pin host memory for GPU copies.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Training:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are exclusive; pick one")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"maxSteps must be -1 (use epochs) or positive, got {self.max_steps}")
+        if self.early_stopping_patience and not self.load_best_model_at_end:
+            raise ValueError(
+                "earlyStoppingPatience needs loadBestModelAtEnd: true so the best "
+                "checkpoint is known"
+            )
+        if self.load_best_model_at_end:
+            if self.eval_strategy == "no":
+                raise ValueError("loadBestModelAtEnd needs evalStrategy steps or epoch")
+            if self.eval_strategy != self.save_strategy:
+                raise ValueError(
+                    f"loadBestModelAtEnd needs saveStrategy to match evalStrategy "
+                    f"({self.eval_strategy}), got {self.save_strategy}"
+                )
+            eval_every = self.eval_steps or self.logging_steps
+            if self.eval_strategy == "steps" and self.save_steps % eval_every:
+                raise ValueError(
+                    f"loadBestModelAtEnd needs saveSteps ({self.save_steps}) to be a "
+                    f"multiple of evalSteps ({eval_every})"
+                )
+        return self
+
+
+class Lora(Spec):
+    """LoRA / QLoRA adapter settings (PEFT LoraConfig names)."""
+
+    r: int = Field(16, ge=1, description="Adapter rank; higher trains more parameters.")
+    lora_alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or all-linear. Qwen2/Llama also have "
+        "gate_proj, up_proj, down_proj.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    task_type: Literal["CAUSAL_LM"] = Field(
+        "CAUSAL_LM", description="PEFT task type; kubetrain trains causal LMs only."
+    )
+    inference_mode: Literal[False] = Field(
+        False, description="Must be false while training (true freezes the adapter)."
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: load the base model 4-bit (NF4) with bitsandbytes. Needs a "
+        "CUDA GPU; refused on CPU.",
+    )
+    merge: bool = Field(
+        False,
+        description="Also write the base model with the adapter merged in, under "
+        "<output>/merged, for serving without PEFT.",
+    )
+
+
+class ReferenceModel(Spec):
+    """Frozen model DPO measures the policy against."""
+
+    name: str | None = Field(
+        None,
+        description="Model id or path of a custom reference. Empty: the starting model "
+        "(for a LoRA policy, the same weights with the adapter switched off, which needs "
+        "no second copy in memory).",
+    )
+
+
+class Dpo(Spec):
+    """Direct Preference Optimization (TRL DPOConfig names)."""
+
+    beta: float = Field(
+        0.1, gt=0, description="Temperature: how far the policy may drift from the reference."
+    )
+    loss_type: DpoLossType = Field("sigmoid", description="TRL DPO loss (sigmoid = the paper).")
+    label_smoothing: float = Field(
+        0.0, ge=0, le=0.5, description="Assumed share of flipped preference labels (cDPO)."
+    )
+    reference_model: ReferenceModel = Field(
+        default_factory=ReferenceModel, description="The frozen reference model."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="Score the whole dataset with the reference once before training, so "
+        "the reference need not stay in memory.",
+    )
+    use_lora: bool = Field(
+        False,
+        description="Train a LoRA adapter (settings from the `lora` block) instead of all "
+        "weights; the reference is then the adapter-off base model.",
+    )
+
+
+class FromScratch(Spec):
+    """Extra settings for method from_scratch (the shape lives in model.architecture)."""
+
+    tokenizer_vocab_size: int | None = Field(
+        None,
+        ge=64,
+        description="Vocabulary of the BPE tokenizer trained on the training text; "
+        "defaults to architecture.vocabSize.",
+    )
+    tokenizer_min_frequency: int = Field(
+        2, ge=1, description="Minimum count for a merge when training the tokenizer."
+    )
+
+
+class TrainerConfig(Spec):
+    """One training job: what `python -m kubetrain_trainer --config FILE` runs."""
+
+    method: Method = Field(description="Training method: from_scratch, sft, lora or dpo.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The starting model.")
+    data: DataSpec = Field(description="Training and evaluation data.")
+    training: Training = Field(default_factory=Training, description="Optimisation knobs.")
+    lora: Lora | None = Field(None, description="LoRA settings (method lora, or dpo.useLora).")
+    dpo: Dpo | None = Field(None, description="DPO settings (method dpo).")
+    from_scratch: FromScratch | None = Field(
+        None, description="Tokenizer settings for method from_scratch."
+    )
+    output_dir: str = Field(description="Where checkpoints, the final model and metrics go.")
+    run_name: str = Field("kubetrain", description="Name shown in logs and trackers.")
+    metrics_port: int = Field(
+        9400, ge=0, le=65535, description="Rank 0 serves Prometheus /metrics here; 0 = off."
+    )
+
+    @model_validator(mode="after")
+    def _method_blocks(self) -> TrainerConfig:
+        check_method_blocks(self)
+        return self
+
+
+def check_method_blocks(cfg: TrainerConfig) -> None:
+    """Cross-field rules between `method` and the other blocks (shared with the CRD's CEL)."""
+    method = cfg.method
+    uses_lora = method == "lora" or (cfg.dpo is not None and cfg.dpo.use_lora)
+    if cfg.lora is not None and not uses_lora:
+        raise ValueError(f"lora block given but method is {method}; use method lora (or dpo.useLora)")
+    if cfg.dpo is not None and method != "dpo":
+        raise ValueError(f"dpo block given but method is {method}")
+    if cfg.from_scratch is not None and method != "from_scratch":
+        raise ValueError(f"fromScratch block given but method is {method}")
+    if method == "from_scratch":
+        if cfg.model.architecture is None:
+            raise ValueError("method from_scratch needs model.architecture (the model shape)")
+        if cfg.model.name:
+            raise ValueError(
+                "method from_scratch builds a new model; drop model.name or use method sft "
+                "to continue training an existing one"
+            )
+    elif not cfg.model.name:
+        raise ValueError(f"method {method} needs model.name (the model to start from)")
+    if method != "dpo" and cfg.data.max_prompt_length is not None:
+        raise ValueError("data.maxPromptLength applies to method dpo only")
+    if method == "dpo" and cfg.data.format not in ("auto", "preference"):
+        raise ValueError(
+            f"method dpo needs preference data (prompt/chosen/rejected), data.format is "
+            f"{cfg.data.format}"
+        )
+    if method in ("sft", "lora") and cfg.data.format == "preference":
+        raise ValueError(f"method {method} trains on text, messages or instruction data, not preference pairs")
+    if cfg.training.eval_strategy != "no" and not cfg.data.eval:
+        raise ValueError(f"training.evalStrategy is {cfg.training.eval_strategy} but data.eval is empty")
+    if cfg.training.fp16 and cfg.training.bf16:
+        raise ValueError("bf16 and fp16 are exclusive")
+
+
+class ConfigError(Exception):
+    """A config or data problem the user must fix; the trainer exits EXIT_CONFIG_ERROR."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render pydantic errors as `source: field.path: message`, one per line."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; fields are camelCase)"
+        lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_trainer_config(path: str | Path) -> TrainerConfig:
+    """Read a TrainerConfig YAML/JSON file, raising ConfigError with field paths."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields")
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from e
+
+
+def dump_trainer_config(cfg: TrainerConfig) -> str:
+    """YAML text of a config in camelCase, the form the operator mounts into pods."""
+    return yaml.safe_dump(
+        cfg.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
+    )
+

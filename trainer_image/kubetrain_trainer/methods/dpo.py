@@ -1,0 +1,89 @@
+"""Direct Preference Optimization: align a model with prompt/chosen/rejected pairs.
+
+Run as: kubetrain run examples/trainingrun-dpo-tiny.yaml
+
+Built on TRL's DPOTrainer, which minimises
+    -log sigmoid(beta * [log pi(y_w|x)/ref(y_w|x) - log pi(y_l|x)/ref(y_l|x)])
+(other `dpo.lossType` values swap that expression). The reference model is, in order:
+`dpo.referenceModel.name` when given; the same weights with the adapter switched off when
+the policy is a LoRA adapter (`dpo.useLora`, no second copy in memory); otherwise a frozen
+copy of the starting model. TRL logs `rewards/accuracies` (how often the chosen answer wins)
+and `rewards/margins`; both reach Prometheus and metrics.json.
+
+TRL 1.x dropped `max_prompt_length`; `data.maxPromptLength` is applied here instead by
+keeping the last N prompt tokens, which hold the question being answered.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from trl import DPOConfig, DPOTrainer
+
+from kubetrain_trainer.config import Dpo, Lora, ModelSpec, TrainerConfig
+from kubetrain_trainer.data import load_data
+from kubetrain_trainer.methods.lora import peft_config
+from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
+from kubetrain_trainer.session import Session, training_arguments
+
+log = logging.getLogger(__name__)
+
+
+def clip_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, limit: int) -> Dataset:
+    """Keep the last `limit` tokens of every prompt."""
+
+    def clip(row: dict) -> dict:
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        if len(ids) > limit:
+            row["prompt"] = tokenizer.decode(ids[-limit:])
+        return row
+
+    return dataset.map(clip, desc="clipping prompts to data.maxPromptLength")
+
+
+def train(cfg: TrainerConfig, session: Session) -> dict:
+    dpo = cfg.dpo or Dpo()
+    data = load_data(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows, eval_rows = data.train, data.eval
+    if cfg.data.max_prompt_length:
+        train_rows = clip_prompts(train_rows, tokenizer, cfg.data.max_prompt_length)
+        if eval_rows is not None:
+            eval_rows = clip_prompts(eval_rows, tokenizer, cfg.data.max_prompt_length)
+
+    model = load_model(cfg.model)
+    fit_embeddings(model, tokenizer)
+    reference = None
+    if dpo.reference_model.name:
+        reference_spec = ModelSpec(
+            name=dpo.reference_model.name,
+            torch_dtype=cfg.model.torch_dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        reference = load_model(reference_spec)
+        fit_embeddings(reference, tokenizer)
+
+    args = training_arguments(
+        cfg,
+        DPOConfig,
+        beta=dpo.beta,
+        loss_type=[dpo.loss_type],
+        label_smoothing=dpo.label_smoothing,
+        precompute_ref_log_probs=dpo.precompute_ref_log_probs,
+        max_length=cfg.data.max_length,
+        remove_unused_columns=False,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.lora or Lora()) if dpo.use_lora else None,
+        callbacks=session.callbacks(),
+    )
+    log.info("%s; %d preference pairs, beta %.3g", describe(trainer.model), len(train_rows), dpo.beta)
+    return session.fit(trainer)

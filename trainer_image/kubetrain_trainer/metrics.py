@@ -1,0 +1,470 @@
+"""Training metrics: Prometheus gauges on rank 0, a plain progress line, and metrics.json.
+
+`PrometheusCallback` turns the Trainer's events into the `kubetrain_trainer_*` gauges the
+design fixes; `serve_metrics` exposes them on :9400/metrics, where Prometheus scrapes them
+and the operator reads them into `status.progress` and `status.latestCheckpoint`. Gauges
+start at NaN where no value exists yet (no eval run, no checkpoint saved); method-specific
+gauges exist only for their methods (perplexity for language modelling, rewards for DPO).
+Tokens are the Trainer's own count (`include_num_input_tokens_seen="non_padding"`, summed
+over all ranks); tokens/s is measured over a sliding window of the most recent log events,
+so it tracks the current speed instead of an average dragged down by start-up. When stderr
+is not a terminal (a pod's log), `ConsoleProgressCallback` replaces tqdm with one line per
+logging step. At the end `summarize_run` + `write_metrics_json` leave `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections import deque
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from transformers import (
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_utils import TrainOutput
+
+from kubetrain_trainer.checkpoints import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+# Methods whose loss is a next-token cross-entropy, so exp(loss) is a perplexity.
+# DPO's loss is a preference loss: its exponential means nothing.
+LANGUAGE_MODELLING_METHODS = frozenset({"from_scratch", "sft", "lora"})
+# Log events averaged for tokens/s and the ETA: long enough to smooth one slow step,
+# short enough to show a slowdown within a few logging intervals.
+THROUGHPUT_WINDOW = 10
+
+NAN = float("nan")
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), saturating to infinity instead of raising for a diverged loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def tokens_seen(args: TrainingArguments, state: TrainerState, logs: dict[str, Any]) -> int | None:
+    """Tokens trained on so far, all ranks together, or None when nothing counts them.
+
+    The Trainer's count (state.num_input_tokens_seen) is preferred: it is saved in every
+    checkpoint and so keeps growing across a resume. TRL trainers also log `num_tokens`,
+    which restarts at 0 in each process; it is the fallback when the Trainer's count is off.
+    """
+    if args.include_num_input_tokens_seen not in ("no", False):
+        return int(state.num_input_tokens_seen)
+    if "num_tokens" in logs:
+        return int(logs["num_tokens"])
+    return None
+
+
+class ThroughputWindow:
+    """Steps/s and tokens/s between the oldest and newest of the last `size` samples."""
+
+    def __init__(self, size: int = THROUGHPUT_WINDOW) -> None:
+        self._samples: deque[tuple[float, int, int | None]] = deque(maxlen=size + 1)
+
+    def reset(self, now: float, step: int, tokens: int | None) -> None:
+        self._samples.clear()
+        self.add(now, step, tokens)
+
+    def add(self, now: float, step: int, tokens: int | None) -> None:
+        self._samples.append((now, step, tokens))
+
+    def _rate(self, index: int) -> float | None:
+        if len(self._samples) < 2:
+            return None
+        first, last = self._samples[0], self._samples[-1]
+        elapsed = last[0] - first[0]
+        if elapsed <= 0 or first[index] is None or last[index] is None:
+            return None
+        return (last[index] - first[index]) / elapsed
+
+    def steps_per_second(self) -> float | None:
+        return self._rate(1)
+
+    def tokens_per_second(self) -> float | None:
+        return self._rate(2)
+
+    def eta_seconds(self, step: int, max_steps: int) -> float | None:
+        rate = self.steps_per_second()
+        if not rate:
+            return None
+        return max(max_steps - step, 0) / rate
+
+
+class PrometheusCallback(TrainerCallback):
+    """Keeps the `kubetrain_trainer_*` gauges current; updates only on world rank 0.
+
+    The gauges live in the callback's own CollectorRegistry (`self.registry`), not the
+    process-wide default, so two trainers in one process (tests, a pipeline run locally)
+    never collide and the endpoint serves only these names.
+    """
+
+    def __init__(self, method: str, run_name: str) -> None:
+        self.method = method
+        self.registry = CollectorRegistry()
+        self.tokens_at_start = 0
+        self._window = ThroughputWindow()
+        self._evaluated = False
+
+        def gauge(name: str, doc: str, initial: float = NAN) -> Gauge:
+            metric = Gauge(f"kubetrain_trainer_{name}", doc, registry=self.registry)
+            metric.set(initial)
+            return metric
+
+        info = Gauge(
+            "kubetrain_trainer_info",
+            "Always 1; labels name the run and its training method.",
+            ["method", "run_name"],
+            registry=self.registry,
+        )
+        info.labels(method=method, run_name=run_name).set(1)
+        self.start_time = gauge("start_time_seconds", "Unix time training started.")
+        self.step = gauge("step", "Optimizer steps done (global step).", 0)
+        self.total_steps = gauge("total_steps", "Optimizer steps the run will take.", 0)
+        self.epoch = gauge("epoch", "Epochs done, fractional.", 0)
+        self.loss = gauge("loss", "Training loss, mean over the last logging window.")
+        self.eval_loss = gauge("eval_loss", "Loss on the evaluation set at the last eval.")
+        self.learning_rate = gauge("learning_rate", "Learning rate at the last logged step.")
+        self.grad_norm = gauge("grad_norm", "Gradient norm before clipping, last logged step.")
+        self.tokens_total = gauge(
+            "tokens_total", "Non-padding input tokens trained on, all ranks together.", 0
+        )
+        self.tokens_per_second = gauge(
+            "tokens_per_second",
+            f"Training tokens per second, all ranks, over the last {THROUGHPUT_WINDOW} logs.",
+        )
+        self.checkpoint_step = gauge(
+            "checkpoint_step", "Step of the newest checkpoint saved (NaN: none yet)."
+        )
+        self.perplexity = None
+        if method in LANGUAGE_MODELLING_METHODS:
+            self.perplexity = gauge(
+                "perplexity", "exp(eval loss), or exp(training loss) until an eval ran."
+            )
+        self.rewards_accuracy = self.rewards_margin = None
+        if method == "dpo":
+            self.rewards_accuracy = gauge(
+                "rewards_accuracy",
+                "DPO: share of pairs where the chosen answer out-scores the rejected one "
+                "(eval set once evaluated, else training batches).",
+            )
+            self.rewards_margin = gauge(
+                "rewards_margin", "DPO: mean reward of chosen minus rejected (eval set first)."
+            )
+        self.gpu_memory_bytes = None
+        if _cuda_available():
+            self.gpu_memory_bytes = gauge(
+                "gpu_memory_bytes", "Peak GPU memory allocated by tensors on rank 0's GPU.", 0
+            )
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        self.start_time.set(time.time())
+        self.total_steps.set(state.max_steps)
+        self.step.set(state.global_step)
+        self.epoch.set(state.epoch or 0)
+        # A resumed run restores log_history from the checkpoint: replay it so the gauges
+        # show where training stands before the first new log event.
+        self._evaluated = False
+        for entry in state.log_history:
+            self._apply(entry)
+        if state.global_step:
+            self.checkpoint_step.set(state.global_step)
+        self.tokens_at_start = int(state.num_input_tokens_seen)
+        tokens = tokens_seen(args, state, {})
+        if tokens is not None:
+            self.tokens_total.set(tokens)
+        self._window.reset(time.monotonic(), state.global_step, tokens)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            self.step.set(state.global_step)
+            self.epoch.set(state.epoch or 0)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        self._apply(logs)
+        self.step.set(state.global_step)
+        self.epoch.set(state.epoch or 0)
+        tokens = tokens_seen(args, state, logs)
+        if tokens is not None:
+            self.tokens_total.set(tokens)
+        if "loss" in logs:
+            # Only training log events feed the window; eval events carry no new tokens.
+            self._window.add(time.monotonic(), state.global_step, tokens)
+            rate = self._window.tokens_per_second()
+            if rate is not None:
+                self.tokens_per_second.set(rate)
+        if self.gpu_memory_bytes is not None:
+            import torch
+
+            self.gpu_memory_bytes.set(torch.cuda.max_memory_allocated())
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            self.checkpoint_step.set(state.global_step)
+
+    def _apply(self, logs: dict[str, Any]) -> None:
+        """Set the gauges one log entry (training, eval or a replayed history entry) carries."""
+        if "eval_loss" in logs:
+            self._evaluated = True
+            self.eval_loss.set(logs["eval_loss"])
+            if self.perplexity is not None:
+                self.perplexity.set(perplexity(logs["eval_loss"]))
+        if "loss" in logs:
+            self.loss.set(logs["loss"])
+            if self.perplexity is not None and not self._evaluated:
+                self.perplexity.set(perplexity(logs["loss"]))
+        if "learning_rate" in logs:
+            self.learning_rate.set(logs["learning_rate"])
+        if "grad_norm" in logs:
+            self.grad_norm.set(logs["grad_norm"])
+        if self.rewards_accuracy is not None and self.rewards_margin is not None:
+            prefix = "eval_" if "eval_loss" in logs else ""
+            if prefix or not self._evaluated:
+                if f"{prefix}rewards/accuracies" in logs:
+                    self.rewards_accuracy.set(logs[f"{prefix}rewards/accuracies"])
+                if f"{prefix}rewards/margins" in logs:
+                    self.rewards_margin.set(logs[f"{prefix}rewards/margins"])
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _world_rank() -> int:
+    # torchrun sets RANK for every worker; a plain `python -m kubetrain_trainer` is rank 0.
+    return int(os.environ.get("RANK", "0"))
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> Any | None:
+    """Serve `registry` at http://addr:port/metrics from a daemon thread, on rank 0 only.
+
+    Returns the server (call `.shutdown()` and `.server_close()` to stop it), or None when
+    port is 0 (metrics off), on other ranks, or when the port is taken: metrics are for
+    watching a run, so a busy port is a warning, never a reason to lose hours of training.
+    """
+    if port == 0 or _world_rank() != 0:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=registry)
+    except OSError as e:
+        log.warning(
+            "cannot serve metrics on %s:%d (%s); training continues without /metrics. "
+            "Set metricsPort to a free port, or 0 to turn metrics off.",
+            addr,
+            port,
+            e,
+        )
+        return None
+    log.info("serving Prometheus metrics on %s:%d/metrics", addr, port)
+    return server
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, the form tqdm and `kubectl get` users read at a glance."""
+    return str(timedelta(seconds=round(seconds)))
+
+
+def format_progress_line(
+    logs: dict[str, Any],
+    step: int,
+    max_steps: int,
+    epoch: float | None,
+    tokens_per_second: float | None = None,
+    eta_seconds: float | None = None,
+) -> str:
+    """One log line for a log event: training, eval, or the end-of-training summary."""
+    # Training log events carry train_runtime too (with token counting on), so the
+    # end-of-training summary is the one with train_loss and no loss.
+    if "train_loss" in logs and "loss" not in logs:
+        parts = [f"done step {step}/{max_steps}"]
+        if "train_loss" in logs:
+            parts.append(f"train_loss {logs['train_loss']:.3f}")
+        if "train_runtime" in logs:
+            parts.append(f"runtime {format_duration(logs['train_runtime'])}")
+        return " ".join(parts)
+    evaluating = "eval_loss" in logs
+    prefix = "eval_" if evaluating else ""
+    parts = [f"{'eval ' if evaluating else ''}step {step}/{max_steps}"]
+    if epoch is not None:
+        parts.append(f"epoch {epoch:.2f}")
+    if evaluating:
+        parts.append(f"eval_loss {logs['eval_loss']:.3f}")
+    if "loss" in logs:
+        parts.append(f"loss {logs['loss']:.3f}")
+    if f"{prefix}rewards/accuracies" in logs:
+        parts.append(f"acc {logs[f'{prefix}rewards/accuracies']:.3f}")
+    if f"{prefix}rewards/margins" in logs:
+        parts.append(f"margin {logs[f'{prefix}rewards/margins']:.3f}")
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.1e}")
+    if not evaluating and tokens_per_second is not None:
+        parts.append(f"tok/s {tokens_per_second:.0f}")
+    if not evaluating and eta_seconds is not None:
+        parts.append(f"eta {format_duration(eta_seconds)}")
+    return " ".join(parts)
+
+
+class ConsoleProgressCallback(TrainerCallback):
+    """Prints one plain line per log event on world rank 0, for logs that are not a terminal.
+
+    e.g. `step 20/100 epoch 0.40 loss 2.314 lr 1.9e-05 tok/s 5123 eta 0:01:02`. A tqdm bar
+    redraws with carriage returns, which `kubectl logs` shows as one ever-growing line.
+    """
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream
+        self._window = ThroughputWindow()
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._window.reset(time.monotonic(), state.global_step, tokens_seen(args, state, {}))
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            self._window.add(time.monotonic(), state.global_step, tokens_seen(args, state, logs))
+        line = format_progress_line(
+            logs,
+            state.global_step,
+            state.max_steps,
+            state.epoch,
+            self._window.tokens_per_second(),
+            self._window.eta_seconds(state.global_step, state.max_steps),
+        )
+        print(line, file=self._stream or sys.stdout, flush=True)
+
+
+def progress_callbacks(is_tty: bool) -> tuple[list[TrainerCallback], bool]:
+    """Progress policy: (callbacks to add, TrainingArguments.disable_tqdm).
+
+    On a terminal keep transformers' tqdm bar; otherwise turn tqdm off and print plain
+    lines. Off a terminal this also switches off the libraries' own bars (transformers'
+    "Writing model shards" at every checkpoint, huggingface_hub downloads, datasets' map),
+    which would otherwise litter the pod log with carriage-return redraws. With tqdm off
+    the Trainer adds its PrinterCallback, which prints every log dict; call
+    `drop_printer_callback(trainer)` after building the trainer to keep only plain lines.
+    """
+    if is_tty:
+        return [], False
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    return [ConsoleProgressCallback()], True
+
+
+def drop_printer_callback(trainer: Trainer) -> None:
+    """Remove the Trainer's PrinterCallback (raw log dicts) when ConsoleProgressCallback runs."""
+    if any(isinstance(cb, ConsoleProgressCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(PrinterCallback)
+
+
+def _last(log_history: list[dict[str, Any]], key: str) -> float | None:
+    for entry in reversed(log_history):
+        if key in entry:
+            return float(entry[key])
+    return None
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def summarize_run(
+    method: str,
+    log_history: list[dict[str, Any]],
+    train_output: TrainOutput,
+    runtime_s: float,
+    tokens_total: int,
+    tokens_at_start: int = 0,
+) -> dict[str, Any]:
+    """The metrics.json summary of a finished run, from the Trainer's log_history.
+
+    train_loss is the last logged training loss (the model as saved); train_loss_mean is
+    TrainOutput's mean over this train() call. eval_loss and the DPO rewards come from the
+    last evaluation, after any final `trainer.evaluate()` (rewards fall back to the last
+    training batches without eval data). tokens_per_second divides the tokens this train()
+    call processed (tokens_total - tokens_at_start; pass PrometheusCallback.tokens_at_start
+    after a resume) by its train_runtime. runtime_seconds is `runtime_s`, the caller's wall
+    clock (model loading included). Values that do not apply to the method are left out;
+    values that apply but were never measured (eval_loss without eval data) are null.
+    """
+    train_runtime = train_output.metrics.get("train_runtime")
+    last_loss = _last(log_history, "loss")
+    train_loss = last_loss if last_loss is not None else train_output.training_loss
+    eval_loss = _last(log_history, "eval_loss")
+    seconds = train_runtime if train_runtime else runtime_s
+    summary: dict[str, Any] = {
+        "method": method,
+        "global_step": train_output.global_step,
+        "train_loss": train_loss,
+        "train_loss_mean": train_output.training_loss,
+        "eval_loss": eval_loss,
+        "tokens_total": tokens_total,
+        "tokens_per_second": (tokens_total - tokens_at_start) / seconds if seconds else None,
+        "runtime_seconds": runtime_s,
+        "train_runtime_seconds": train_runtime,
+    }
+    if method in LANGUAGE_MODELLING_METHODS:
+        summary["perplexity"] = perplexity(eval_loss if eval_loss is not None else train_loss)
+    if method == "dpo":
+        for name, key in (("rewards_accuracy", "accuracies"), ("rewards_margin", "margins")):
+            value = _last(log_history, f"eval_rewards/{key}")
+            summary[name] = value if value is not None else _last(log_history, f"rewards/{key}")
+    return {key: _finite_or_none(value) for key, value in summary.items()}
+
+
+def write_metrics_json(output_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Atomically write `<output_dir>/metrics.json` (call on world rank 0 only)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / METRICS_FILE
+    write_json_atomic(path, {key: _finite_or_none(value) for key, value in summary.items()})
+    return path

@@ -1,0 +1,148 @@
+"""What every method shares around `trainer.train()`: arguments, callbacks, resume, save.
+
+A method file builds its model, data and TRL/transformers trainer; `Session` turns the
+TrainerConfig's `training` block into TrainingArguments (or a TRL config subclass), adds the
+metrics, checkpoint-marker and preemption callbacks, resumes from the newest complete
+checkpoint, and saves the final model once training finished (not when it was preempted).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+from kubetrain_trainer.checkpoints import (
+    CompleteMarkerCallback,
+    PreemptionCallback,
+    install_sigterm_handler,
+    resume_checkpoint,
+)
+from kubetrain_trainer.config import ConfigError, TrainerConfig
+from kubetrain_trainer.metrics import (
+    PrometheusCallback,
+    drop_printer_callback,
+    progress_callbacks,
+    serve_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint."""
+
+
+def training_arguments(
+    cfg: TrainerConfig, args_class: type[TrainingArguments], **method_args: Any
+) -> TrainingArguments:
+    method_args.setdefault("disable_tqdm", not sys.stderr.isatty())
+    """Map the `training` block onto transformers/TRL argument names (mostly one to one)."""
+    t = cfg.training
+    # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio.
+    warmup = t.warmup_steps if t.warmup_steps else t.warmup_ratio
+    try:
+        return _arguments(cfg, args_class, warmup, method_args)
+    except ValueError as e:
+        # transformers checks combinations we do not repeat (e.g. fp16 without a GPU).
+        raise ConfigError(f"training: {e}") from e
+
+
+def _arguments(cfg, args_class, warmup, method_args):
+    t = cfg.training
+    return args_class(
+        output_dir=cfg.output_dir,
+        run_name=cfg.run_name,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.torch_compile,
+        torch_compile_backend=t.torch_compile_backend,
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps or t.logging_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model=t.metric_for_best_model,
+        greater_is_better=t.greater_is_better,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        # Pinned memory only helps copies to a GPU (and warns without one).
+        dataloader_pin_memory=t.dataloader_pin_memory and torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+        **method_args,
+    )
+
+
+@dataclass
+class Session:
+    """Callbacks and bookkeeping for one run of one method."""
+
+    cfg: TrainerConfig
+    state: PartialState = field(default_factory=PartialState)
+    prometheus: PrometheusCallback | None = None
+    preemption: PreemptionCallback = field(default_factory=PreemptionCallback)
+    started: float = field(default_factory=time.monotonic)
+    resumed_from: str | None = None
+
+    def __post_init__(self) -> None:
+        install_sigterm_handler()
+        # Decided before any model or data loads, so the libraries' own bars obey it too.
+        self.progress, self.disable_tqdm = progress_callbacks(sys.stderr.isatty())
+        if self.state.is_main_process:
+            self.prometheus = PrometheusCallback(method=self.cfg.method, run_name=self.cfg.run_name)
+            self.server = serve_metrics(self.prometheus.registry, self.cfg.metrics_port)
+
+    def callbacks(self) -> list:
+        # The marker callback runs before Prometheus so checkpoint_step never names an
+        # unmarked folder.
+        callbacks = [*self.progress, CompleteMarkerCallback(), self.preemption]
+        if self.prometheus is not None:
+            callbacks.append(self.prometheus)
+        if self.cfg.training.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(self.cfg.training.early_stopping_patience))
+        return callbacks
+
+    def fit(self, trainer: Trainer) -> dict:
+        """Train (resuming if a complete checkpoint exists), save the model, evaluate."""
+        drop_printer_callback(trainer)
+        self.resumed_from = resume_checkpoint(self.cfg.output_dir)
+        if self.resumed_from:
+            log.info("resuming from %s", self.resumed_from)
+        output = trainer.train(resume_from_checkpoint=self.resumed_from)
+        if self.preemption.preempted:
+            raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}")
+        trainer.save_model(self.cfg.output_dir)
+        final = dict(output.metrics)
+        if trainer.eval_dataset is not None:
+            final.update(trainer.evaluate())
+        return {"train_output": output, "final_metrics": final, "trainer": trainer}
+
+    def runtime(self) -> float:
+        return time.monotonic() - self.started
+
+    def tokens_at_start(self) -> int:
+        """Tokens already seen by the checkpoint this run resumed from."""
+        return self.prometheus.tokens_at_start if self.prometheus is not None else 0
