@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def test_unknown_field_and_cross_field_rule_messages(tmp_path: Path) -> None:
   output: pvc://o/sft
 """,
     )
-    with pytest.raises(ManifestError, match="spec.model.tokenSecret: unknown field"):
+    with pytest.raises(ManifestError, match=r"spec\.model\.tokenSecret: unknown field"):
         load_documents(path)
     path = write(
         tmp_path,
@@ -142,7 +143,8 @@ def test_unknown_field_and_cross_field_rule_messages(tmp_path: Path) -> None:
         ),
         (
             "apiVersion: kubetrain.dev/v1\nkind: TrainingRun\nmetadata: {name: a}\nspec: {}\n",
-            "TrainingRun a: apiVersion is 'kubetrain.dev/v1'; TrainingRun is kubetrain.dev/v1alpha1",
+            "TrainingRun a: apiVersion is 'kubetrain.dev/v1'; TrainingRun is "
+            "kubetrain.dev/v1alpha1",
         ),
         ("- just\n- a list\n", "expected a mapping (a Kubernetes object)"),
         ("", "no objects found (the file is empty)"),
@@ -232,7 +234,7 @@ def test_user_env_is_accepted() -> None:
     ],
 )
 def test_resources_refusals(resources: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValidationError, match=re.escape(message)):
         spec(resources=resources)
 
 
@@ -387,7 +389,7 @@ def test_to_trainer_config_rewrites_uris_and_drops_operator_fields() -> None:
     assert config.dpo.beta == 0.2
     assert config.data.train == "/local/d/t"
     assert config.data.max_prompt_length == 64
-    assert config.output_dir == "/local/o/run".replace("/o/", "/outputs/")
+    assert config.output_dir == "/local/outputs/run"
     assert config.training.max_steps == 5
     assert config.run_name == "dpo-run"
     assert config.metrics_port == 0
@@ -414,5 +416,5 @@ def test_resolver_errors_propagate() -> None:
     def refuse(ref: UriRef) -> str:
         raise ValueError(f"{ref.field}: no")
 
-    with pytest.raises(ValueError, match="spec.model.name: no"):
+    with pytest.raises(ValueError, match=r"spec\.model\.name: no"):
         to_trainer_config("x", spec(), refuse)

@@ -68,15 +68,19 @@ def run(cfg: TrainerConfig) -> dict:
         result["trainer"].state.num_input_tokens_seen,
         tokens_at_start=session.tokens_at_start(),
     )
-    summary.update({k: v for k, v in result.items() if k == "merged_dir"})
-    if session.state.is_main_process:
+    summary["replica_checksums"] = result["final_metrics"]["replica_checksums"]
+    if "merged_dir" in result:
+        summary["merged_dir"] = result["merged_dir"]
+    if session.is_main_process:
         # Written last: a metrics.json means the final model is complete.
         write_metrics_json(cfg.output_dir, summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubetrain_trainer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetrain_trainer", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", required=True, help="TrainerConfig YAML or JSON file")
     args = parser.parse_args(argv)
     setup_logging()

@@ -186,9 +186,7 @@ class DataSpec(Spec):
         description="Pack several short rows into one maxLength sequence (sft/lora; "
         "from_scratch always packs).",
     )
-    dataset_text_field: str = Field(
-        "text", description="Column holding raw text for format text."
-    )
+    dataset_text_field: str = Field("text", description="Column holding raw text for format text.")
     max_prompt_length: int | None = Field(
         None,
         ge=1,
@@ -278,6 +276,11 @@ class Training(Spec):
     seed: int = Field(42, description="Random seed for weights init, shuffling and dropout.")
     dataloader_num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
     dataloader_pin_memory: bool = Field(True, description="Pin host memory for GPU copies.")
+    remove_unused_columns: bool = Field(
+        False,
+        description="Drop dataset columns the model's forward() does not take, after TRL "
+        "has tokenized the rows (raw columns such as messages are always kept until then).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Training:
@@ -416,7 +419,9 @@ def check_method_blocks(cfg: TrainerConfig) -> None:
     method = cfg.method
     uses_lora = method == "lora" or (cfg.dpo is not None and cfg.dpo.use_lora)
     if cfg.lora is not None and not uses_lora:
-        raise ValueError(f"lora block given but method is {method}; use method lora (or dpo.useLora)")
+        raise ValueError(
+            f"lora block given but method is {method}; use method lora (or dpo.useLora)"
+        )
     if cfg.dpo is not None and method != "dpo":
         raise ValueError(f"dpo block given but method is {method}")
     if cfg.from_scratch is not None and method != "from_scratch":
@@ -439,9 +444,13 @@ def check_method_blocks(cfg: TrainerConfig) -> None:
             f"{cfg.data.format}"
         )
     if method in ("sft", "lora") and cfg.data.format == "preference":
-        raise ValueError(f"method {method} trains on text, messages or instruction data, not preference pairs")
+        raise ValueError(
+            f"method {method} trains on text, messages or instruction data, not preference pairs"
+        )
     if cfg.training.eval_strategy != "no" and not cfg.data.eval:
-        raise ValueError(f"training.evalStrategy is {cfg.training.eval_strategy} but data.eval is empty")
+        raise ValueError(
+            f"training.evalStrategy is {cfg.training.eval_strategy} but data.eval is empty"
+        )
     if cfg.training.fp16 and cfg.training.bf16:
         raise ValueError("bf16 and fp16 are exclusive")
 
@@ -482,4 +491,3 @@ def dump_trainer_config(cfg: TrainerConfig) -> str:
     return yaml.safe_dump(
         cfg.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
     )
-

@@ -9,13 +9,13 @@ checkpoint, and saves the final model once training finished (not when it was pr
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from kubetrain_trainer.checkpoints import (
@@ -72,7 +72,7 @@ def _arguments(cfg, args_class, warmup, method_args):
         optim=t.optimizer,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         torch_compile=t.torch_compile,
         torch_compile_backend=t.torch_compile_backend,
         eval_strategy=t.eval_strategy,
@@ -91,6 +91,9 @@ def _arguments(cfg, args_class, warmup, method_args):
         dataloader_num_workers=t.dataloader_num_workers,
         # Pinned memory only helps copies to a GPU (and warns without one).
         dataloader_pin_memory=t.dataloader_pin_memory and torch.cuda.is_available(),
+        remove_unused_columns=t.remove_unused_columns,
+        # Without a GPU, only use_cpu makes transformers set up DDP (gloo) across processes.
+        use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
         **method_args,
     )
@@ -101,7 +104,6 @@ class Session:
     """Callbacks and bookkeeping for one run of one method."""
 
     cfg: TrainerConfig
-    state: PartialState = field(default_factory=PartialState)
     prometheus: PrometheusCallback | None = None
     preemption: PreemptionCallback = field(default_factory=PreemptionCallback)
     started: float = field(default_factory=time.monotonic)
@@ -111,9 +113,15 @@ class Session:
         install_sigterm_handler()
         # Decided before any model or data loads, so the libraries' own bars obey it too.
         self.progress, self.disable_tqdm = progress_callbacks(sys.stderr.isatty())
-        if self.state.is_main_process:
+        if self.is_main_process:
             self.prometheus = PrometheusCallback(method=self.cfg.method, run_name=self.cfg.run_name)
             self.server = serve_metrics(self.prometheus.registry, self.cfg.metrics_port)
+
+    @property
+    def is_main_process(self) -> bool:
+        # From torchrun's env, not accelerate's PartialState: creating that before
+        # TrainingArguments does would leave the Trainer thinking it is not distributed.
+        return int(os.environ.get("RANK", "0")) == 0
 
     def callbacks(self) -> list:
         # The marker callback runs before Prometheus so checkpoint_step never names an
@@ -136,6 +144,7 @@ class Session:
             raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}")
         trainer.save_model(self.cfg.output_dir)
         final = dict(output.metrics)
+        final["replica_checksums"] = replica_checksums(trainer.model)
         if trainer.eval_dataset is not None:
             final.update(trainer.evaluate())
         return {"train_output": output, "final_metrics": final, "trainer": trainer}
@@ -146,3 +155,21 @@ class Session:
     def tokens_at_start(self) -> int:
         """Tokens already seen by the checkpoint this run resumed from."""
         return self.prometheus.tokens_at_start if self.prometheus is not None else 0
+
+
+def replica_checksums(model: torch.nn.Module) -> list[float]:
+    """One weight checksum per rank; data-parallel replicas must end identical.
+
+    Cheap insurance against a silent desync (e.g. a rank that skipped a step): the values
+    land in metrics.json, and a mismatch is logged as an error.
+    """
+    with torch.no_grad():
+        local = sum(p.detach().double().sum() for p in model.parameters()).reshape(1).cpu()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [local.item()]
+    gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, local)
+    values = [t.item() for t in gathered]
+    if len(set(values)) > 1:
+        log.error("replicas diverged: weight checksums per rank %s", values)
+    return values

@@ -2,7 +2,16 @@
 
 These models are the single source of truth: the CRD (`kubetrain.crdgen`), the renderer
 (`kubetrain.render`), the operator and `kubetrain run` all start from them. Import from
-here rather than from the submodules; the names below are the stable surface.
+here rather than from the submodules; the names below are the stable surface:
+
+- `TrainingRun.model_validate(body)` reads a CR (a kopf body works: server-set metadata is
+  kept, unknown status keys are ignored); `load_documents(path)` reads YAML files and
+  raises `ManifestError` (a `ConfigError`) naming file, object and field.
+- `TrainingRunStatus`, `Condition`, `Progress`, `Outputs` are the status shapes; `PHASE_*`,
+  `CONDITION_*` and `REASON_*` the values status code writes.
+- `to_trainer_config(name, spec, resolve_uri)` builds the TrainerConfig the trainer reads;
+  `uri_refs(spec)` lists the storage URIs a resolver sees (`UriRef(field, uri, kind)`).
+- `LABEL_RUN`, `LABEL_ATTEMPT` label every child; `KUEUE_QUEUE_LABEL` passes through.
 """
 
 from kubetrain.api.loader import KIND_MODELS, ManifestError, load_documents, parse_document

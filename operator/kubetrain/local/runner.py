@@ -79,5 +79,7 @@ def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRu
     processes = spec.resources.nodes * spec.resources.proc_per_node
     exit_code = subprocess.call(trainer_command(config_path, processes))
     metrics_file = output_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if exit_code == 0 and metrics_file.is_file() else {}
+    metrics = (
+        json.loads(metrics_file.read_text()) if exit_code == 0 and metrics_file.is_file() else {}
+    )
     return LocalRun(name=name, exit_code=exit_code, output_dir=output_dir, metrics=metrics)

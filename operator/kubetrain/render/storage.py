@@ -13,12 +13,17 @@ import hashlib
 from dataclasses import dataclass
 
 from kubetrain.api import TrainingRunSpec, UriRef, parse_pvc_uri, uri_refs
+from kubetrain_trainer.config import ConfigError
 
 PVC_MOUNT_ROOT = "/mnt/pvc"
 
 
-class RenderError(ValueError):
-    """A spec the operator cannot turn into Kubernetes objects; the message says why."""
+class RenderError(ConfigError, ValueError):
+    """A spec the operator cannot turn into Kubernetes objects; the message says why.
+
+    A ConfigError because only an edit to the spec fixes it (the CLI reports it as such);
+    a ValueError because `to_trainer_config` lets its resolver refuse with one.
+    """
 
 
 @dataclass(frozen=True)

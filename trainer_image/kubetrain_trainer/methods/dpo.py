@@ -73,7 +73,6 @@ def train(cfg: TrainerConfig, session: Session) -> dict:
         label_smoothing=dpo.label_smoothing,
         precompute_ref_log_probs=dpo.precompute_ref_log_probs,
         max_length=cfg.data.max_length,
-        remove_unused_columns=False,
     )
     trainer = DPOTrainer(
         model=model,
@@ -85,5 +84,7 @@ def train(cfg: TrainerConfig, session: Session) -> dict:
         peft_config=peft_config(cfg.lora or Lora()) if dpo.use_lora else None,
         callbacks=session.callbacks(),
     )
-    log.info("%s; %d preference pairs, beta %.3g", describe(trainer.model), len(train_rows), dpo.beta)
+    log.info(
+        "%s; %d preference pairs, beta %.3g", describe(trainer.model), len(train_rows), dpo.beta
+    )
     return session.fit(trainer)

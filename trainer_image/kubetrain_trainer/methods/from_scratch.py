@@ -35,14 +35,16 @@ from kubetrain_trainer.session import Session, training_arguments
 log = logging.getLogger(__name__)
 
 
-def prepare_tokenizer(cfg: TrainerConfig, texts: Dataset, session: Session) -> PreTrainedTokenizerBase:
+def prepare_tokenizer(
+    cfg: TrainerConfig, texts: Dataset, args: TrainingArguments
+) -> PreTrainedTokenizerBase:
     """Reuse <output>/tokenizer, load model.tokenizer, or train a BPE (rank 0 first)."""
     saved = Path(cfg.output_dir) / "tokenizer"
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model)
     options = cfg.from_scratch or FromScratch()
     vocab_size = options.tokenizer_vocab_size or cfg.model.architecture.vocab_size
-    with session.state.main_process_first():
+    with args.main_process_first(desc="training the tokenizer"):
         if not (saved / "tokenizer_config.json").is_file():
             log.info("training a %d-token BPE tokenizer on %s", vocab_size, cfg.data.train)
             tokenizer = train_bpe_tokenizer(
@@ -57,7 +59,7 @@ def pack(texts: Dataset, tokenizer: PreTrainedTokenizerBase, block: int) -> Data
 
     def tokenize(batch: dict) -> dict:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [doc + [tokenizer.eos_token_id] for doc in ids]}
+        return {"input_ids": [[*doc, tokenizer.eos_token_id] for doc in ids]}
 
     def chunk(batch: dict) -> dict:
         stream = list(chain.from_iterable(batch["input_ids"]))
@@ -78,10 +80,11 @@ def train(cfg: TrainerConfig, session: Session) -> dict:
     data = load_data(cfg.data)
     if data.format != "text":
         raise ConfigError(
-            f"data.train: from_scratch pretrains on raw text rows {{\"text\": ...}}, "
+            f'data.train: from_scratch pretrains on raw text rows {{"text": ...}}, '
             f"got {data.format} rows; use method sft for chats and instructions"
         )
-    tokenizer = prepare_tokenizer(cfg, data.train, session)
+    args = training_arguments(cfg, TrainingArguments)
+    tokenizer = prepare_tokenizer(cfg, data.train, args)
     arch = cfg.model.architecture
     block = min(cfg.data.max_length, arch.max_position_embeddings)
 
@@ -92,7 +95,7 @@ def train(cfg: TrainerConfig, session: Session) -> dict:
 
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, TrainingArguments),
+        args=args,
         train_dataset=train_blocks,
         eval_dataset=eval_blocks,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),

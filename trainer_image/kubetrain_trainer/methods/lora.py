@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
+from trl import SFTTrainer
 
 from kubetrain_trainer.config import ConfigError, Lora, TrainerConfig
 from kubetrain_trainer.methods import sft
@@ -46,8 +47,8 @@ def quantized_base(cfg: TrainerConfig):
             "to false on CPU or request nvidia.com/gpu in spec.resources"
         )
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as e:
         raise ConfigError("lora.loadIn4bit: the trainer image lacks bitsandbytes") from e
     compute_dtype = torch.bfloat16 if cfg.training.bf16 else torch.float16
@@ -63,18 +64,18 @@ def quantized_base(cfg: TrainerConfig):
     )
 
 
-def save_merged(cfg: TrainerConfig, session: Session) -> Path:
+def save_merged(cfg: TrainerConfig, trainer: SFTTrainer) -> Path:
     """Fold the adapter into a fresh full-precision base and save it beside the adapter."""
     from peft import AutoPeftModelForCausalLM
 
     merged_dir = Path(cfg.output_dir) / "merged"
-    if session.state.is_main_process:
+    if trainer.is_world_process_zero():
         # Reload rather than merge the training copy: a 4-bit base cannot be merged exactly.
         model = AutoPeftModelForCausalLM.from_pretrained(cfg.output_dir, dtype=torch.float32)
         model.merge_and_unload().save_pretrained(merged_dir)
         load_tokenizer(cfg.model).save_pretrained(merged_dir)
         log.info("merged model written to %s", merged_dir)
-    session.state.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()
     return merged_dir
 
 
@@ -84,5 +85,5 @@ def train(cfg: TrainerConfig, session: Session) -> dict:
     trainer = sft.build_trainer(cfg, session, peft_config=peft_config(lora), model=base)
     result = session.fit(trainer)
     if lora.merge:
-        result["merged_dir"] = str(save_merged(cfg, session))
+        result["merged_dir"] = str(save_merged(cfg, result["trainer"]))
     return result

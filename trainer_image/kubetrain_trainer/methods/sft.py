@@ -50,8 +50,6 @@ def build_trainer(
         dataset_text_field="text",
         assistant_only_loss=data.format == "messages",
         completion_only_loss=data.format == "instruction",
-        # Chats and instruction pairs keep their own columns until TRL tokenizes them.
-        remove_unused_columns=False,
     )
     trainer = SFTTrainer(
         model=model,
@@ -87,7 +85,11 @@ def check_loss_mask(trainer: SFTTrainer, fmt: str, source: str) -> None:
     if empty:
         log.warning(
             "%s: %d of %d rows have no %s tokens within maxLength=%d and teach nothing",
-            source, empty, len(labels), what, max_length,
+            source,
+            empty,
+            len(labels),
+            what,
+            max_length,
         )
 
 
