@@ -42,21 +42,12 @@ class Preempted(Exception):
 def training_arguments(
     cfg: TrainerConfig, args_class: type[TrainingArguments], **method_args: Any
 ) -> TrainingArguments:
-    method_args.setdefault("disable_tqdm", not sys.stderr.isatty())
-    """Map the `training` block onto transformers/TRL argument names (mostly one to one)."""
-    t = cfg.training
-    # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio.
-    warmup = t.warmup_steps if t.warmup_steps else t.warmup_ratio
-    try:
-        return _arguments(cfg, args_class, warmup, method_args)
-    except ValueError as e:
-        # transformers checks combinations we do not repeat (e.g. fp16 without a GPU).
-        raise ConfigError(f"training: {e}") from e
+    """Map the `training` block onto transformers/TRL argument names (mostly one to one).
 
-
-def _arguments(cfg, args_class, warmup, method_args):
+    `method_args` add the method's own fields (beta, max_length, ...) and win over these.
+    """
     t = cfg.training
-    return args_class(
+    arguments = dict(
         output_dir=cfg.output_dir,
         run_name=cfg.run_name,
         num_train_epochs=t.num_train_epochs,
@@ -66,7 +57,8 @@ def _arguments(cfg, args_class, warmup, method_args):
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=warmup,
+        # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio.
+        warmup_steps=t.warmup_steps or t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
@@ -95,8 +87,13 @@ def _arguments(cfg, args_class, warmup, method_args):
         # Without a GPU, only use_cpu makes transformers set up DDP (gloo) across processes.
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
-        **method_args,
+        disable_tqdm=not sys.stderr.isatty(),
     )
+    try:
+        return args_class(**{**arguments, **method_args})
+    except ValueError as e:
+        # transformers checks combinations we do not repeat (e.g. fp16 without a GPU).
+        raise ConfigError(f"training: {e}") from e
 
 
 @dataclass
