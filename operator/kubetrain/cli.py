@@ -24,6 +24,18 @@ from kubetrain_trainer.config import ConfigError
 EXIT_USAGE = 2
 
 
+class _ManifestDumper(yaml.SafeDumper):
+    """YAML like kubectl prints it: multi-line strings (the TrainerConfig) as `|` blocks."""
+
+
+def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ManifestDumper.add_representer(str, _str_presenter)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kubetrain.local import run_locally
 
@@ -58,7 +70,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     objects = []
     for obj in load_documents(args.file):
         objects += render_trainingrun(obj, args.attempt, backend=args.backend)
-    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False))
+    sys.stdout.write(yaml.dump_all(objects, Dumper=_ManifestDumper, sort_keys=False))
     return 0
 
 

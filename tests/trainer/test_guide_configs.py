@@ -26,7 +26,7 @@ def pod_config(example: str) -> TrainerConfig:
 def test_from_scratch_guide_config():
     from transformers import TrainingArguments
 
-    cfg = pod_config("trainingrun-from-scratch-1b.yaml")
+    cfg = pod_config("trainingrun-from-scratch.yaml")
     arch = cfg.model.architecture
     assert (arch.model_type, arch.vocab_size, arch.hidden_size, arch.num_hidden_layers) == (
         "qwen2", 32000, 2048, 24,
@@ -49,7 +49,7 @@ def test_from_scratch_guide_config():
 def test_sft_guide_config():
     from trl import SFTConfig
 
-    cfg = pod_config("trainingrun-sft-qwen2.5-3b.yaml")
+    cfg = pod_config("trainingrun-sft.yaml")
     assert cfg.model.name == "Qwen/Qwen2.5-3B" and cfg.model.torch_dtype == "bfloat16"
     args = training_arguments(cfg, SFTConfig, max_length=2048)
     assert args.num_train_epochs == 3 and args.per_device_train_batch_size == 8
@@ -65,7 +65,7 @@ def test_sft_guide_config():
 def test_lora_guide_config():
     from kubetrain_trainer.methods.lora import peft_config
 
-    cfg = pod_config("trainingrun-lora-qwen2.5-7b.yaml")
+    cfg = pod_config("trainingrun-lora.yaml")
     lora = peft_config(cfg.lora)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (16, 32, 0.1, "none")
     assert set(lora.target_modules) == {
@@ -79,7 +79,7 @@ def test_lora_guide_config():
 def test_dpo_guide_config():
     from trl import DPOConfig
 
-    cfg = pod_config("trainingrun-dpo-qwen2.5-3b.yaml")
+    cfg = pod_config("trainingrun-dpo.yaml")
     assert cfg.dpo.beta == 0.1 and cfg.dpo.loss_type == "sigmoid"
     assert cfg.dpo.label_smoothing == 0.0 and cfg.dpo.reference_model.name is None
     assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 512
