@@ -17,9 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from transformers import (
-    Qwen2Config,
-    Qwen2ForCausalLM,
     Trainer,
     TrainerCallback,
     TrainerState,
@@ -52,18 +51,7 @@ def tiny_rows(count: int) -> list[dict[str, torch.Tensor]]:
 
 
 def tiny_trainer(out: Path, callbacks: list, max_steps: int = 6, **args) -> Trainer:
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=SEQ,
-        )
-    )
+    model = tiny_model(SEQ)
     settings = {
         "output_dir": str(out),
         "max_steps": max_steps,

@@ -91,11 +91,13 @@ def test_dpo_guide_config():
 
 def test_max_prompt_length_keeps_the_end_of_the_prompt():
     from datasets import Dataset
+
     from kubetrain_trainer.methods.dpo import clip_prompts
     from kubetrain_trainer.models import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(["alpha beta gamma delta epsilon " * 20], 300, 1)
-    rows = Dataset.from_list([{"prompt": "alpha beta gamma delta epsilon", "chosen": "a", "rejected": "b"}])
+    prompt = "alpha beta gamma delta epsilon"
+    rows = Dataset.from_list([{"prompt": prompt, "chosen": "a", "rejected": "b"}])
     clipped = clip_prompts(rows, tokenizer, limit=2)[0]["prompt"]
     assert clipped.endswith("epsilon") and "alpha" not in clipped
     assert len(tokenizer(clipped, add_special_tokens=False)["input_ids"]) <= 2

@@ -22,10 +22,9 @@ import pytest
 import torch
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from tiny_models import tiny_model
 from transformers import (
     PrinterCallback,
-    Qwen2Config,
-    Qwen2ForCausalLM,
     Trainer,
     TrainerCallback,
     TrainerState,
@@ -68,21 +67,6 @@ def tiny_rows(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
-def tiny_model() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=SEQ,
-        )
-    )
-
-
 def tiny_trainer(out, callbacks: list) -> Trainer:
     args = TrainingArguments(
         output_dir=str(out),
@@ -101,7 +85,7 @@ def tiny_trainer(out, callbacks: list) -> Trainer:
         dataloader_pin_memory=False,
     )
     return Trainer(
-        model=tiny_model(),
+        model=tiny_model(SEQ),
         args=args,
         train_dataset=tiny_rows(MAX_STEPS * BATCH, seed=1),
         eval_dataset=tiny_rows(4, seed=2),
