@@ -126,8 +126,13 @@ def patch_trainingrun_status(namespace: str, name: str, patch: dict[str, Any]) -
 def annotate_trainingrun(namespace: str, name: str, annotations: dict[str, str | None]) -> None:
     """Set (or, with None, remove) annotations on a TrainingRun."""
     _custom().patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name,
-        {"metadata": {"annotations": annotations}}, _preload_content=False,
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {"metadata": {"annotations": annotations}},
+        _preload_content=False,
     )
 
 
@@ -157,9 +162,11 @@ def describe(obj: dict[str, Any]) -> str:
 
 
 def apply_children(objects: Iterable[dict[str, Any]]) -> list[str]:
-    """Create each object in order, leaving any that exists as it is; returns those created.
+    """Create each object in order if absent; returns those created.
 
-    Idempotent, so a reconcile interrupted half-way (operator restart) just runs again.
+    An object that exists is left as it is, except a ConfigMap, whose data is brought up to
+    date: it holds the TrainerConfig of the attempt about to start. Idempotent, so a
+    reconcile interrupted half-way (operator restart) just runs again.
     """
     created = []
     for obj in objects:
@@ -168,6 +175,14 @@ def apply_children(objects: Iterable[dict[str, Any]]) -> list[str]:
         except ApiException as e:
             if e.status != 409:
                 raise
+            if obj["kind"] == "ConfigMap":
+                meta = obj["metadata"]
+                _core().patch_namespaced_config_map(
+                    meta["name"],
+                    meta["namespace"],
+                    {"data": obj.get("data") or {}},
+                    _preload_content=False,
+                )
             continue
         created.append(describe(obj))
         log.info("Created %s", describe(obj))
@@ -207,8 +222,12 @@ def list_workloads(namespace: str, run_name: str) -> list[dict[str, Any]]:
     try:
         jobsets = _body(
             _custom().list_namespaced_custom_object(
-                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL,
-                label_selector=selector, _preload_content=False,
+                JOBSET_GROUP,
+                JOBSET_VERSION,
+                namespace,
+                JOBSET_PLURAL,
+                label_selector=selector,
+                _preload_content=False,
             )
         )["items"]
     except ApiException as e:
@@ -241,8 +260,13 @@ def delete_jobset(namespace: str, name: str, propagation: str = "Foreground") ->
     """Delete a JobSet and its Jobs and pods; False if it was already gone."""
     try:
         _custom().delete_namespaced_custom_object(
-            JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name,
-            propagation_policy=propagation, _preload_content=False,
+            JOBSET_GROUP,
+            JOBSET_VERSION,
+            namespace,
+            JOBSET_PLURAL,
+            name,
+            propagation_policy=propagation,
+            _preload_content=False,
         )
     except ApiException as e:
         if e.status == 404:
@@ -311,8 +335,16 @@ def pod_metrics_address(pod: dict[str, Any], port: int = METRICS_PORT) -> tuple[
     return host, port
 
 
-def read_pod_metrics(host: str, port: int = METRICS_PORT) -> str:
-    """GET http://host:port/metrics (Prometheus text). Raises requests.RequestException."""
-    response = requests.get(f"http://{host}:{port}/metrics", timeout=METRICS_TIMEOUT_SECONDS)
-    response.raise_for_status()
+def read_pod_metrics(host: str, port: int = METRICS_PORT) -> str | None:
+    """GET http://host:port/metrics (Prometheus text); None while the trainer does not answer.
+
+    Rank 0 serves metrics only once its process is up, so failures are expected and quiet.
+    """
+    url = f"http://{host}:{port}/metrics"
+    try:
+        response = requests.get(url, timeout=METRICS_TIMEOUT_SECONDS)
+        response.raise_for_status()
+    except requests.RequestException as e:
+        log.debug("no metrics from %s: %s", url, e)
+        return None
     return response.text

@@ -141,10 +141,10 @@ def classify_pod_failure(pod: Mapping[str, Any]) -> tuple[str, bool, str]:
             return CAUSE_OOM_KILLED, True, f"pod {name} was OOM-killed (exit {code})"
         if said and _NETWORK_ERROR.search(said):
             return CAUSE_NETWORK, True, detail
-        if code in (137, 143):
-            return CAUSE_SIGNALLED, True, detail
-        disruption = _disruption_cause(pod)
-        return (disruption or CAUSE_CRASHED), True, detail
+        disruption = _disruption_cause(pod)  # the signal's sender, when Kubernetes says
+        if disruption:
+            return disruption, True, detail
+        return (CAUSE_SIGNALLED if code in (137, 143) else CAUSE_CRASHED), True, detail
     if status.get("reason") == "Evicted":
         return CAUSE_EVICTED, True, f"pod {name} was evicted: {status.get('message', '')}".strip()
     disruption = _disruption_cause(pod)
@@ -166,7 +166,9 @@ def _waiting_problem(pod: Mapping[str, Any]) -> str | None:
         waiting = (container.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in _STUCK_WAITING:
             message = waiting.get("message") or ""
-            return f"pod {_pod_name(pod)}: {waiting['reason']}" + (f": {message}" if message else "")
+            return f"pod {_pod_name(pod)}: {waiting['reason']}" + (
+                f": {message}" if message else ""
+            )
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             return f"pod {_pod_name(pod)} is not scheduled: {condition.get('message', '')}".strip()
@@ -188,13 +190,17 @@ def observe_attempt(
     """
     pods = list(pods)
     conditions = _conditions_true(workload)
-    failures = [classify_pod_failure(p) for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    failures = [
+        classify_pod_failure(p) for p in pods if (p.get("status") or {}).get("phase") == "Failed"
+    ]
     config_errors = [f for f in failures if not f[1]]
     if config_errors:
         cause, _, message = config_errors[0]
         return Observation("failed", cause, message, retriable=False, expected_pods=expected_pods)
     if "Complete" in conditions or "Completed" in conditions:
-        return Observation("succeeded", REASON_COMPLETED, "all pods finished", expected_pods=expected_pods)
+        return Observation(
+            "succeeded", REASON_COMPLETED, "all pods finished", expected_pods=expected_pods
+        )
     if failures:
         cause, _, message = failures[0]
         return Observation("failed", cause, message, retriable=True, expected_pods=expected_pods)
@@ -203,23 +209,36 @@ def observe_attempt(
         said = failed.get("message") or failed.get("reason") or "the workload failed"
         if f"exit code {EXIT_CONFIG_ERROR}" in said:
             return Observation("failed", REASON_CONFIG_ERROR, said, expected_pods=expected_pods)
-        return Observation("failed", CAUSE_CRASHED, said, retriable=True, expected_pods=expected_pods)
+        return Observation(
+            "failed", CAUSE_CRASHED, said, retriable=True, expected_pods=expected_pods
+        )
     if (workload.get("spec") or {}).get("suspend"):
         return Observation(
-            "pending", REASON_QUEUED, "the workload is suspended, waiting for a queue to admit it",
+            "pending",
+            REASON_QUEUED,
+            "the workload is suspended, waiting for a queue to admit it",
             expected_pods=expected_pods,
         )
     live = [p for p in pods if not _is_terminating(p)]
-    running = sum(1 for p in live if (p.get("status") or {}).get("phase") in ("Running", "Succeeded"))
-    if running >= expected_pods and any((p.get("status") or {}).get("phase") == "Running" for p in live):
+    running = sum(
+        1 for p in live if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")
+    )
+    if running >= expected_pods and any(
+        (p.get("status") or {}).get("phase") == "Running" for p in live
+    ):
         return Observation(
-            "running", REASON_TRAINING, f"{running}/{expected_pods} pods running",
-            running_pods=running, expected_pods=expected_pods,
+            "running",
+            REASON_TRAINING,
+            f"{running}/{expected_pods} pods running",
+            running_pods=running,
+            expected_pods=expected_pods,
         )
     problems = [problem for p in live if (problem := _waiting_problem(p))]
     if not live:
         return Observation(
-            "pending", REASON_CREATED, "waiting for the pods to be created",
+            "pending",
+            REASON_CREATED,
+            "waiting for the pods to be created",
             expected_pods=expected_pods,
         )
     message = f"{running}/{expected_pods} pods running" + (f"; {problems[0]}" if problems else "")
@@ -395,8 +414,13 @@ def next_status(
     if spec_change_ignored:
         conditions.append(
             _condition(
-                before, CONDITION_SPEC_CHANGE_IGNORED, True, REASON_RUN_IN_PROGRESS,
-                spec_change_ignored, now, generation,
+                before,
+                CONDITION_SPEC_CHANGE_IGNORED,
+                True,
+                REASON_RUN_IN_PROGRESS,
+                spec_change_ignored,
+                now,
+                generation,
             )
         )
     status.update(phase=phase, conditions=conditions)

@@ -1,0 +1,177 @@
+"""The kubetrain operator: kopf handlers for TrainingRun, and how to run them.
+
+Two ways in, same handlers. `run_operator(...)` (what `kubetrain operator` calls) builds a
+fresh kopf registry with the options given and runs until stopped. `kopf run -m
+kubetrain.handlers` imports this package, which registers the handlers in kopf's default
+registry with options from the environment: KUBETRAIN_RECONCILE_INTERVAL (seconds between
+status checks of a running run, default 10), KUBETRAIN_METRICS_PORT (default 8080, 0 turns
+the metrics server off) and KUBETRAIN_API_SERVER (an explicit API URL; otherwise the
+service account or kubeconfig). kopf's liveness probe answers where `--liveness` says
+(`run_operator`: http://0.0.0.0:8081/healthz).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+
+from kubetrain import k8s, opmetrics
+from kubetrain.api import GROUP, PLURAL, VERSION
+from kubetrain.handlers.trainingrun import (
+    MetricsAddress,
+    forget,
+    is_unfinished,
+    reconcile,
+)
+
+DEFAULT_RECONCILE_INTERVAL = 10.0
+DEFAULT_METRICS_PORT = 8080
+DEFAULT_LIVENESS_PORT = 8081
+RECONCILE_INTERVAL_ENV = "KUBETRAIN_RECONCILE_INTERVAL"
+METRICS_PORT_ENV = "KUBETRAIN_METRICS_PORT"
+
+__all__ = ["register", "run_operator"]
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    *,
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL,
+    metrics_port: int | None = DEFAULT_METRICS_PORT,
+) -> None:
+    """Add the operator's handlers to `registry` (metrics_port None: no metrics server)."""
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # Keep kopf's bookkeeping under our own prefix, in annotations, never in status
+        # (the CRD's status schema would prune it).
+        settings.persistence.finalizer = f"{GROUP}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration"
+        )
+        # Events are for transitions the handlers announce, not kopf's own log lines.
+        settings.posting.level = logging.WARNING
+        settings.posting.reporting_component = "kubetrain-operator"
+        if metrics_port is not None and metrics_port > 0 and "metrics_server" not in memo:
+            memo.metrics_server = opmetrics.serve(metrics_port)
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+        server = memo.get("metrics_server")
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        server = k8s.api_server_override()
+        if server:
+            return kopf.ConnectionInfo(server=server, insecure=True)
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.create(
+        GROUP, VERSION, PLURAL, id="start", backoff=reconcile_interval, registry=registry
+    )
+    @kopf.on.resume(
+        GROUP, VERSION, PLURAL, id="resume", backoff=reconcile_interval, registry=registry
+    )
+    @kopf.on.update(
+        GROUP,
+        VERSION,
+        PLURAL,
+        id="spec-changed",
+        field="spec",
+        backoff=reconcile_interval,
+        registry=registry,
+    )
+    def react(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        reconcile(namespace, name, memo)
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        id="follow",
+        interval=reconcile_interval,
+        when=is_unfinished,
+        registry=registry,
+    )
+    def follow(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        reconcile(namespace, name, memo)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
+    def deleted(namespace: str, name: str, **_: Any) -> None:
+        forget(namespace, name)
+
+
+def run_operator(
+    namespaces: Sequence[str] | None = None,
+    *,
+    metrics_port: int | None = DEFAULT_METRICS_PORT,
+    liveness_port: int | None = DEFAULT_LIVENESS_PORT,
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL,
+    api_server: str | None = None,
+    standalone: bool | None = None,
+    metrics_address: MetricsAddress | None = None,
+    stop_flag: threading.Event | None = None,
+    ready_flag: threading.Event | None = None,
+) -> None:
+    """Run the operator until `stop_flag` is set (or SIGINT/SIGTERM in the main thread).
+
+    namespaces: serve these (None or empty: the whole cluster). metrics_port: where
+    /metrics is served (None or 0: nowhere). liveness_port: kopf's health
+    endpoint http://0.0.0.0:<port>/healthz (None: off).
+    api_server: an explicit API URL (tests, `kubectl proxy`). standalone: skip kopf's
+    peering (None: use it if its CRDs exist). metrics_address: where a trainer pod's
+    /metrics is (default: the pod IP, port 9400; tests point it at a stub).
+    """
+    if api_server:
+        k8s.configure(api_server)
+    registry = kopf.OperatorRegistry()
+    register(registry, reconcile_interval=reconcile_interval, metrics_port=metrics_port)
+    memo = kopf.Memo()
+    if metrics_address is not None:
+        memo.metrics_address = metrics_address
+    liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
+    settings = kopf.OperatorSettings()
+    # Our own pool for the sync handlers, so that a reconcile still running when kopf
+    # stops can finish (kopf leaves it orphaned) before this function returns.
+    executor = ThreadPoolExecutor(thread_name_prefix="kubetrain-reconcile")
+    settings.execution.executor = executor
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                settings=settings,
+                clusterwide=not namespaces,
+                namespaces=list(namespaces or ()),
+                liveness_endpoint=liveness,
+                standalone=standalone,
+                memo=memo,
+                stop_flag=stop_flag,
+                ready_flag=ready_flag,
+            )
+        )
+    finally:
+        executor.shutdown(wait=True)
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+# `kopf run -m kubetrain.handlers` uses kopf's default registry.
+register(
+    kopf.get_default_registry(),
+    reconcile_interval=_env_float(RECONCILE_INTERVAL_ENV, DEFAULT_RECONCILE_INTERVAL),
+    metrics_port=int(_env_float(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)),
+)
