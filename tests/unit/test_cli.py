@@ -1,0 +1,67 @@
+"""`kubetrain` commands: what a user types, what they get back, and the exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from conftest import EXAMPLES, REPO
+
+from kubetrain.cli import main
+
+
+def test_validate_accepts_every_example(capsys):
+    files = sorted(str(p) for p in EXAMPLES.glob("trainingrun-*.yaml"))
+    assert main(["validate", *files]) == 0
+    assert capsys.readouterr().out.count(": valid") == len(files)
+
+
+def test_validate_names_file_object_and_field(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    doc = yaml.safe_load((EXAMPLES / "trainingrun-sft-tiny.yaml").read_text())
+    doc["spec"]["training"]["learningRate"] = -1
+    bad.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: TrainingRun sft-tiny: spec.training.learningRate" in err
+    assert "greater than 0" in err
+
+
+def test_run_refuses_cluster_storage_with_the_fix(tmp_path: Path, capsys):
+    run = tmp_path / "run.yaml"
+    doc = yaml.safe_load((EXAMPLES / "trainingrun-sft.yaml").read_text())
+    run.write_text(yaml.safe_dump(doc))
+    assert main(["run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.model.name" not in err  # a hub id is fine locally
+    assert "spec.data.train: pvc://sft-data/sft/train.jsonl" in err
+    assert "use a local path" in err
+
+
+def test_run_refuses_s3_for_now(tmp_path: Path, capsys):
+    doc = yaml.safe_load((EXAMPLES / "trainingrun-sft-tiny.yaml").read_text())
+    doc["spec"]["output"] = "s3://bucket/sft"
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(doc))
+    assert main(["run", str(run)]) == 2
+    assert "s3:// URIs are not supported yet" in capsys.readouterr().err
+
+
+def test_render_prints_the_workload(capsys):
+    assert main(["render", str(EXAMPLES / "trainingrun-sft.yaml")]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Service", "Job"]
+    assert objects[2]["metadata"]["name"] == "sft-qwen2-5-3b-1"
+    config = yaml.safe_load(objects[0]["data"]["config.yaml"])
+    assert config["data"]["train"] == "/mnt/pvc/sft-data/sft/train.jsonl"
+
+
+def test_render_refuses_local_paths_for_a_cluster(capsys):
+    assert main(["render", str(EXAMPLES / "trainingrun-sft-tiny.yaml")]) == 2
+    assert "does not exist inside the pods" in capsys.readouterr().err
+
+
+def test_crds_writes_what_is_committed(tmp_path: Path):
+    assert main(["crds", "--out", str(tmp_path)]) == 0
+    for generated in tmp_path.iterdir():
+        assert generated.read_text() == (REPO / "crds" / generated.name).read_text()
