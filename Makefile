@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint e2e bench crds clean
+.PHONY: demo test lint e2e bench crds chart-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The tiny three-stage pipeline: from_scratch -> sft -> dpo on the bundled data.
 demo: $(STAMP)
-	$(BIN)/kubetrain run examples/trainingrun-from-scratch-tiny.yaml
-	$(BIN)/kubetrain run examples/trainingrun-sft-tiny.yaml
-	$(BIN)/kubetrain run examples/trainingrun-lora-tiny.yaml
-	$(BIN)/kubetrain run examples/trainingrun-dpo-tiny.yaml
+	$(BIN)/kubetrain run examples/pipeline-tiny.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -38,6 +36,11 @@ bench: $(STAMP)
 
 crds: $(STAMP)
 	$(BIN)/kubetrain crds
+	$(BIN)/python scripts/sync_chart.py
+
+chart-test: $(STAMP)
+	$(BIN)/python scripts/sync_chart.py --check
+	$(BIN)/pytest tests/chart
 
 clean:
 	rm -rf $(VENV) .tools outputs .pytest_cache .ruff_cache

@@ -1,13 +1,15 @@
 """`kubetrain`: run, validate and render training specs, write the CRDs, run the operator.
 
     kubetrain run examples/trainingrun-sft-tiny.yaml       train here, no cluster
+    kubetrain run examples/pipeline-tiny.yaml [--rerun]    run a pipeline's stages here
     kubetrain validate examples/*.yaml                     check files without running them
     kubetrain render examples/trainingrun-sft-tiny.yaml    the objects the operator creates
     kubetrain crds                                         regenerate crds/ from the API types
     kubetrain operator                                     run the operator (in a cluster)
 
-Errors name the file, the object and the field, and exit 2; a failed training run exits
-with the trainer's code (78 bad config or data, 75 preempted after a checkpoint).
+Errors name the file, the object and the field, and exit 2; a failed training run (or a
+pipeline's failed stage) exits with the trainer's code (78 bad config or data, 75
+preempted after a checkpoint).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from kubetrain.api import TrainingRun, load_documents
+from kubetrain.api import (
+    Pipeline,
+    TrainingRun,
+    dependency_order,
+    load_documents,
+    stage_output_uri,
+)
 from kubetrain_trainer.config import ConfigError
 
 EXIT_USAGE = 2
@@ -37,24 +45,45 @@ _ManifestDumper.add_representer(str, _str_presenter)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    for obj in load_documents(args.file):
+        if isinstance(obj, Pipeline):
+            exit_code = _run_pipeline(obj, args)
+        else:
+            exit_code = _run_trainingrun(obj, args)
+        if exit_code:
+            return exit_code
+    return 0
+
+
+def _run_trainingrun(run: TrainingRun, args: argparse.Namespace) -> int:
     from kubetrain.local import run_locally
 
-    objects = load_documents(args.file)
-    for obj in objects:
-        if not isinstance(obj, TrainingRun):
-            raise ConfigError(f"{args.file}: kubetrain run does not handle {obj.kind} yet")
-    for run in objects:
-        print(f"==> TrainingRun {run.metadata.name} ({run.spec.method})", flush=True)
-        result = run_locally(run, metrics_port=args.metrics_port)
-        if not result.succeeded:
-            print(
-                f"TrainingRun {run.metadata.name} failed (exit {result.exit_code}); "
-                f"output kept in {result.output_dir}",
-                file=sys.stderr,
-            )
-            return result.exit_code
-        print(f"==> {run.metadata.name} done: model in {result.output_dir}", flush=True)
+    print(f"==> TrainingRun {run.metadata.name} ({run.spec.method})", flush=True)
+    result = run_locally(run, metrics_port=args.metrics_port)
+    if not result.succeeded:
+        print(
+            f"TrainingRun {run.metadata.name} failed (exit {result.exit_code}); "
+            f"output kept in {result.output_dir}",
+            file=sys.stderr,
+        )
+        return result.exit_code
+    print(f"==> {run.metadata.name} done: model in {result.output_dir}", flush=True)
     return 0
+
+
+def _run_pipeline(pipeline: Pipeline, args: argparse.Namespace) -> int:
+    from kubetrain.local import run_pipeline_locally
+
+    stages = len(pipeline.spec.stages)
+    print(f"==> Pipeline {pipeline.metadata.name} ({stages} stages)", flush=True)
+    result = run_pipeline_locally(pipeline, rerun=args.rerun, metrics_port=args.metrics_port)
+    for stage in result.failed:
+        print(
+            f"Pipeline {pipeline.metadata.name}: stage {stage.stage} failed "
+            f"(exit {stage.exit_code}); output kept in {stage.output_dir}",
+            file=sys.stderr,
+        )
+    return result.exit_code
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -69,9 +98,27 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     objects = []
     for obj in load_documents(args.file):
-        objects += render_trainingrun(obj, args.attempt, backend=args.backend)
+        if isinstance(obj, Pipeline):
+            # A pipeline's own children are its stages' TrainingRuns, each upstream model
+            # shown as the output the stage will write.
+            objects += [_as_manifest(run) for run in pipeline_stage_runs(obj)]
+        else:
+            objects += render_trainingrun(obj, args.attempt, backend=args.backend)
     sys.stdout.write(yaml.dump_all(objects, Dumper=_ManifestDumper, sort_keys=False))
     return 0
+
+
+def pipeline_stage_runs(pipeline: Pipeline) -> list[TrainingRun]:
+    """Every stage's TrainingRun in dependency order, upstream models at their outputs."""
+    from kubetrain.pipelines import stage_run
+
+    spec = pipeline.spec
+    outputs = {s.name: stage_output_uri(spec, s.name) for s in spec.stages}
+    return [stage_run(pipeline, name, outputs) for name in dependency_order(spec.stages)]
+
+
+def _as_manifest(run: TrainingRun) -> dict:
+    return run.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
@@ -89,6 +136,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
         namespaces=args.namespace or None,
         metrics_port=args.metrics_port,
         liveness_port=args.liveness_port,
+        peering=args.peering,
+        # Alone, never join a peering object named "default" that other kopf operators use.
+        standalone=None if args.peering else True,
     )
     return 0
 
@@ -102,11 +152,16 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train a TrainingRun on this machine")
+    run = sub.add_parser("run", help="train a TrainingRun or a Pipeline on this machine")
     run.add_argument("file", type=Path)
     run.add_argument(
         "--metrics-port", type=int, default=None,
         help="serve Prometheus metrics here (default: the spec's, 9400; 0 = off)",
+    )  # fmt: skip
+    run.add_argument(
+        "--rerun", action="store_true",
+        help="pipelines: train every stage again, even those whose output holds a finished "
+        "model (by default they are skipped)",
     )  # fmt: skip
     run.set_defaults(func=cmd_run)
 
@@ -128,6 +183,12 @@ def parser() -> argparse.ArgumentParser:
     operator.add_argument("--namespace", action="append", help="watch only this namespace")
     operator.add_argument("--metrics-port", type=int, default=8080)
     operator.add_argument("--liveness-port", type=int, default=8081)
+    operator.add_argument(
+        "--peering", metavar="NAME",
+        help="one of several replicas: coordinate through kopf's peering object NAME, where "
+        "the replica with the highest (random) priority works and the others stand by "
+        "(default: a single, standalone operator)",
+    )  # fmt: skip
     operator.set_defaults(func=cmd_operator)
     return p
 

@@ -27,10 +27,15 @@ from kubetrain.api import (
     CATEGORIES,
     GROUP,
     KIND,
+    PIPELINE_KIND,
+    PIPELINE_PLURAL,
+    PIPELINE_SHORT_NAMES,
+    PIPELINE_SINGULAR,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
     VERSION,
+    Pipeline,
     TrainingRun,
 )
 
@@ -82,6 +87,28 @@ TRAININGRUN_COLUMNS: list[dict[str, Any]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
+PIPELINE_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Stage",
+        "type": "string",
+        "jsonPath": ".status.currentStage",
+        "description": "The stages running now, else the failed or next ones.",
+    },
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.progress",
+        "description": "Stages succeeded out of all stages.",
+    },
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
 CRD_KINDS: list[CrdKind] = [
     CrdKind(
         model=TrainingRun,
@@ -91,6 +118,15 @@ CRD_KINDS: list[CrdKind] = [
         short_names=SHORT_NAMES,
         categories=CATEGORIES,
         printer_columns=TRAININGRUN_COLUMNS,
+    ),
+    CrdKind(
+        model=Pipeline,
+        kind=PIPELINE_KIND,
+        plural=PIPELINE_PLURAL,
+        singular=PIPELINE_SINGULAR,
+        short_names=PIPELINE_SHORT_NAMES,
+        categories=CATEGORIES,
+        printer_columns=PIPELINE_COLUMNS,
     ),
 ]
 
@@ -201,8 +237,8 @@ def build_crd(kind: CrdKind) -> dict[str, Any]:
                 "listKind": f"{kind.kind}List",
                 "plural": kind.plural,
                 "singular": kind.singular,
-                "shortNames": list(kind.short_names),
                 "categories": list(kind.categories),
+                **({"shortNames": list(kind.short_names)} if kind.short_names else {}),
             },
             "scope": "Namespaced",
             "versions": [

@@ -17,6 +17,7 @@ import http.server
 import json
 import secrets
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from kube_emulator import Cluster
@@ -67,8 +68,14 @@ class JobController:
                 return pod
         raise LookupError(f"no pod with index {index} for Job {job_name}")
 
-    def start_pods(self, job_name: str, pod_ip: str = "127.0.0.1") -> list[dict[str, Any]]:
-        """Create the Job's pods, one per completion index, and run them."""
+    def start_pods(
+        self, job_name: str, pod_ip: str = "127.0.0.1", finalizers: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Create the Job's pods, one per completion index, and run them.
+
+        `finalizers` hold each pod in the API after its deletion until removed (the e2e
+        node keeps a pod there while its process terminates, as a kubelet would).
+        """
         job = self.job(job_name)
         template = job["spec"]["template"]
         pods = []
@@ -90,6 +97,7 @@ class JobController:
                     "namespace": self.namespace,
                     "labels": labels,
                     "annotations": {COMPLETION_INDEX: str(index)},
+                    "finalizers": list(finalizers),
                     "ownerReferences": [
                         {
                             "apiVersion": "batch/v1",
@@ -294,11 +302,16 @@ class TrainerMetricsStub:
 class OperatorThread:
     """The real operator (kopf), run in a thread against the emulated API."""
 
-    def __init__(self, cluster: Cluster, metrics: TrainerMetricsStub, **options: Any) -> None:
+    def __init__(
+        self, cluster: Cluster, metrics: TrainerMetricsStub | None, **options: Any
+    ) -> None:
         self.cluster = cluster
         self.metrics = metrics
-        # run_operator's options; by default no metrics server and no liveness endpoint.
+        # run_operator's options; by default no metrics server, no liveness endpoint and
+        # every pod's /metrics at the stub (the e2e tests pass their node's metrics_address).
         self.options = {"metrics_port": None, "liveness_port": None, **options}
+        if metrics is not None:
+            self.options.setdefault("metrics_address", lambda pod: ("127.0.0.1", metrics.port))
         self.thread: threading.Thread | None = None
         self.stop_flag = threading.Event()
         self.error: BaseException | None = None
@@ -314,7 +327,6 @@ class OperatorThread:
                     reconcile_interval=RECONCILE_INTERVAL,
                     api_server=self.cluster.url,
                     standalone=True,
-                    metrics_address=lambda pod: ("127.0.0.1", self.metrics.port),
                     stop_flag=self.stop_flag,
                     ready_flag=ready,
                     **self.options,

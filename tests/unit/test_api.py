@@ -139,7 +139,7 @@ def test_unknown_field_and_cross_field_rule_messages(tmp_path: Path) -> None:
     [
         (
             "apiVersion: kubetrain.dev/v1alpha1\nkind: TrainJob\nmetadata: {name: a}\n",
-            "unknown kind 'TrainJob'; kubetrain reads TrainingRun",
+            "unknown kind 'TrainJob'; kubetrain reads Pipeline, TrainingRun",
         ),
         (
             "apiVersion: kubetrain.dev/v1\nkind: TrainingRun\nmetadata: {name: a}\nspec: {}\n",
@@ -165,8 +165,8 @@ def test_loader_refusals(tmp_path: Path, text: str, message: str) -> None:
 
 def test_unknown_kind_in_a_multi_document_file_names_the_document(tmp_path: Path) -> None:
     one = (FIXTURES / "trainingrun-lora.yaml").read_text()
-    path = write(tmp_path, f"{one}\n---\nkind: Pipeline\n")
-    with pytest.raises(ManifestError, match=r"\(document 2\): unknown kind 'Pipeline'"):
+    path = write(tmp_path, f"{one}\n---\nkind: TrainJob\n")
+    with pytest.raises(ManifestError, match=r"\(document 2\): unknown kind 'TrainJob'"):
         load_documents(path)
 
 

@@ -1,4 +1,7 @@
-"""The generated TrainingRun CRD: no drift, structural, and it judges CRs like pydantic does.
+"""The generated CRDs: no drift, structural, and the TrainingRun CRD judges CRs like pydantic.
+
+(The Pipeline CRD's own checks are in test_pipeline_api.py, which reuses the API-server
+stand-ins below.)
 
 Without an API server, the CRD is exercised the way one would use it: its openAPIV3Schema
 through jsonschema (OpenAPI v3.0 is Draft 4 for the keywords we emit), unknown fields the
@@ -71,7 +74,7 @@ def cel_errors(schema: dict[str, Any], obj: Any, path: str = "") -> list[str]:
         except celpy.CELEvalError as e:
             ok, rule = False, {**rule, "message": f"{rule['message']} (error: {e})"}
         if not ok:
-            found.append(f"{path}{rule.get('fieldPath', '')}: {rule['message']}")
+            found.append(f"{path}{rule.get('fieldPath', '')}: {rule_message(rule, obj)}")
     if schema.get("x-kubernetes-preserve-unknown-fields"):
         return found
     if isinstance(obj, dict):
@@ -87,6 +90,17 @@ def cel_errors(schema: dict[str, Any], obj: Any, path: str = "") -> list[str]:
         for i, value in enumerate(obj):
             found += cel_errors(schema["items"], value, f"{path}[{i}]")
     return found
+
+
+def rule_message(rule: dict[str, Any], obj: Any) -> str:
+    """A failed rule's message: messageExpression's value when it evaluates, as on the API."""
+    if "messageExpression" not in rule:
+        return rule["message"]
+    program = CEL.program(CEL.compile(rule["messageExpression"]))
+    try:
+        return str(program.evaluate({"self": celpy.json_to_cel(obj)}))
+    except celpy.CELEvalError:
+        return rule["message"]
 
 
 def api_server_errors(obj: dict[str, Any]) -> list[str]:
@@ -131,10 +145,14 @@ def test_committed_crds_match_the_models() -> None:
 
 
 def test_write_crds_writes_the_same_text(tmp_path: Path) -> None:
-    (path,) = write_crds(tmp_path / "out")
-    assert path.name == "kubetrain.dev_trainingruns.yaml"
-    assert path.read_text() == (ROOT / "crds" / path.name).read_text()
-    assert yaml.safe_load(path.read_text()) == CRD
+    paths = write_crds(tmp_path / "out")
+    assert [p.name for p in paths] == [
+        "kubetrain.dev_trainingruns.yaml",
+        "kubetrain.dev_pipelines.yaml",
+    ]
+    for path in paths:
+        assert path.read_text() == (ROOT / "crds" / path.name).read_text()
+    assert yaml.safe_load(paths[0].read_text()) == CRD
 
 
 def test_crd_names_and_subresources() -> None:

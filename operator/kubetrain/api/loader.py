@@ -1,25 +1,28 @@
 """Read kubetrain custom resources from YAML files, with errors that point at the field.
 
 One file may hold several documents (`---`); empty ones are skipped. Each document's
-`kind` picks its model from `KIND_MODELS`, so a new kind (Pipeline) is one table entry.
-Errors read `examples/x.yaml: TrainingRun sft-tiny: spec.training.learningRate: Input
+`kind` picks its model from `KIND_MODELS` (TrainingRun, Pipeline), so a new kind is one
+table entry. Errors read `examples/x.yaml: TrainingRun sft-tiny: spec.training.learningRate: Input
 should be greater than 0`: the file, the object and the field, one problem per line.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kubetrain.api.trainingrun import API_VERSION, TrainingRun
+from kubetrain.api.pipeline import PIPELINE_KIND, Pipeline
+from kubetrain.api.trainingrun import API_VERSION, KIND, TrainingRun
 from kubetrain_trainer.config import ConfigError, format_validation_error
 
-# kind -> (apiVersion, model). Pipeline joins this table when it exists.
+# kind -> (apiVersion, model).
 KIND_MODELS: dict[str, tuple[str, type[BaseModel]]] = {
-    "TrainingRun": (API_VERSION, TrainingRun),
+    KIND: (API_VERSION, TrainingRun),
+    PIPELINE_KIND: (API_VERSION, Pipeline),
 }
 
 
@@ -46,11 +49,26 @@ def parse_document(doc: Any, source: str) -> Any:
     try:
         return model.model_validate(doc)
     except ValidationError as e:
-        raise ManifestError(format_validation_error(e, where)) from e
+        raise ManifestError(_name_stages(format_validation_error(e, where), doc)) from e
+
+
+def _name_stages(message: str, doc: dict[str, Any]) -> str:
+    """Write `spec.stages.1` as `spec.stages[sft]`: people know stages by name, not index."""
+    stages = (doc.get("spec") or {}).get("stages") if isinstance(doc.get("spec"), dict) else None
+    if not isinstance(stages, list):
+        return message
+
+    def by_name(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        stage = stages[index] if index < len(stages) else None
+        name = stage.get("name") if isinstance(stage, dict) else None
+        return f"spec.stages[{name}]" if isinstance(name, str) else match.group(0)
+
+    return re.sub(r"\bspec\.stages\.(\d+)\b", by_name, message)
 
 
 def load_documents(path: str | Path) -> list[Any]:
-    """Every kubetrain object in a YAML file, in file order (TrainingRun for now)."""
+    """Every kubetrain object (TrainingRun, Pipeline) in a YAML file, in file order."""
     path = Path(path)
     try:
         docs = list(yaml.safe_load_all(path.read_text()))

@@ -5,7 +5,7 @@ model, data, training and per-method settings, so a knob means the same thing in
 local run and inside the pod, and adds what only a cluster needs: resources, image, env,
 storage for the output, restarts and the backend. Every field carries a description (it
 becomes `kubectl explain` text) and the cross-field rules exist twice, as pydantic
-validators here and as CEL rules in the CRD, built side by side in `_spec_rules` so they
+validators here and as CEL rules in the CRD, built side by side in `spec_rules` so they
 agree (a unit test holds them to it). Status follows kstatus: `phase`, `conditions[]` with
 the types and reasons below, and `observedGeneration`.
 """
@@ -291,6 +291,19 @@ def is_reserved_env_name(name: str) -> bool:
     return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
 
 
+def check_env_not_reserved(env: list[EnvVar]) -> list[EnvVar]:
+    """Refuse environment names the operator or torchrun own, naming them and the fix."""
+    taken = [e.name for e in env if is_reserved_env_name(e.name)]
+    if taken:
+        raise ValueError(
+            f"env sets {', '.join(taken)}, which the operator and torchrun set "
+            "(PET_*, TORCHELASTIC_*, MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, "
+            "LOCAL_RANK, NODE_RANK, GROUP_RANK, LOCAL_WORLD_SIZE, HF_HOME, HF_TOKEN); "
+            "remove them (use model.tokenSecretRef for HF_TOKEN)"
+        )
+    return env
+
+
 class Toleration(K8sObject):
     """A Kubernetes toleration, e.g. for the taint on GPU nodes."""
 
@@ -352,8 +365,37 @@ class RestartPolicy(K8sObject):
     )
 
 
-def _spec_rules() -> list[dict[str, str]]:
-    """CEL twins of check_method_blocks, Training's validator and the env rule."""
+# The rule that every method but from_scratch names its starting model. Pipeline stages
+# swap it for one that also accepts model.fromStage (see `spec_rules`).
+MODEL_NAME_RULE = rule(
+    f"self.method == 'from_scratch' || ({present('model.name')} && "
+    "self.model.name.matches('\\\\S'))",
+    "this method needs model.name (the model to start from)",
+    field_path=".model",
+    reason="FieldValueRequired",
+)
+
+
+def env_rule() -> dict[str, str]:
+    """CEL twin of `check_env_not_reserved`, for any object with an `env` list."""
+    reserved = ", ".join(f"'{n}'" for n in RESERVED_ENV_NAMES)
+    prefixes = " && ".join(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
+    return rule(
+        f"!has(self.env) || self.env.all(e, {prefixes} && !(e.name in [{reserved}]))",
+        "env may not set PET_*, TORCHELASTIC_*, MASTER_ADDR, MASTER_PORT, WORLD_SIZE, "
+        "RANK, LOCAL_RANK, NODE_RANK, GROUP_RANK, LOCAL_WORLD_SIZE, HF_HOME or HF_TOKEN: "
+        "the operator and torchrun set them (use model.tokenSecretRef for HF_TOKEN)",
+        field_path=".env",
+        reason="FieldValueForbidden",
+    )
+
+
+def spec_rules(model_name_rule: dict[str, str] = MODEL_NAME_RULE) -> list[dict[str, str]]:
+    """CEL twins of check_method_blocks, Training's validator and the env rule.
+
+    `model_name_rule` replaces MODEL_NAME_RULE, for specs (Pipeline stage templates) that
+    may take the starting model from elsewhere.
+    """
     eval_strategy = value_or_default("training.evalStrategy", Training, "eval_strategy")
     save_strategy = value_or_default("training.saveStrategy", Training, "save_strategy")
     load_best = flag("training.loadBestModelAtEnd")
@@ -370,8 +412,6 @@ def _spec_rules() -> list[dict[str, str]]:
         f"({present('model.architecture.numKeyValueHeads')} ? "
         f"self.model.architecture.numKeyValueHeads : {heads})"
     )
-    reserved = ", ".join(f"'{n}'" for n in RESERVED_ENV_NAMES)
-    prefixes = " && ".join(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
     return [
         rule(
             f"!has(self.lora) || self.method == 'lora' || {flag('dpo.useLora')}",
@@ -405,13 +445,7 @@ def _spec_rules() -> list[dict[str, str]]:
             field_path=".model",
             reason="FieldValueForbidden",
         ),
-        rule(
-            f"self.method == 'from_scratch' || ({present('model.name')} && "
-            "self.model.name.matches('\\\\S'))",
-            "this method needs model.name (the model to start from)",
-            field_path=".model",
-            reason="FieldValueRequired",
-        ),
+        model_name_rule,
         rule(
             "self.method == 'dpo' || !has(self.data.maxPromptLength)",
             "data.maxPromptLength applies to method dpo only",
@@ -486,21 +520,14 @@ def _spec_rules() -> list[dict[str, str]]:
             "numAttentionHeads a multiple of numKeyValueHeads",
             field_path=".model.architecture",
         ),
-        rule(
-            f"!has(self.env) || self.env.all(e, {prefixes} && !(e.name in [{reserved}]))",
-            "env may not set PET_*, TORCHELASTIC_*, MASTER_ADDR, MASTER_PORT, WORLD_SIZE, "
-            "RANK, LOCAL_RANK, NODE_RANK, GROUP_RANK, LOCAL_WORLD_SIZE, HF_HOME or HF_TOKEN: "
-            "the operator and torchrun set them (use model.tokenSecretRef for HF_TOKEN)",
-            field_path=".env",
-            reason="FieldValueForbidden",
-        ),
+        env_rule(),
     ]
 
 
 class TrainingRunSpec(Spec):
     """What to train, on what data, with which resources, and where the model goes."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _spec_rules()})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": spec_rules()})
 
     method: Method = Field(description="Training method: from_scratch, sft, lora or dpo.")
     model: RunModel = Field(
@@ -559,15 +586,7 @@ class TrainingRunSpec(Spec):
     @field_validator("env")
     @classmethod
     def _env_not_reserved(cls, env: list[EnvVar]) -> list[EnvVar]:
-        taken = [e.name for e in env if is_reserved_env_name(e.name)]
-        if taken:
-            raise ValueError(
-                f"env sets {', '.join(taken)}, which the operator and torchrun set "
-                "(PET_*, TORCHELASTIC_*, MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, "
-                "LOCAL_RANK, NODE_RANK, GROUP_RANK, LOCAL_WORLD_SIZE, HF_HOME, HF_TOKEN); "
-                "remove them (use model.tokenSecretRef for HF_TOKEN)"
-            )
-        return env
+        return check_env_not_reserved(env)
 
     @model_validator(mode="after")
     def _method_blocks(self) -> TrainingRunSpec:

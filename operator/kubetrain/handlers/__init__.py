@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,7 @@ def run_operator(
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL,
     api_server: str | None = None,
     standalone: bool | None = None,
+    peering: str | None = None,
     metrics_address: MetricsAddress | None = None,
     stop_flag: threading.Event | None = None,
     ready_flag: threading.Event | None = None,
@@ -130,8 +132,11 @@ def run_operator(
     /metrics is served (None or 0: nowhere). liveness_port: kopf's health
     endpoint http://0.0.0.0:<port>/healthz (None: off).
     api_server: an explicit API URL (tests, `kubectl proxy`). standalone: skip kopf's
-    peering (None: use it if its CRDs exist). metrics_address: where a trainer pod's
-    /metrics is (default: the pod IP, port 9400; tests point it at a stub).
+    peering (None: use it if its CRDs exist). peering: the kopf peering object (a
+    ClusterKopfPeering, or a KopfPeering per namespace) that replicas share; each takes a
+    random priority, the highest works and the others stand by until it stops.
+    metrics_address: where a trainer pod's /metrics is (default: the pod IP, port 9400;
+    tests point it at a stub).
     """
     if api_server:
         k8s.configure(api_server)
@@ -155,6 +160,9 @@ def run_operator(
                 namespaces=list(namespaces or ()),
                 liveness_endpoint=liveness,
                 standalone=standalone,
+                peering_name=peering,
+                # kopf pauses every operator that meets one of equal priority: never tie.
+                priority=secrets.randbelow(2**31 - 2) + 1 if peering else None,
                 memo=memo,
                 stop_flag=stop_flag,
                 ready_flag=ready_flag,

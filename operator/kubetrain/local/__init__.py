@@ -1,5 +1,13 @@
-"""Run TrainingRuns on this machine, no cluster: the embedded default behind `kubetrain run`."""
+"""Run TrainingRuns and Pipelines here, with no cluster: the default behind `kubetrain run`."""
 
+from kubetrain.local.pipeline import LocalPipelineRun, StageOutcome, run_pipeline_locally
 from kubetrain.local.runner import LocalRun, run_locally, trainer_command
 
-__all__ = ["LocalRun", "run_locally", "trainer_command"]
+__all__ = [
+    "LocalPipelineRun",
+    "LocalRun",
+    "StageOutcome",
+    "run_locally",
+    "run_pipeline_locally",
+    "trainer_command",
+]

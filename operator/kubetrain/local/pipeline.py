@@ -1,0 +1,244 @@
+"""Run a Pipeline on this machine: its stages one after another, each stage's model handed on.
+
+Stages run in dependency order through `run_locally`, each as the same TrainingRun the
+operator would create (`kubetrain.pipelines.stage_run`), fromStage filled with the upstream
+stage's output folder. A stage whose output already holds a finished model (the trainer
+writes metrics.json last) is skipped, unless `rerun` is set or a stage it depends on was
+trained in this invocation: its model would be stale. Retraining a stage first removes the
+finished run's checkpoints, metrics.json and merged model from its output, or the trainer
+would resume from the final checkpoint and train nothing. A failed stage stops the run and
+is named; with failurePolicy continueIndependent the stages that do not need it still run.
+At the end a table sums up every stage: status, runtime, final loss, eval metric and output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from kubetrain.api import (
+    FAILURE_STOP,
+    MERGED_SUBDIR,
+    Pipeline,
+    UriRef,
+    classify_uri,
+    dependency_order,
+    stage_output_uri,
+    to_trainer_config,
+)
+from kubetrain.local.runner import LocalRun, resolve_local_uri, run_locally
+from kubetrain.pipelines import stage_run
+from kubetrain_trainer.config import ConfigError
+
+# What the trainer writes last into a finished output (kubetrain_trainer.metrics, which
+# this side does not import: it pulls in transformers).
+METRICS_FILE = "metrics.json"
+
+# How each stage of a local pipeline run ended.
+TRAINED = "trained"
+SKIPPED = "skipped"  # its output already held a finished model
+FAILED = "failed"
+NOT_RUN = "not run"  # a stage failed first (or one it needs did)
+
+
+@dataclass
+class StageOutcome:
+    """One stage of a local pipeline run."""
+
+    stage: str
+    method: str
+    status: str
+    output_dir: Path
+    metrics: dict = field(default_factory=dict)
+    exit_code: int = 0
+    note: str = ""
+
+
+@dataclass
+class LocalPipelineRun:
+    """What a local pipeline run did, stage by stage in the order they were considered."""
+
+    name: str
+    stages: list[StageOutcome]
+
+    @property
+    def failed(self) -> list[StageOutcome]:
+        return [s for s in self.stages if s.status == FAILED]
+
+    @property
+    def exit_code(self) -> int:
+        """0, or the exit code of the first stage that failed (78 config, 75 preempted)."""
+        return self.failed[0].exit_code if self.failed else 0
+
+
+def local_output_dir(uri: str) -> Path:
+    """The folder a stage writes to here; refuses pvc:// and s3:// like the local runner."""
+    try:
+        return Path(
+            resolve_local_uri(UriRef("spec.output", uri, classify_uri(uri, may_be_hub_id=False)))
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def finished_metrics(output_dir: Path) -> dict | None:
+    """The metrics.json of a finished run in `output_dir`, or None when there is none."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn or foreign file: the stage is not known to be finished
+
+
+def clear_previous_run(output_dir: Path) -> bool:
+    """Remove what would make the trainer resume, or the stage look finished; True if any.
+
+    Only the trainer's own artifacts go: checkpoint-N folders, metrics.json and the merged
+    model. The final model files are overwritten by the new run.
+    """
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
+    found += [p for p in (output_dir / METRICS_FILE, output_dir / MERGED_SUBDIR) if p.exists()]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return bool(found)
+
+
+def check_runs_here(pipeline: Pipeline) -> None:
+    """Refuse, before anything trains, a stage whose paths only exist on a cluster."""
+    outputs = {s.name: stage_output_uri(pipeline.spec, s.name) for s in pipeline.spec.stages}
+    for stage in pipeline.spec.stages:
+        run = stage_run(pipeline, stage.name, outputs)
+        try:
+            to_trainer_config(run.metadata.name, run.spec, resolve_local_uri)
+        except ValueError as e:
+            raise ConfigError(f"Pipeline {pipeline.metadata.name}: stage {stage.name}: {e}") from e
+
+
+def run_pipeline_locally(
+    pipeline: Pipeline,
+    *,
+    rerun: bool = False,
+    metrics_port: int | None = None,
+    out: TextIO | None = None,
+    train: Callable[..., LocalRun] | None = None,
+) -> LocalPipelineRun:
+    """Run every stage here in dependency order; prints progress and a summary table.
+
+    `train` runs one TrainingRun (default `run_locally`; tests pass a stand-in); the
+    trainer's own output goes straight to the terminal. Raises ConfigError for a stage that
+    cannot run on this machine (pvc:// or s3:// paths) before any stage trains.
+    """
+    train = train or run_locally
+    check_runs_here(pipeline)
+    spec = pipeline.spec
+    order = dependency_order(spec.stages)
+    outputs = {name: stage_output_uri(spec, name) for name in order}
+    outcomes: dict[str, StageOutcome] = {}
+
+    def say(message: str) -> None:
+        # sys.stdout is looked up now, not at import, so redirections (pytest's too) apply.
+        print(message, file=out or sys.stdout, flush=True)
+
+    for index, name in enumerate(order, start=1):
+        stage = spec.stage(name)
+        outcome = StageOutcome(name, stage.spec.method, NOT_RUN, local_output_dir(outputs[name]))
+        outcomes[name] = outcome
+        failed = [o.stage for o in outcomes.values() if o.status == FAILED]
+        unmet = [d for d in stage.depends_on if outcomes[d].status not in (TRAINED, SKIPPED)]
+        if failed and spec.failure_policy == FAILURE_STOP:
+            outcome.note = f"stage {failed[0]} failed"
+            continue
+        if unmet:
+            outcome.note = f"needs {', '.join(unmet)}"
+            continue
+        header = f"==> [{index}/{len(order)}] stage {name} ({stage.spec.method})"
+        # A model trained on an upstream model that has just been replaced is stale.
+        stale_because = [d for d in stage.depends_on if outcomes[d].status == TRAINED]
+        finished = finished_metrics(outcome.output_dir)
+        if finished is not None and not rerun and not stale_because:
+            outcome.status, outcome.metrics = SKIPPED, finished
+            say(
+                f"{header}: skipped, {display_path(outcome.output_dir)} holds its finished "
+                "model (--rerun trains it again)"
+            )
+            continue
+        if (rerun or stale_because) and clear_previous_run(outcome.output_dir):
+            why = "--rerun" if rerun else f"{', '.join(stale_because)} was trained again"
+            say(f"{header}: {why}, so the previous run's checkpoints were removed")
+        run = stage_run(pipeline, name, outputs)
+        say(f"{header}: TrainingRun {run.metadata.name} -> {display_path(outcome.output_dir)}")
+        result = train(run, metrics_port=metrics_port)
+        outcome.exit_code, outcome.metrics = result.exit_code, result.metrics
+        outcome.status = TRAINED if result.succeeded else FAILED
+        if not result.succeeded:
+            say(
+                f"==> stage {name} failed (exit {result.exit_code}); run again to resume from "
+                f"its newest checkpoint in {outcome.output_dir}"
+            )
+
+    result = LocalPipelineRun(pipeline.metadata.name, [outcomes[n] for n in order])
+    say(f"\nPipeline {pipeline.metadata.name}:\n{summary_table(result.stages)}")
+    return result
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (shorter to read)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _format_number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def eval_metric(method: str, metrics: dict) -> str:
+    """The metric that says how a stage did: rewards accuracy for DPO, else eval loss."""
+    if method == "dpo" and metrics.get("rewards_accuracy") is not None:
+        return f"rewards acc {metrics['rewards_accuracy']:.3f}"
+    if metrics.get("eval_loss") is not None:
+        return f"eval loss {_format_number(metrics['eval_loss'])}"
+    return "-"
+
+
+def summary_table(stages: list[StageOutcome]) -> str:
+    """The end-of-run table: stage, status, runtime, final loss, eval metric, output."""
+    header = ("STAGE", "STATUS", "RUNTIME", "FINAL LOSS", "EVAL", "OUTPUT")
+    rows = [header]
+    for s in stages:
+        status = f"{s.status} ({s.note})" if s.note else s.status
+        if s.status == FAILED:
+            status = f"failed (exit {s.exit_code})"
+        rows.append(
+            (
+                s.stage,
+                status,
+                _format_seconds(s.metrics.get("runtime_seconds")),
+                _format_number(s.metrics.get("train_loss")),
+                eval_metric(s.method, s.metrics),
+                display_path(s.output_dir),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )

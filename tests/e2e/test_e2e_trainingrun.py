@@ -1,0 +1,203 @@
+"""TrainingRuns end to end: the operator's own pods train for real, and survive faults.
+
+Each test creates a TrainingRun through the emulated API and lets the real operator render
+it into Jobs, which the node (node.py) runs as local processes: torchrun with gloo on CPU,
+two "nodes" on 127.0.0.1 where the spec says `nodes: 2`. Nothing here calls the operator
+or the trainer directly; the tests act as a user and as a cluster's faults would (a killed
+container, an operator restart, suspend), and judge by the run's status, the workloads in
+the API, the pods' logs and the files on the claims.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from conftest import Runs, create_claim, tiny_spec, wait_for
+from kube_emulator import Cluster
+from node import Node
+from operator_harness import NAMESPACE, OperatorThread
+
+pytestmark = pytest.mark.e2e
+
+PRETRAIN = "trainingrun-from-scratch-tiny.yaml"
+
+
+def pretraining(run: str, max_steps: int, save_steps: int, nodes: int = 2, **changes):
+    """The tiny from_scratch run, `max_steps` long, on `nodes` pods."""
+    return tiny_spec(
+        PRETRAIN,
+        run,
+        training={
+            "maxSteps": max_steps,
+            "saveSteps": save_steps,
+            "evalSteps": save_steps,
+            "loggingSteps": 5,
+        },
+        resources={"nodes": nodes},
+        **changes,
+    )
+
+
+def logged_steps(log: str) -> list[int]:
+    """The training steps a pod's log reports, in order ("step 25/300 ...")."""
+    return [int(step) for step in re.findall(r"^step (\d+)/\d+", log, re.MULTILINE)]
+
+
+def resumed_from(log: str) -> int | None:
+    """The checkpoint step the trainer says it resumed from, if any."""
+    found = re.search(r"resuming from \S*/checkpoint-(\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+def test_two_nodes_train_from_the_operators_pods(runs: Runs, node: Node) -> None:
+    runs.create("pretrain", pretraining("pretrain", max_steps=150, save_steps=50))
+    runs.wait_phase("pretrain", "Running", timeout=60)
+    progress = wait_for(
+        lambda: (runs.status("pretrain").get("progress") or {}).get("step"),
+        "status.progress.step from rank 0's metrics",
+    )
+    status = runs.status("pretrain")
+    assert status["phase"] == "Running" and 0 < progress < 150
+    assert status["progress"]["totalSteps"] == 150
+    assert status["progress"]["loss"] > 0
+
+    status = runs.wait_phase("pretrain", "Succeeded")
+    assert status["outputs"]["modelUri"] == "pvc://models/pretrain"
+    assert (status["attempt"], status["restarts"]) == (1, 0)
+    # Two torchrun nodes, one process each, trained one model in step.
+    assert "[rank 1]" in node.log("pretrain-1", 1)
+    output = node.claim_dir("models") / "pretrain"
+    summary = json.loads((output / "metrics.json").read_text())
+    assert summary["global_step"] == 150
+    checksums = summary["replica_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    ids = tokenizer("The model", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_killed_pod_restarts_the_gang_from_the_last_checkpoint(runs: Runs, node: Node) -> None:
+    save_steps = 20
+    spec = pretraining("crash", max_steps=150, save_steps=save_steps)
+    runs.create("crash", {**spec, "restartPolicy": {"maxRestarts": 2}})
+    wait_for(
+        lambda: runs.status("crash").get("latestCheckpoint"), "a checkpoint in the status", 120
+    )
+    node.kill("crash-1", 1)  # node rank 1's container dies, every process in it
+
+    status = runs.wait_phase("crash", "Succeeded", timeout=240)
+    assert (status["attempt"], status["restarts"]) == (2, 1)
+    assert runs.jobs() == ["crash-2"]
+    # Attempt 2 resumed from attempt 1's newest checkpoint and went on counting from it.
+    done_before_kill = max(logged_steps(node.log("crash-1", 0)))
+    resumed = resumed_from(node.log("crash-2", 0))
+    assert resumed is not None and resumed >= done_before_kill - save_steps
+    steps_after = logged_steps(node.log("crash-2", 0))
+    assert steps_after[0] > resumed and steps_after[-1] == 150
+    summary = json.loads((node.claim_dir("models") / "crash" / "metrics.json").read_text())
+    assert summary["global_step"] == 150
+
+
+def test_operator_restart_mid_run_creates_nothing_twice_and_catches_up(
+    runs: Runs, operator: OperatorThread
+) -> None:
+    runs.create("steady", pretraining("steady", max_steps=200, save_steps=100))
+    seen = wait_for(
+        lambda: (runs.status("steady").get("progress") or {}).get("step"), "progress", 120
+    )
+    operator.stop()
+    time.sleep(3)  # training goes on without anyone watching
+    operator.start()
+    wait_for(
+        lambda: (
+            (runs.status("steady").get("progress") or {}).get("step", 0) > seen + 10
+            or runs.status("steady").get("phase") == "Succeeded"
+        ),
+        "the status to catch up with training",
+    )
+    status = runs.wait_phase("steady", "Succeeded", timeout=180)
+    assert (status["attempt"], status["restarts"]) == (1, 0)
+    assert runs.jobs() == ["steady-1"]
+
+
+def test_suspend_then_resume_continues_from_the_checkpoint_saved_on_sigterm(
+    runs: Runs, node: Node
+) -> None:
+    runs.create("pause", pretraining("pause", max_steps=150, save_steps=1000))
+    wait_for(
+        lambda: (runs.status("pause").get("progress") or {}).get("step", 0) >= 20,
+        "20 steps of training",
+    )
+    runs.patch_spec("pause", {"suspend": True})
+    runs.wait_phase("pause", "Suspended", timeout=60)
+    wait_for(lambda: runs.jobs() == [], "attempt 1's Job to be gone")
+    # The pods were deleted; on SIGTERM the trainer saved the step it had reached.
+    saved = sorted((node.claim_dir("models") / "pause").glob("checkpoint-*"))
+    assert len(saved) == 1
+    saved_step = int(saved[0].name.split("-")[1])
+    assert saved_step >= max(logged_steps(node.log("pause-1", 0)))
+
+    runs.patch_spec("pause", {"suspend": False})
+    status = runs.wait_phase("pause", "Succeeded", timeout=180)
+    assert status["attempt"] == 2
+    assert resumed_from(node.log("pause-2", 0)) == saved_step
+
+
+def test_config_error_fails_at_once_with_the_trainers_message(runs: Runs) -> None:
+    # Chats cannot pretrain a model from scratch; only the trainer finds out, reading them.
+    spec = pretraining("chats", max_steps=10, save_steps=10)
+    spec["data"] = {"train": "pvc://datasets/sft-messages.jsonl", "format": "messages"}
+    spec["training"]["evalStrategy"] = "no"
+    runs.create("chats", spec)
+    status = runs.wait_phase("chats", "Failed", timeout=120)
+    failed = runs.condition("chats", "Failed")
+    assert failed["reason"] == "ConfigError"
+    assert "from_scratch pretrains on raw text" in failed["message"]
+    assert (status["attempt"], status["restarts"]) == (1, 0)
+    time.sleep(1)  # several reconcile intervals: no attempt 2 follows
+    assert runs.jobs() == ["chats-1"]
+
+
+def test_malformed_dataset_line_fails_the_run_naming_file_and_line(runs: Runs, node: Node) -> None:
+    lines = (node.claim_dir("datasets") / "pretrain.jsonl").read_text().splitlines()
+    broken = [*lines[:6], '{"text": "an unfinished line', *lines[6:]]
+    (node.claim_dir("datasets") / "broken.jsonl").write_text("\n".join(broken) + "\n")
+    spec = pretraining("broken", max_steps=10, save_steps=10, nodes=1)
+    spec["data"]["train"] = "pvc://datasets/broken.jsonl"
+    runs.create("broken", spec)
+    runs.wait_phase("broken", "Failed", timeout=120)
+    failed = runs.condition("broken", "Failed")
+    assert failed["reason"] == "ConfigError"
+    # The pod's own path, as the trainer inside it wrote it.
+    assert "/mnt/pvc/datasets/broken.jsonl:7: invalid JSON" in failed["message"]
+    assert runs.status("broken")["restarts"] == 0
+
+
+def test_missing_claim_is_named_until_it_exists(runs: Runs, node: Node, cluster: Cluster) -> None:
+    spec = pretraining("waits", max_steps=10, save_steps=10, nodes=1)
+    spec["data"] = {**spec["data"], "train": "pvc://corpus/pretrain.jsonl"}
+    runs.create("waits", spec)
+    ready = wait_for(
+        lambda: (
+            runs.condition("waits", "Ready").get("reason") == "WaitingForDependencies"
+            and runs.condition("waits", "Ready")
+        ),
+        "the WaitingForDependencies condition",
+        60,
+    )
+    assert f"PersistentVolumeClaim {NAMESPACE}/corpus" in ready["message"]
+    assert "spec.data.train" in ready["message"]
+    assert runs.status("waits")["phase"] == "Pending" and runs.jobs() == []
+
+    (node.claim_dir("corpus") / "pretrain.jsonl").write_text(
+        (node.claim_dir("datasets") / "pretrain.jsonl").read_text()
+    )
+    create_claim(cluster, "corpus")
+    runs.wait_phase("waits", "Succeeded", timeout=120)

@@ -1,0 +1,92 @@
+"""`make demo` for real: the tiny from_scratch -> sft -> dpo pipeline trains end to end.
+
+The shipped examples/pipeline-tiny.yaml runs through `kubetrain run` with fewer steps. The
+test checks the hand-off where it happens: the TrainerConfig each stage's trainer read
+(kubetrain-trainer-config.yaml in its output) names the previous stage's output as its
+model, and that model is what the stage loaded. A second run skips every finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import EXAMPLES, REPO
+
+from kubetrain import cli
+from kubetrain.local.runner import CONFIG_FILE
+from kubetrain_trainer.config import load_trainer_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """examples/pipeline-tiny.yaml with STEPS steps per stage and outputs in a temp folder."""
+    doc = yaml.safe_load((EXAMPLES / "pipeline-tiny.yaml").read_text())
+    root = tmp_path_factory.mktemp("pipeline")
+    doc["spec"]["outputRoot"] = str(root / "outputs")
+    for stage in doc["spec"]["stages"]:
+        data = stage["spec"]["data"]
+        for key in ("train", "eval"):
+            data[key] = str(REPO / data[key])
+        stage["spec"]["training"].update(maxSteps=STEPS, evalSteps=STEPS, saveSteps=STEPS)
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def stage_output(path: Path, stage: str) -> Path:
+    return path.parent / "outputs" / stage
+
+
+def vocabulary(model_dir: Path) -> dict[str, int]:
+    return json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def test_the_tiny_pipeline_hands_each_model_to_the_next_stage(tiny_pipeline: Path, capsys):
+    assert cli.main(["run", str(tiny_pipeline), "--metrics-port", "0"]) == 0
+    scratch, sft, dpo = (stage_output(tiny_pipeline, s) for s in ("from-scratch", "sft", "dpo"))
+    for output in (scratch, sft, dpo):
+        metrics = json.loads((output / "metrics.json").read_text())
+        assert metrics["global_step"] == STEPS, output
+
+    sft_config = load_trainer_config(sft / CONFIG_FILE)
+    dpo_config = load_trainer_config(dpo / CONFIG_FILE)
+    assert sft_config.model.name == str(scratch)
+    assert dpo_config.method == "dpo"
+    assert dpo_config.model.name == str(sft)
+    assert dpo_config.dpo is not None and dpo_config.dpo.reference_model.name is None
+    assert dpo_config.run_name == "pipeline-tiny-dpo"
+
+    # What DPO trained is the SFT model: the tiny shape, and the tokenizer from_scratch
+    # trained on the bundled text (no hub model has this 512-token vocabulary).
+    assert json.loads((dpo / "config.json").read_text())["hidden_size"] == 64
+    assert vocabulary(dpo) == vocabulary(sft) == vocabulary(scratch)
+    assert len(vocabulary(scratch)) == 512
+
+    printed = capsys.readouterr().out
+    table = printed[printed.index("Pipeline pipeline-tiny:") :].splitlines()
+    assert table[1].split() == ["STAGE", "STATUS", "RUNTIME", "FINAL", "LOSS", "EVAL", "OUTPUT"]
+    assert [line.split()[:2] for line in table[2:5]] == [
+        ["from-scratch", "trained"],
+        ["sft", "trained"],
+        ["dpo", "trained"],
+    ]
+    assert "rewards acc" in table[4] and str(dpo) in table[4]
+
+
+def test_a_second_run_skips_the_finished_stages(tiny_pipeline: Path, capsys):
+    dpo_metrics = stage_output(tiny_pipeline, "dpo") / "metrics.json"
+    if not dpo_metrics.exists():
+        pytest.skip("needs the first test's finished pipeline")
+    written = dpo_metrics.stat().st_mtime_ns
+    assert cli.main(["run", str(tiny_pipeline), "--metrics-port", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("holds its finished model") == 3
+    assert "TrainingRun pipeline-tiny-" not in printed  # nothing was started
+    assert dpo_metrics.stat().st_mtime_ns == written
