@@ -26,10 +26,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetrain.api import (
     CONDITION_FAILED,
     CONDITION_READY,
+    CONDITION_RECONCILING,
     CONDITION_RUNNING,
+    CONDITION_STALLED,
     CONDITION_SUCCEEDED,
     CONDITION_SUSPENDED,
     PHASE_FAILED,
+    PHASE_PENDING,
     PHASE_RUNNING,
     PHASE_SUCCEEDED,
     PHASE_SUSPENDED,
@@ -395,7 +398,8 @@ def next_status(
     """The whole new status: `previous` with phase, conditions and `fields` (camelCase) set.
 
     Ready is True only once the run Succeeded (kstatus: desired state reached); Running,
-    Succeeded, Failed and Suspended mirror the phase. `spec_change_ignored`, when given, is
+    Succeeded, Failed and Suspended mirror the phase; kstatus' Reconciling is True while
+    Pending or Running and Stalled once Failed. `spec_change_ignored`, when given, is
     the message of a True SpecChangeIgnored condition; otherwise that condition is dropped.
     A field given as None is removed.
     """
@@ -411,6 +415,22 @@ def next_status(
         conditions.append(
             _condition(before, type_, type_ == true_type, reason, message, now, generation)
         )
+    conditions.append(
+        _condition(
+            before,
+            CONDITION_RECONCILING,
+            phase in (PHASE_PENDING, PHASE_RUNNING),
+            reason,
+            message,
+            now,
+            generation,
+        )
+    )
+    conditions.append(
+        _condition(
+            before, CONDITION_STALLED, phase == PHASE_FAILED, reason, message, now, generation
+        )
+    )
     if spec_change_ignored:
         conditions.append(
             _condition(

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import example, with_spec
+from example_specs import example, with_spec
 
 from kubetrain.api import parse_document, to_trainer_config
 from kubetrain.local.runner import resolve_local_uri, trainer_command
@@ -67,7 +67,8 @@ def run_measured(command: list[str]) -> tuple[float, int]:
 
 def test_bench_sft_against_plain_trl(tmp_path: Path):
     base = tmp_path / "base"
-    run = parse_document(with_spec(example("trainingrun-from-scratch-tiny.yaml"), output=str(base)), "bench")
+    pretrain = with_spec(example("trainingrun-from-scratch-tiny.yaml"), output=str(base))
+    run = parse_document(pretrain, "bench")
     cfg = to_trainer_config(run.metadata.name, run.spec, resolve_local_uri, metrics_port=0)
     (tmp_path / "fs.yaml").write_text(dump_trainer_config(cfg))
     run_measured(trainer_command(tmp_path / "fs.yaml", 1))

@@ -151,9 +151,10 @@ def test_kstatus_sees_the_latest_generation_observed(phase):
     for condition in status["conditions"]:
         assert condition["status"] in ("True", "False")
         assert condition["observedGeneration"] == status["observedGeneration"]
-    # Generic kstatus: Current once the operator has caught up with the spec, whatever the
-    # phase (the health expressions above tell success from failure).
-    assert kstatus_compute(obj) == "Current"
+    # Generic kstatus reads the Reconciling and Stalled conditions: in progress while
+    # pending or training, failed once failed, current when done or deliberately suspended.
+    expected = {"Pending": "InProgress", "Running": "InProgress", "Failed": "Failed"}
+    assert kstatus_compute(obj) == expected.get(phase, "Current")
     assert kstatus_compute(status_object("TrainingRun", phase, generation=4)) == "InProgress"
     # Ready is the condition `kubectl wait --for=condition=Ready` and Flux users read.
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")

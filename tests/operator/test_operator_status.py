@@ -321,6 +321,8 @@ def test_next_status_sets_one_condition_per_type_from_the_phase() -> None:
         "Succeeded": ("False", "Training"),
         "Failed": ("False", "Training"),
         "Suspended": ("False", "Training"),
+        "Reconciling": ("True", "Training"),
+        "Stalled": ("False", "Training"),
     }
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])
 
@@ -335,6 +337,13 @@ def test_next_status_sets_one_condition_per_type_from_the_phase() -> None:
     assert conditions(done)["Ready"] == ("True", "Completed")
     assert conditions(done)["Succeeded"] == ("True", "Completed")
     assert conditions(done)["Running"] == ("False", "Completed")
+    assert conditions(done)["Reconciling"] == ("False", "Completed")
+
+    failed = next_status(
+        status, phase="Failed", reason="ConfigError", message="x", now="T", generation=3
+    )
+    assert conditions(failed)["Stalled"] == ("True", "ConfigError")
+    assert conditions(failed)["Reconciling"] == ("False", "ConfigError")
 
 
 def test_last_transition_time_moves_only_when_the_status_flips() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import EXAMPLES
+from example_specs import EXAMPLES
 
 from kubetrain.api import load_documents
 from kubetrain.render import render_trainer_config

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, example, with_spec
+from example_specs import REPO, example, with_spec
 
 from kubetrain.api import parse_document, to_trainer_config
 from kubetrain.local import run_locally

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import example, with_spec
+from example_specs import example, with_spec
 
 from kubetrain.api import parse_document
 from kubetrain.local import run_locally

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLES, REPO
+from example_specs import EXAMPLES, REPO
 
 from kubetrain import cli
 from kubetrain.local.runner import CONFIG_FILE

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from conftest import EXAMPLES, REPO
+from example_specs import EXAMPLES, REPO
 
 from kubetrain.cli import main
 

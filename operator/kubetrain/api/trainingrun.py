@@ -103,12 +103,19 @@ CONDITION_RUNNING = "Running"
 CONDITION_SUCCEEDED = "Succeeded"
 CONDITION_FAILED = "Failed"
 CONDITION_SUSPENDED = "Suspended"
+# kstatus' own abnormal-true conditions, so generic tools (kstatus, Flux, kubectl wait)
+# read a run without kubetrain-specific rules: Reconciling while it works toward its spec
+# (pending or training), Stalled once it failed and will not recover on its own.
+CONDITION_RECONCILING = "Reconciling"
+CONDITION_STALLED = "Stalled"
 CONDITION_TYPES = (
     CONDITION_READY,
     CONDITION_RUNNING,
     CONDITION_SUCCEEDED,
     CONDITION_FAILED,
     CONDITION_SUSPENDED,
+    CONDITION_RECONCILING,
+    CONDITION_STALLED,
 )
 
 # Condition reasons (CamelCase, as Kubernetes conditions require).
@@ -600,7 +607,11 @@ class TrainingRunSpec(Spec):
 class Condition(K8sObject):
     """One observation of the run (metav1.Condition)."""
 
-    type: str = Field(description="Ready, Running, Succeeded, Failed or Suspended.", max_length=316)
+    type: str = Field(
+        description="Ready, Running, Succeeded, Failed, Suspended, or kstatus' Reconciling "
+        "and Stalled.",
+        max_length=316,
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(
         description="CamelCase cause, e.g. Training, Completed, ConfigError.", max_length=1024
