@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from kubetrain_trainer.config import (
@@ -40,7 +41,9 @@ def setup_logging() -> None:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # Keep the libraries' own INFO chatter out of the run log.
+    # Keep the libraries' own INFO chatter and deprecation notices (which the user cannot
+    # act on: they concern TRL's calls into transformers) out of the run log.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("transformers", "datasets", "accelerate", "torch", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -10,6 +10,7 @@ mask everything but the assistant's tokens.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -117,6 +118,8 @@ def train_bpe_tokenizer(
         min_frequency=min_frequency,
         special_tokens=[BOS_EOS, IM_START, IM_END, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # Its bar would print blank lines into a pod's log.
+        show_progress=sys.stderr.isatty(),
     )
     bpe.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
