@@ -38,9 +38,9 @@ from kubetrain.api.trainingrun import (
     MAX_ENV_VARS,
     MAX_RUN_NAME_LENGTH,
     RUN_NAME_PATTERN,
-    Condition,
     EnvVar,
     K8sObject,
+    KstatusStatus,
     ObjectMeta,
     Resources,
     RestartPolicy,
@@ -654,25 +654,9 @@ class StageStatus(K8sObject):
     message: str | None = Field(None, description="What the stage is doing or waits for.")
 
 
-class PipelineStatus(K8sObject):
+class PipelineStatus(KstatusStatus):
     """Observed state of a Pipeline, written by the operator only."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"] | None = Field(
-        None, description="Pending, Running, Succeeded, Failed or Suspended."
-    )
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        description="Ready, Running, Succeeded, Failed and Suspended, each with a reason.",
-        json_schema_extra={
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        },
-    )
-    observed_generation: int | None = Field(
-        None, ge=0, description="metadata.generation this status was computed from."
-    )
     start_time: str | None = Field(
         None,
         description="When the first stage was started (RFC 3339).",

@@ -651,8 +651,8 @@ class Outputs(K8sObject):
     )
 
 
-class TrainingRunStatus(K8sObject):
-    """Observed state of a TrainingRun, written by the operator only."""
+class KstatusStatus(K8sObject):
+    """The status fields every kubetrain kind shares, as kstatus, Flux and Argo CD read them."""
 
     # Tolerate status fields this version does not know (written by a newer operator or by
     # kopf) rather than failing to read the object.
@@ -663,7 +663,8 @@ class TrainingRunStatus(K8sObject):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, Running, Succeeded, Failed and Suspended, each with a reason.",
+        description="Ready, Running, Succeeded, Failed and Suspended (and kstatus' "
+        "Reconciling and Stalled), each with a reason.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
@@ -672,6 +673,11 @@ class TrainingRunStatus(K8sObject):
     observed_generation: int | None = Field(
         None, ge=0, description="metadata.generation this status was computed from."
     )
+
+
+class TrainingRunStatus(KstatusStatus):
+    """Observed state of a TrainingRun, written by the operator only."""
+
     start_time: str | None = Field(
         None,
         description="When the first attempt's pods started (RFC 3339).",
