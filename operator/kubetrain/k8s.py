@@ -23,7 +23,16 @@ import requests
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain.api import GROUP, LABEL_RUN, METRICS_PORT, PLURAL, VERSION
+from kubetrain.api import (
+    GROUP,
+    KIND,
+    LABEL_PIPELINE,
+    LABEL_RUN,
+    METRICS_PORT,
+    PIPELINE_PLURAL,
+    PLURAL,
+    VERSION,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +141,70 @@ def annotate_trainingrun(namespace: str, name: str, annotations: dict[str, str |
         PLURAL,
         name,
         {"metadata": {"annotations": annotations}},
+        _preload_content=False,
+    )
+
+
+def patch_trainingrun(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON-merge-patch a TrainingRun (spec and metadata; the status has its own call)."""
+    _custom().patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, patch, _preload_content=False
+    )
+
+
+def create_trainingrun(body: dict[str, Any]) -> bool:
+    """Create a TrainingRun unless one of that name exists; True if this call created it."""
+    try:
+        _custom().create_namespaced_custom_object(
+            GROUP, VERSION, body["metadata"]["namespace"], PLURAL, body, _preload_content=False
+        )
+    except ApiException as e:
+        if e.status == 409:
+            return False
+        raise
+    log.info("Created %s", describe(body))
+    return True
+
+
+def list_pipeline_runs(namespace: str, pipeline: str) -> list[dict[str, Any]]:
+    """The TrainingRuns labelled as stages of `pipeline` (whoever owns them)."""
+    runs = _body(
+        _custom().list_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            label_selector=f"{LABEL_PIPELINE}={pipeline}",
+            _preload_content=False,
+        )
+    )["items"]
+    for run in runs:  # lists leave kind and apiVersion out of their items
+        run.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+        run.setdefault("kind", KIND)
+    return runs
+
+
+# --- Pipelines --------------------------------------------------------------------------
+
+
+def get_pipeline(namespace: str, name: str) -> dict[str, Any] | None:
+    """The Pipeline as stored now, or None once it is gone."""
+    return _absent_on_404(
+        lambda: _custom().get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PIPELINE_PLURAL, name, _preload_content=False
+        )
+    )
+
+
+def patch_pipeline_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON-merge-patch a Pipeline's status subresource with `patch` (the status itself)."""
+    _custom().patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        namespace,
+        PIPELINE_PLURAL,
+        name,
+        {"status": patch},
         _preload_content=False,
     )
 

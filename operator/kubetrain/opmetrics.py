@@ -1,6 +1,7 @@
 """The operator's own Prometheus metrics, served on :8080/metrics by default.
 
-Fleet-level: `kubetrain_trainingruns{phase}` (runs this operator sees, by phase),
+Fleet-level: `kubetrain_trainingruns{phase}` and `kubetrain_pipelines{phase}` (runs and
+pipelines this operator sees, by phase),
 `kubetrain_reconcile_duration_seconds`, `kubetrain_restarts_total{cause}`,
 `kubetrain_queue_wait_seconds` (run created -> all its pods running) and
 `kubetrain_time_to_first_step_seconds` (run created -> the trainer reports step > 0).
@@ -32,6 +33,7 @@ PHASES = (PHASE_PENDING, PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_FAILED, PHASE_SUS
 _WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 TRAININGRUNS = Gauge("kubetrain_trainingruns", "TrainingRuns by phase.", ["phase"])
+PIPELINES = Gauge("kubetrain_pipelines", "Pipelines by phase.", ["phase"])
 RECONCILE_DURATION = Histogram(
     "kubetrain_reconcile_duration_seconds", "Time one reconcile of one TrainingRun takes."
 )
@@ -55,26 +57,53 @@ RUN_TOKENS_PER_SECOND = Gauge(
 )
 _PER_RUN = (RUN_STEP, RUN_LOSS, RUN_TOKENS_PER_SECOND)
 
-_lock = threading.Lock()
-_phases: dict[tuple[str, str], str] = {}
-for _phase in PHASES:  # export every phase from the start, so sums and alerts see zeros
-    TRAININGRUNS.labels(phase=_phase).set(0)
+
+class _PhaseCounts:
+    """How many objects of one kind are in each phase, kept in one gauge labelled by phase."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self.lock = threading.Lock()
+        self.phases: dict[tuple[str, str], str] = {}
+        for phase in PHASES:  # export every phase from the start, so sums and alerts see zeros
+            gauge.labels(phase=phase).set(0)
+
+    def _recount(self) -> None:
+        counts = dict.fromkeys(PHASES, 0)
+        for phase in self.phases.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase, count in counts.items():
+            self.gauge.labels(phase=phase).set(count)
+
+    def observe(self, namespace: str, name: str, phase: str) -> None:
+        with self.lock:
+            if self.phases.get((namespace, name)) != phase:
+                self.phases[(namespace, name)] = phase
+                self._recount()
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self.lock:
+            if self.phases.pop((namespace, name), None) is not None:
+                self._recount()
 
 
-def _recount() -> None:
-    counts = dict.fromkeys(PHASES, 0)
-    for phase in _phases.values():
-        counts[phase] = counts.get(phase, 0) + 1
-    for phase, count in counts.items():
-        TRAININGRUNS.labels(phase=phase).set(count)
+_run_phases = _PhaseCounts(TRAININGRUNS)
+_pipeline_phases = _PhaseCounts(PIPELINES)
 
 
 def observe_phase(namespace: str, name: str, phase: str) -> None:
     """Record a run's current phase (idempotent; call on every reconcile)."""
-    with _lock:
-        if _phases.get((namespace, name)) != phase:
-            _phases[(namespace, name)] = phase
-            _recount()
+    _run_phases.observe(namespace, name, phase)
+
+
+def observe_pipeline_phase(namespace: str, name: str, phase: str) -> None:
+    """Record a pipeline's current phase (idempotent; call on every reconcile)."""
+    _pipeline_phases.observe(namespace, name, phase)
+
+
+def forget_pipeline(namespace: str, name: str) -> None:
+    """Drop a deleted pipeline from the phase counts."""
+    _pipeline_phases.forget(namespace, name)
 
 
 def observe_progress(namespace: str, name: str, metrics: TrainerMetrics) -> None:
@@ -90,9 +119,7 @@ def observe_progress(namespace: str, name: str, metrics: TrainerMetrics) -> None
 
 def forget_run(namespace: str, name: str) -> None:
     """Drop a deleted run from the phase counts and remove its per-run series."""
-    with _lock:
-        if _phases.pop((namespace, name), None) is not None:
-            _recount()
+    _run_phases.forget(namespace, name)
     for gauge in _PER_RUN:
         with contextlib.suppress(KeyError):  # the run never reported that value
             gauge.remove(namespace, name)

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import copy
 import socket
-import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import requests
 from kube_emulator import Cluster
-from kubernetes.client.exceptions import ApiException
-from operator_harness import NAMESPACE, JobController, OperatorThread, TrainerMetricsStub
+from operator_harness import (
+    NAMESPACE,
+    JobController,
+    OperatorThread,
+    TrainerMetricsStub,
+    hold,
+    wait_for,
+)
 from prometheus_client import REGISTRY
 
 from kubetrain.api import GROUP, PLURAL, VERSION, TrainingRunStatus
 
-T = TypeVar("T")
 RUN = "sft-demo"
 
 SPEC: dict[str, Any] = {
@@ -34,30 +38,6 @@ SPEC: dict[str, Any] = {
     "resources": {"nodes": 2, "procPerNode": 1},
     "restartPolicy": {"maxRestarts": 2},
 }
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (ApiException, KeyError, LookupError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last saw: {last!r}")
-
-
-def hold(check: Callable[[], bool], what: str, seconds: float = 1.0) -> None:
-    """Assert `check` stays true for `seconds` (several reconcile intervals)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert check(), what
-        time.sleep(0.05)
 
 
 class Runs:

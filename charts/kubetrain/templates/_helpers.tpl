@@ -91,12 +91,20 @@ the code and fails when the two differ, in either direction.
 */}}
 {{- define "kubetrain.namespacedRules" -}}
 # Serve TrainingRuns: kopf lists, watches and patches them; the reconcile reads one and
-# annotates it; the status goes through the status subresource.
+# annotates it; the status goes through the status subresource. Pipelines create their
+# stages' runs and set their spec.suspend.
 - apiGroups: [kubetrain.dev]
   resources: [trainingruns]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [kubetrain.dev]
   resources: [trainingruns/status]
+  verbs: [patch]
+# Serve Pipelines the same way (their stage runs are listed by label, above).
+- apiGroups: [kubetrain.dev]
+  resources: [pipelines]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kubetrain.dev]
+  resources: [pipelines/status]
   verbs: [patch]
 # Each attempt's children: a ConfigMap with the trainer's config (brought up to date when
 # it exists), a headless Service, and an Indexed Job or a JobSet, deleted on restart.

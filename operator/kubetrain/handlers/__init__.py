@@ -1,4 +1,4 @@
-"""The kubetrain operator: kopf handlers for TrainingRun, and how to run them.
+"""The kubetrain operator: kopf handlers for TrainingRun and Pipeline, and how to run them.
 
 Two ways in, same handlers. `run_operator(...)` (what `kubetrain operator` calls) builds a
 fresh kopf registry with the options given and runs until stopped. `kopf run -m
@@ -24,7 +24,8 @@ from typing import Any
 import kopf
 
 from kubetrain import k8s, opmetrics
-from kubetrain.api import GROUP, PLURAL, VERSION
+from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
+from kubetrain.handlers import pipeline
 from kubetrain.handlers.trainingrun import (
     MetricsAddress,
     forget,
@@ -61,6 +62,11 @@ def register(
         # Events are for transitions the handlers announce, not kopf's own log lines.
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "kubetrain-operator"
+        # A deleted object keeps kopf's finalizer until its timer has exited; a timer caught
+        # mid-reconcile (a sync call kopf cannot cancel) is re-checked after this many
+        # seconds, not kopf's default 60, so deletions (and garbage collection of a
+        # pipeline's runs) finish within one interval.
+        settings.background.cancellation_polling = reconcile_interval
         if metrics_port is not None and metrics_port > 0 and "metrics_server" not in memo:
             memo.metrics_server = opmetrics.serve(metrics_port)
 
@@ -111,6 +117,53 @@ def register(
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
     def deleted(namespace: str, name: str, **_: Any) -> None:
         forget(namespace, name)
+
+    # Pipelines: the same triggers, one reconcile. Stage runs are TrainingRuns, served above.
+    @kopf.on.create(
+        GROUP,
+        VERSION,
+        PIPELINE_PLURAL,
+        id="pipeline-start",
+        backoff=reconcile_interval,
+        registry=registry,
+    )
+    @kopf.on.resume(
+        GROUP,
+        VERSION,
+        PIPELINE_PLURAL,
+        id="pipeline-resume",
+        backoff=reconcile_interval,
+        registry=registry,
+    )
+    @kopf.on.update(
+        GROUP,
+        VERSION,
+        PIPELINE_PLURAL,
+        id="pipeline-spec-changed",
+        field="spec",
+        backoff=reconcile_interval,
+        registry=registry,
+    )
+    def react_pipeline(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        pipeline.reconcile(namespace, name, memo)
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        PIPELINE_PLURAL,
+        id="pipeline-follow",
+        interval=reconcile_interval,
+        when=is_unfinished,
+        registry=registry,
+    )
+    def follow_pipeline(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        pipeline.reconcile(namespace, name, memo)
+
+    @kopf.on.delete(
+        GROUP, VERSION, PIPELINE_PLURAL, id="pipeline-forget", optional=True, registry=registry
+    )
+    def pipeline_deleted(namespace: str, name: str, **_: Any) -> None:
+        pipeline.forget(namespace, name)
 
 
 def run_operator(
