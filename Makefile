@@ -25,8 +25,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# Everything but the benchmarks: unit, trainer (real tiny training), operator, chart and
+# the end-to-end tests (about 9 minutes on 2 cores). Plain `pytest` skips e2e for speed.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not bench"
 
 e2e: $(STAMP)
 	$(BIN)/pytest -m e2e

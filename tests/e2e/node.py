@@ -1,39 +1,40 @@
 """The node of the e2e tests: runs the pods of the operator's Jobs as local processes.
 
-There is no kubelet here. `Node` polls the emulated API for the Jobs the operator creates
-and does, through the API, what the Job controller, the kubelet and the container runtime
-would: it creates each Job's pods (with `JobController` from tests/operator), starts each
-pod's container command as a local process with the pod's environment, reports exit codes
-and termination messages as pod status, fails the Job when a pod fails (backoffLimit 0:
-the rest of the gang is deleted) or completes it when every pod exits 0, and when a pod is
-deleted sends SIGTERM to its main process, waits out the grace period (capped for tests)
-and SIGKILLs what is left. A finalizer holds each pod in the API until its process is
-gone, and its Job until its pods are gone, as a real cluster keeps a terminating pod and
-a Job deleted with propagationPolicy Foreground, so the operator sees old gangs linger.
+There is no kubelet here. `Node` polls the emulated API and does, through the API, what the
+Job controller, the kubelet and the container runtime would: it creates each Job's pods
+(with `JobController` from tests/operator), runs each pod's container command as a local
+process with the pod's environment, reports exit codes and termination messages as pod
+status, fails the Job when a pod fails (backoffLimit 0: the rest of the gang is deleted) or
+completes it when all pods exit 0, and on a pod's deletion sends SIGTERM to its main
+process and, after the grace period (capped for tests), SIGKILLs all it started. A
+finalizer keeps a pod in the API until its process is gone, and its Job until its pods
+are, as a cluster keeps terminating pods and a Job deleted with propagationPolicy
+Foreground: the operator sees old gangs linger. For a JobSet it plays the JobSet
+controller first: one Indexed Job per replicated job, named as JobSet names them, and
+the JobSet's Completed or Failed condition from theirs.
 
 One machine is not a cluster, so the node takes these liberties, and only these:
-- volumes are local folders: a claim is `<root>/pvc/<claim>` (shared, like a
-  ReadWriteMany claim), an emptyDir is a folder of the pod's own, a ConfigMap is written
-  out as files. Paths under a mount, in the command, in env values and in the string
-  values of a mounted YAML file (the TrainerConfig), are rewritten to the local folder;
-  local folders in the termination message are written back as the pod's paths;
-- the pods share 127.0.0.1: an env value naming a pod of the Job by DNS
-  (`<job>-<index>.<subdomain>`) becomes 127.0.0.1, and each port the container declares
-  gets one free host port per Job, replacing env values equal to it and `...Port` settings
-  of a mounted YAML file (only rank 0 listens on the rendezvous and metrics ports, so the
-  pods of a gang never collide); `metrics_address(pod)` says where rank 0's /metrics is;
+- volumes are local folders: a claim is `<root>/pvc/<claim>` (shared, like ReadWriteMany),
+  an emptyDir a folder of the pod's own, a ConfigMap files written out. Pod paths under a
+  mount are rewritten to the local folder in the command, in env values and in the string
+  values of a mounted YAML file (the TrainerConfig); in the termination message read back,
+  local folders become the pod's paths again;
+- the pods share 127.0.0.1: env values naming a pod of the Job by DNS
+  (`<job>-<index>.<subdomain>`) become 127.0.0.1, and each port the container declares gets
+  a free host port per Job, replacing env values equal to it and `...Port` settings in a
+  mounted YAML file (only rank 0 listens on the rendezvous and metrics ports, so a gang
+  never collides); `metrics_address(pod)` tells the operator where rank 0's /metrics is;
 - the image is this Python environment: PATH leads to it, the trainer Dockerfile's ENV is
-  set, HF_HUB_OFFLINE=1 (no internet here), and KUBETRAIN_TERMINATION_LOG (the trainer's
-  override of /dev/termination-log) names a file of the pod's own;
-- each pod gets its share of the CPUs (OMP_NUM_THREADS = CPUs / pods of the Job), as if
-  on a node of its own.
-Nothing else (securityContext, resources, readOnly mounts) is enforced; JobSets are not
-run. Only tests import this module.
+  set, HF_HUB_OFFLINE=1 (no internet), KUBETRAIN_TERMINATION_LOG (the trainer's override of
+  /dev/termination-log) names a file of the pod's own, and OMP_NUM_THREADS gives each pod
+  its share of the CPUs, as if it had a node of its own.
+Nothing else (securityContext, resources, readOnly) is enforced. Only tests import this.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -70,6 +71,9 @@ IMAGE_ENV = {
 GRACE_CAP_SECONDS = 20.0
 POLL_SECONDS = 0.1
 
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
+
 Mounts = list[tuple[str, Path]]
 
 
@@ -102,22 +106,20 @@ def localize_yaml(value: Any, mounts: Mounts, ports: dict[int, int], key: str = 
 
 @dataclass
 class PodProcess:
-    """One pod's container, running as a local process group."""
+    """One pod's container: a local process and all it starts, files in `folder`."""
 
     job: str
     index: int
     pod: str
-    popen: subprocess.Popen
-    log: Path
-    termination_log: Path
+    folder: Path  # holds `log` (stdout and stderr), `termination-log` and the volumes
     mounts: Mounts
+    popen: subprocess.Popen
     sigterm_at: float | None = None
     exit_code: int | None = None  # set once the exit is reported
 
     def termination_message(self) -> str:
-        if not self.termination_log.is_file():
-            return ""
-        text = self.termination_log.read_text()
+        path = self.folder / "termination-log"
+        text = path.read_text() if path.is_file() else ""
         for mount, local in self.mounts:  # say what the pod would have said
             text = text.replace(str(local), mount)
         return text
@@ -130,8 +132,11 @@ class Node:
         self.root = root
         self.namespace = namespace
         self.jobs = JobController(cluster.api, namespace)
-        self.processes: dict[str, PodProcess] = {}  # by pod name
+        self.jobsets = cluster.custom
+        self.jobset_path = (*JOBSET_API.split("/"), namespace, "jobsets")
+        self.processes: dict[tuple[str, int], PodProcess] = {}  # by Job and pod index
         self.ports: dict[str, dict[int, int]] = {}  # by Job: container port -> host port
+        self.jobsets_started: set[str] = set()
         self.thread: threading.Thread | None = None
         self.stop_flag = threading.Event()
         self.error: BaseException | None = None
@@ -167,19 +172,13 @@ class Node:
                 return "127.0.0.1", ports[port["containerPort"]]
         raise LookupError(f"pod {pod['metadata']['name']} declares no port named metrics")
 
-    def process(self, job: str, index: int) -> PodProcess:
-        for process in self.processes.values():
-            if (process.job, process.index) == (job, index):
-                return process
-        raise LookupError(f"no process for pod {index} of Job {job}")
-
     def log(self, job: str, index: int = 0) -> str:
         """What the pod's container wrote to stdout and stderr."""
-        return self.process(job, index).log.read_text(errors="replace")
+        return (self.processes[job, index].folder / "log").read_text(errors="replace")
 
     def kill(self, job: str, index: int) -> None:
         """The pod's container dies at once, every process in it (a crash, an OOM kill)."""
-        self._kill_container(self.process(job, index))
+        self._kill_container(self.processes[job, index])
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -187,26 +186,26 @@ class Node:
         while not self.stop_flag.wait(POLL_SECONDS):
             try:
                 self.sync()
-            except ApiException as e:
-                if e.status not in (404, 409):  # an object went away under us: look again
-                    self.error = e
-                    return
-            except Exception as e:  # surfaced by stop(), so it fails the test
+            except Exception as e:
+                if isinstance(e, ApiException) and e.status in (404, 409):
+                    continue  # an object went away or changed under us: look again
                 log.exception("the e2e node failed")
-                self.error = e
+                self.error = e  # stop() raises it, so it fails the test
                 return
 
     def sync(self) -> None:
         """One look at the API and at the processes, acting on what changed."""
-        for job in self._items(self.jobs.batch.list_namespaced_job):
+        jobs = self._items(self.jobs.batch.list_namespaced_job)
+        for job in jobs:
             meta = job["metadata"]
             if meta.get("deletionTimestamp"):
                 self._delete_job(job)
             elif meta["name"] not in self.ports and not job["spec"].get("suspend"):
                 self._start_job(job)
+        self._sync_jobsets(jobs)
         pods = {p["metadata"]["name"]: p for p in self._items(self.jobs.core.list_namespaced_pod)}
-        for name, process in list(self.processes.items()):
-            pod = pods.get(name)
+        for process in list(self.processes.values()):
+            pod = pods.get(process.pod)
             if process.exit_code is None and process.popen.poll() is not None:
                 self._report_exit(process, pod)
             if pod is not None and pod["metadata"].get("deletionTimestamp"):
@@ -221,9 +220,7 @@ class Node:
         name = job["metadata"]["name"]
         container = job["spec"]["template"]["spec"]["containers"][0]
         self.ports[name] = {p["containerPort"]: free_port() for p in container.get("ports", [])}
-        self.jobs.batch.patch_namespaced_job(
-            name, self.namespace, {"metadata": {"finalizers": [NODE_FINALIZER]}}
-        )
+        self._hold("Job", job, held=True)
         for pod in self.jobs.start_pods(name, finalizers=[NODE_FINALIZER]):
             self._start_process(job, pod)
 
@@ -258,8 +255,8 @@ class Node:
         for pod in pods:
             if not pod["metadata"].get("deletionTimestamp"):
                 self._delete_pod(pod["metadata"]["name"])
-        if not pods and NODE_FINALIZER in (job["metadata"].get("finalizers") or []):
-            self._release(self.jobs.batch.patch_namespaced_job, name, job)
+        if not pods:
+            self._hold("Job", job, held=False)
 
     def _delete_pod(self, name: str) -> None:
         try:
@@ -268,17 +265,84 @@ class Node:
             if e.status != 404:
                 raise
 
-    def _release(self, patch_call: Any, name: str, obj: dict[str, Any]) -> None:
-        kept = [f for f in obj["metadata"].get("finalizers") or [] if f != NODE_FINALIZER]
-        patch_call(name, self.namespace, {"metadata": {"finalizers": kept}})
+    def _hold(self, kind: str, obj: dict[str, Any], *, held: bool) -> None:
+        """Add (held) or remove the node's finalizer on a Pod, Job or JobSet."""
+        finalizers = obj["metadata"].get("finalizers") or []
+        if (NODE_FINALIZER in finalizers) == held:
+            return
+        others = [f for f in finalizers if f != NODE_FINALIZER]
+        body = {"metadata": {"finalizers": [*others, NODE_FINALIZER] if held else others}}
+        name = obj["metadata"]["name"]
+        if kind == "Pod":
+            self.jobs.core.patch_namespaced_pod(name, self.namespace, body)
+        elif kind == "Job":
+            self.jobs.batch.patch_namespaced_job(name, self.namespace, body)
+        else:
+            self.jobsets.patch_namespaced_custom_object(*self.jobset_path, name, body)
+
+    # --- the JobSet controller ---------------------------------------------------------
+
+    def _sync_jobsets(self, jobs: list[dict[str, Any]]) -> None:
+        """One Indexed Job per replicated job; the JobSet fails or completes with them."""
+        for jobset in self.jobsets.list_namespaced_custom_object(*self.jobset_path)["items"]:
+            meta = jobset["metadata"]
+            children = [
+                j for j in jobs if j["metadata"]["labels"].get(JOBSET_LABEL) == meta["name"]
+            ]
+            if meta.get("deletionTimestamp"):
+                for child in children:  # their pods go first, then they, then the JobSet
+                    if not child["metadata"].get("deletionTimestamp"):
+                        self.jobs.batch.delete_namespaced_job(
+                            child["metadata"]["name"],
+                            self.namespace,
+                            propagation_policy="Background",
+                        )
+                if not children:
+                    self._hold("JobSet", jobset, held=False)
+            elif meta["name"] not in self.jobsets_started and not jobset["spec"].get("suspend"):
+                self._start_jobset(jobset)
+            elif children:
+                self._jobset_status(jobset, children)
+
+    def _start_jobset(self, jobset: dict[str, Any]) -> None:
+        meta, spec = jobset["metadata"], jobset["spec"]
+        self.jobsets_started.add(meta["name"])
+        self._hold("JobSet", jobset, held=True)
+        owner = {"apiVersion": JOBSET_API, "kind": "JobSet", "name": meta["name"]}
+        for replicated in spec["replicatedJobs"]:
+            for index in range(replicated.get("replicas", 1)):
+                job = copy.deepcopy(replicated["template"])
+                # Pods are <jobset>-<replicatedJob>-<jobIndex>-<podIndex>.<subdomain>.
+                job["spec"]["template"]["spec"]["subdomain"] = spec["network"]["subdomain"]
+                job["metadata"] = {
+                    "name": f"{meta['name']}-{replicated['name']}-{index}",
+                    "labels": {**job["metadata"]["labels"], JOBSET_LABEL: meta["name"]},
+                    "ownerReferences": [{**owner, "uid": meta["uid"], "controller": True}],
+                }
+                self.jobs.batch.create_namespaced_job(self.namespace, job)
+
+    def _jobset_status(self, jobset: dict[str, Any], children: list[dict[str, Any]]) -> None:
+        said = [
+            {c["type"] for c in (j.get("status") or {}).get("conditions", [])} for j in children
+        ]
+        verdict = "Failed" if any("Failed" in s for s in said) else None
+        if all("Complete" in s for s in said):
+            verdict = "Completed"
+        before = (jobset.get("status") or {}).get("conditions") or []
+        if verdict and not any(c["type"] == verdict for c in before):
+            condition = {"type": verdict, "status": "True", "reason": f"Jobs{verdict}"}
+            self.jobsets.patch_namespaced_custom_object_status(
+                *self.jobset_path,
+                jobset["metadata"]["name"],
+                {"status": {"conditions": [condition]}},
+            )
 
     # --- the kubelet -------------------------------------------------------------------
 
     def _terminate(self, process: PodProcess, pod: dict[str, Any]) -> None:
         """A deleted pod: SIGTERM, SIGKILL after the grace period, release once exited."""
         if process.exit_code is not None:
-            if NODE_FINALIZER in (pod["metadata"].get("finalizers") or []):
-                self._release(self.jobs.core.patch_namespaced_pod, process.pod, pod)
+            self._hold("Pod", pod, held=False)
             return
         grace = min(pod["spec"].get("terminationGracePeriodSeconds", 30), GRACE_CAP_SECONDS)
         if process.sigterm_at is None:
@@ -315,8 +379,7 @@ class Node:
             **IMAGE_ENV,
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             "HF_HUB_OFFLINE": "1",
-            # A share of the CPUs, as if on a node of its own: the OpenMP threads of two
-            # pods that each take every core spin against each other (10x slower here).
+            # OpenMP threads of pods that each take every core spin against each other.
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(hosts))),
         }
         for var in container.get("env", []):
@@ -328,22 +391,12 @@ class Node:
                 env[name] = str(ports[int(value)])
             else:
                 env[name] = map_path(value, mounts)
-        termination_log = pod_dir / "termination-log"
-        env[TERMINATION_LOG_ENV] = str(termination_log)
+        env[TERMINATION_LOG_ENV] = str(pod_dir / "termination-log")
         command = [map_path(a, mounts) for a in container["command"] + container.get("args", [])]
-        log_path = pod_dir / "log"
-        with log_path.open("wb") as output:
-            popen = subprocess.Popen(
-                command,
-                env=env,
-                cwd=pod_dir,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        index = int(meta["annotations"][COMPLETION_INDEX])
-        self.processes[meta["name"]] = PodProcess(
-            job["metadata"]["name"], index, meta["name"], popen, log_path, termination_log, mounts
-        )
+        with (pod_dir / "log").open("wb") as out:
+            popen = subprocess.Popen(command, env=env, cwd=pod_dir, stdout=out, stderr=out)
+        key = (job["metadata"]["name"], int(meta["annotations"][COMPLETION_INDEX]))
+        self.processes[key] = PodProcess(*key, meta["name"], pod_dir, mounts, popen)
         log.info("pod %s started: %s", meta["name"], " ".join(command))
 
     @staticmethod
@@ -355,11 +408,8 @@ class Node:
         if keyed:
             return pod["metadata"][keyed.group(1)][keyed.group(2)]
         if field in ("metadata.name", "metadata.namespace"):
-            return pod["metadata"][field.split(".")[1]]
-        raise ValueError(
-            f"pod {pod['metadata']['name']}: env {var['name']}: the e2e node supports plain "
-            "values and metadata fieldRefs only"
-        )
+            return pod["metadata"][field.removeprefix("metadata.")]
+        raise ValueError(f"env {var['name']}: the e2e node supports values and fieldRefs only")
 
     def _mount_volumes(self, pod: dict[str, Any], pod_dir: Path) -> Mounts:
         """Make a local folder for each volume mount; ConfigMaps written out last."""
@@ -380,18 +430,10 @@ class Node:
         mounts.sort(key=lambda m: len(m[0]), reverse=True)
         ports = self.ports[pod["metadata"]["labels"][JOB_NAME_LABEL]]
         for name, local in config_maps:
-            config_map = json.loads(
-                self.jobs.core.read_namespaced_config_map(
-                    name, self.namespace, _preload_content=False
-                ).data
-            )
-            for key, text in (config_map.get("data") or {}).items():
-                try:
-                    document = yaml.safe_load(text)
-                except yaml.YAMLError:
-                    document = None
-                if isinstance(document, dict):
-                    localized = localize_yaml(document, mounts, ports)
-                    text = yaml.safe_dump(localized, sort_keys=False)
+            config_map = self.jobs.core.read_namespaced_config_map(name, self.namespace)
+            for key, text in (config_map.data or {}).items():
+                if key.endswith((".yaml", ".yml")):  # the TrainerConfig
+                    document = localize_yaml(yaml.safe_load(text), mounts, ports)
+                    text = yaml.safe_dump(document, sort_keys=False)
                 (local / key).write_text(text)
         return mounts

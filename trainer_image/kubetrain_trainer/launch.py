@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as failure:
         return exit_code(failure)
     except SignalException as signalled:
-        # The workers got the same signal and were given time to checkpoint.
+        # SIGTERM reached torchrun itself (pod deletion): it forwarded the signal, and the
+        # workers checkpointed and exited 75 before it returned. Its own exit reports the
+        # signal, 128 + 15, as any terminated process does; the operator treats that, like
+        # 75, as a preemption to resume from.
         return 128 + int(signalled.sigval)
     return 0
 
