@@ -375,22 +375,26 @@ class Node:
             f"{job['metadata']['name']}-{i}.{spec.get('subdomain')}"
             for i in range(job["spec"]["completions"])
         }
-        env = {
+        # The image's and the pod's env are localized; this machine's PATH is not (it may
+        # well lie under a folder a pod mounts, such as a checkout under /tmp).
+        pod_env = {
             **IMAGE_ENV,
+            **{v["name"]: self._env_value(v, pod) for v in container.get("env", [])},
+        }
+        for name, value in pod_env.items():
+            if value in hosts or any(value.startswith(f"{host}.") for host in hosts):
+                pod_env[name] = "127.0.0.1"
+            elif value.isdigit() and int(value) in ports:
+                pod_env[name] = str(ports[int(value)])
+            else:
+                pod_env[name] = map_path(value, mounts)
+        env = {
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             "HF_HUB_OFFLINE": "1",
             # OpenMP threads of pods that each take every core spin against each other.
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(hosts))),
+            **pod_env,
         }
-        for var in container.get("env", []):
-            env[var["name"]] = self._env_value(var, pod)
-        for name, value in env.items():
-            if value in hosts or any(value.startswith(f"{host}.") for host in hosts):
-                env[name] = "127.0.0.1"
-            elif value.isdigit() and int(value) in ports:
-                env[name] = str(ports[int(value)])
-            else:
-                env[name] = map_path(value, mounts)
         env[TERMINATION_LOG_ENV] = str(pod_dir / "termination-log")
         command = [map_path(a, mounts) for a in container["command"] + container.get("args", [])]
         with (pod_dir / "log").open("wb") as out:
