@@ -28,7 +28,7 @@ lint: $(STAMP)
 # Everything but the benchmarks: unit, trainer (real tiny training), operator, chart and
 # the end-to-end tests (about 9 minutes on 2 cores). Plain `pytest` skips e2e for speed.
 test: lint
-	$(BIN)/pytest -m "not bench"
+	$(BIN)/pytest -m "not bench" --durations=15
 
 e2e: $(STAMP)
 	$(BIN)/pytest -m e2e
