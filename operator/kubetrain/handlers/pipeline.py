@@ -42,6 +42,7 @@ from kubetrain.api import (
     TrainingRun,
     stage_run_name,
 )
+from kubetrain.handlers.events import announce
 from kubetrain.handlers.trainingrun import rfc3339
 from kubetrain.pipelines import (
     FINISHED_PHASES,
@@ -218,16 +219,7 @@ class PipelinePass:
         self.status = new
 
     def announce(self, reason: str, message: str, *, warning: bool = False) -> None:
-        """An event on the Pipeline (kubectl describe) and the same line in the log."""
-        kopf.event(
-            self.body, type="Warning" if warning else "Normal", reason=reason, message=message
-        )
-        log.log(
-            logging.WARNING if warning else logging.INFO,
-            "Pipeline %s: %s",
-            self.qualified,
-            message,
-        )
+        announce(self.body, reason, message, warning=warning)
 
 
 def forget(namespace: str, name: str) -> None:

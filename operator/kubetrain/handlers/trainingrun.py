@@ -58,6 +58,7 @@ from kubetrain.api import (
     parse_pvc_uri,
     uri_refs,
 )
+from kubetrain.handlers.events import announce
 from kubetrain.render import (
     RenderError,
     config_maps_used,
@@ -161,19 +162,7 @@ class ReconcilePass:
         self.status = new
 
     def announce(self, reason: str, message: str, *, warning: bool = False) -> None:
-        """An event on the TrainingRun (kubectl describe) and the same line in the log."""
-        # kopf.event, unlike kopf.info, is not held back by settings.posting.level, which
-        # keeps kopf's own per-handler log lines out of the run's events.
-        kopf.event(
-            self.body, type="Warning" if warning else "Normal", reason=reason, message=message
-        )
-        log.log(
-            logging.WARNING if warning else logging.INFO,
-            "TrainingRun %s/%s: %s",
-            self.namespace,
-            self.name,
-            message,
-        )
+        announce(self.body, reason, message, warning=warning)
 
     def announce_once(
         self, reason: str, message: str, *, prefix: str = "", warning: bool = False
