@@ -455,8 +455,6 @@ def check_method_blocks(cfg: TrainerConfig) -> None:
         raise ValueError(
             f"training.evalStrategy is {cfg.training.eval_strategy} but data.eval is empty"
         )
-    if cfg.training.fp16 and cfg.training.bf16:
-        raise ValueError("bf16 and fp16 are exclusive")
 
 
 class ConfigError(Exception):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -157,9 +156,3 @@ def describe(model: PreTrainedModel) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{type(model).__name__}: {total:,} parameters ({trainable:,} trainable)"
-
-
-def is_saved_model(path: str | Path) -> bool:
-    """True when a folder holds a saved model or adapter (a finished earlier stage)."""
-    p = Path(path)
-    return (p / "config.json").is_file() or (p / "adapter_config.json").is_file()

@@ -42,8 +42,7 @@ from kubetrain.api import (
     TrainingRun,
     stage_run_name,
 )
-from kubetrain.handlers.events import announce
-from kubetrain.handlers.trainingrun import rfc3339
+from kubetrain.handlers.passes import ObjectPass, rfc3339
 from kubetrain.pipelines import (
     FINISHED_PHASES,
     invalid_pipeline_status,
@@ -73,22 +72,12 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo) -> None:
         PipelinePass(body).run()
 
 
-class PipelinePass:
+class PipelinePass(ObjectPass):
     """One pass over one Pipeline, as read at the start of the pass."""
 
     def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-        meta = body["metadata"]
-        self.namespace: str = meta["namespace"]
-        self.name: str = meta["name"]
-        self.uid: str = meta.get("uid", "")
-        self.generation: int | None = meta.get("generation")
-        self.status: dict[str, Any] = body.get("status") or {}
+        super().__init__(body)
         self.now = rfc3339(time.time())
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
     def run(self) -> None:
         ready = condition_of(self.status, CONDITION_READY) or {}
@@ -217,9 +206,6 @@ class PipelinePass:
             )
         opmetrics.observe_pipeline_phase(self.namespace, self.name, phase)
         self.status = new
-
-    def announce(self, reason: str, message: str, *, warning: bool = False) -> None:
-        announce(self.body, reason, message, warning=warning)
 
 
 def forget(namespace: str, name: str) -> None:

@@ -24,7 +24,6 @@ so restarts render the same gang even after an edit.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import threading
@@ -58,7 +57,7 @@ from kubetrain.api import (
     parse_pvc_uri,
     uri_refs,
 )
-from kubetrain.handlers.events import announce
+from kubetrain.handlers.passes import ObjectPass, parse_rfc3339, rfc3339
 from kubetrain.render import (
     RenderError,
     config_maps_used,
@@ -92,20 +91,6 @@ PROPAGATION = "Foreground"
 MetricsAddress = Callable[[Mapping[str, Any]], tuple[str, int]]
 
 
-def rfc3339(moment: float) -> str:
-    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ"
-    )
-
-
-def parse_rfc3339(text: str) -> float:
-    return (
-        datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
-        .replace(tzinfo=datetime.timezone.utc)
-        .timestamp()
-    )
-
-
 def reconcile(namespace: str, name: str, memo: kopf.Memo) -> None:
     """Bring one TrainingRun one step closer to its spec; safe to call any time, any often."""
     lock = memo.setdefault("reconcile_lock", threading.Lock())
@@ -120,18 +105,13 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo) -> None:
                 return
 
 
-class ReconcilePass:
+class ReconcilePass(ObjectPass):
     """One pass over one TrainingRun, as read at the start of the pass."""
 
     def __init__(self, body: dict[str, Any], memo: kopf.Memo) -> None:
-        self.body = body
+        super().__init__(body)
         self.memo = memo
         meta = body["metadata"]
-        self.namespace: str = meta["namespace"]
-        self.name: str = meta["name"]
-        self.uid: str = meta.get("uid", "")
-        self.generation: int | None = meta.get("generation")
-        self.status: dict[str, Any] = body.get("status") or {}
         self.phase: str | None = self.status.get("phase")
         self.attempt: int = self.status.get("attempt") or 0
         self.restarts: int = self.status.get("restarts") or 0
@@ -160,9 +140,6 @@ class ReconcilePass:
             k8s.patch_trainingrun_status(self.namespace, self.name, patch)
         opmetrics.observe_phase(self.namespace, self.name, phase)
         self.status = new
-
-    def announce(self, reason: str, message: str, *, warning: bool = False) -> None:
-        announce(self.body, reason, message, warning=warning)
 
     def announce_once(
         self, reason: str, message: str, *, prefix: str = "", warning: bool = False
@@ -473,10 +450,6 @@ class ReconcilePass:
     def fail(self, reason: str, message: str) -> None:
         self.announce_once(reason, message, prefix="Failed: ", warning=True)
         self.write(PHASE_FAILED, reason, message, completionTime=rfc3339(self.now))
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 def _referenced_by(run: TrainingRun, kind: str, name: str) -> str:

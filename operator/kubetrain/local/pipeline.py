@@ -13,7 +13,6 @@ At the end a table sums up every stage: status, runtime, final loss, eval metric
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from collections.abc import Callable
@@ -31,13 +30,15 @@ from kubetrain.api import (
     stage_output_uri,
     to_trainer_config,
 )
-from kubetrain.local.runner import LocalRun, resolve_local_uri, run_locally
+from kubetrain.local.runner import (
+    METRICS_FILE,
+    LocalRun,
+    finished_metrics,
+    resolve_local_uri,
+    run_locally,
+)
 from kubetrain.pipelines import stage_run
 from kubetrain_trainer.config import ConfigError
-
-# What the trainer writes last into a finished output (kubetrain_trainer.metrics, which
-# this side does not import: it pulls in transformers).
-METRICS_FILE = "metrics.json"
 
 # How each stage of a local pipeline run ended.
 TRAINED = "trained"
@@ -84,17 +85,6 @@ def local_output_dir(uri: str) -> Path:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
-
-
-def finished_metrics(output_dir: Path) -> dict | None:
-    """The metrics.json of a finished run in `output_dir`, or None when there is none."""
-    path = output_dir / METRICS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # a torn or foreign file: the stage is not known to be finished
 
 
 def clear_previous_run(output_dir: Path) -> bool:

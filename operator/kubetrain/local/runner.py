@@ -19,6 +19,20 @@ from kubetrain.api import TrainingRun, UriRef, to_trainer_config
 from kubetrain_trainer.config import ConfigError, dump_trainer_config
 
 CONFIG_FILE = "kubetrain-trainer-config.yaml"
+# What the trainer writes last into a finished output (kubetrain_trainer.metrics, which
+# this side does not import: it pulls in transformers).
+METRICS_FILE = "metrics.json"
+
+
+def finished_metrics(output_dir: Path) -> dict | None:
+    """The metrics.json of a finished run in `output_dir`, or None when there is none."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn or foreign file: the run is not known to be finished
 
 
 def resolve_local_uri(ref: UriRef) -> str:
@@ -78,8 +92,5 @@ def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRu
 
     processes = spec.resources.nodes * spec.resources.proc_per_node
     exit_code = subprocess.call(trainer_command(config_path, processes))
-    metrics_file = output_dir / "metrics.json"
-    metrics = (
-        json.loads(metrics_file.read_text()) if exit_code == 0 and metrics_file.is_file() else {}
-    )
+    metrics = (finished_metrics(output_dir) if exit_code == 0 else None) or {}
     return LocalRun(name=name, exit_code=exit_code, output_dir=output_dir, metrics=metrics)
