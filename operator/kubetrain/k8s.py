@@ -262,27 +262,6 @@ def apply_children(objects: Iterable[dict[str, Any]]) -> list[str]:
     return created
 
 
-def get_job(namespace: str, name: str) -> dict[str, Any] | None:
-    return _absent_on_404(
-        lambda: _batch().read_namespaced_job(name, namespace, _preload_content=False)
-    )
-
-
-def get_jobset(namespace: str, name: str) -> dict[str, Any] | None:
-    return _absent_on_404(
-        lambda: _custom().get_namespaced_custom_object(
-            JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, name, _preload_content=False
-        )
-    )
-
-
-def get_workload(backend: str, namespace: str, name: str) -> dict[str, Any] | None:
-    """An attempt's Job (backend job) or JobSet (backend jobset), or None."""
-    if backend == "jobset":
-        return get_jobset(namespace, name)
-    return get_job(namespace, name)
-
-
 def list_workloads(namespace: str, run_name: str) -> list[dict[str, Any]]:
     """Every Job and JobSet of a run (all attempts). A cluster without JobSets has none."""
     selector = f"{LABEL_RUN}={run_name}"
@@ -349,7 +328,7 @@ def delete_jobset(namespace: str, name: str, propagation: str = "Foreground") ->
 
 
 def delete_workload(workload: dict[str, Any], propagation: str = "Foreground") -> bool:
-    """Delete a Job or JobSet as returned by `list_workloads` / `get_workload`."""
+    """Delete a Job or JobSet as returned by `list_workloads`."""
     meta = workload["metadata"]
     if workload.get("kind") == "JobSet":
         return delete_jobset(meta["namespace"], meta["name"], propagation)

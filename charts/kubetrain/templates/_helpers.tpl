@@ -116,10 +116,10 @@ the code and fails when the two differ, in either direction.
   verbs: [create]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, create, delete]
+  verbs: [list, create, delete]
 - apiGroups: [jobset.x-k8s.io]
   resources: [jobsets]
-  verbs: [get, list, create, delete]
+  verbs: [list, create, delete]
 # Follow the pods of an attempt (rank 0's /metrics is read over HTTP, no extra rights).
 - apiGroups: [""]
   resources: [pods]
