@@ -63,17 +63,18 @@ def run(cfg: TrainerConfig) -> dict:
     method = importlib.import_module(f"kubetrain_trainer.methods.{cfg.method}")
     session = Session(cfg)
     result = method.train(cfg, session)
+    state = result.trainer.state
     summary = summarize_run(
         cfg.method,
-        result["trainer"].state.log_history,
-        result["train_output"],
+        state.log_history,
+        result.train_output,
         session.runtime(),
-        result["trainer"].state.num_input_tokens_seen,
+        state.num_input_tokens_seen,
         tokens_at_start=session.tokens_at_start(),
     )
-    summary["replica_checksums"] = result["final_metrics"]["replica_checksums"]
-    if "merged_dir" in result:
-        summary["merged_dir"] = result["merged_dir"]
+    summary["replica_checksums"] = result.replica_checksums
+    if result.merged_dir:
+        summary["merged_dir"] = result.merged_dir
     if session.is_main_process:
         # Written last: a metrics.json means the final model is complete.
         write_metrics_json(cfg.output_dir, summary)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 from kubetrain_trainer.checkpoints import (
     CompleteMarkerCallback,
@@ -97,6 +98,16 @@ def training_arguments(
 
 
 @dataclass
+class FitResult:
+    """What a method's training produced (the model itself is saved in the output dir)."""
+
+    trainer: Trainer
+    train_output: TrainOutput
+    replica_checksums: list[float]
+    merged_dir: str | None = None  # lora with merge: true
+
+
+@dataclass
 class Session:
     """Callbacks and bookkeeping for one run of one method."""
 
@@ -104,12 +115,11 @@ class Session:
     prometheus: PrometheusCallback | None = None
     preemption: PreemptionCallback = field(default_factory=PreemptionCallback)
     started: float = field(default_factory=time.monotonic)
-    resumed_from: str | None = None
 
     def __post_init__(self) -> None:
         install_sigterm_handler()
         # Decided before any model or data loads, so the libraries' own bars obey it too.
-        self.progress, self.disable_tqdm = progress_callbacks(sys.stderr.isatty())
+        self.progress, _ = progress_callbacks(sys.stderr.isatty())
         if self.is_main_process:
             self.prometheus = PrometheusCallback(method=self.cfg.method, run_name=self.cfg.run_name)
             self.server = serve_metrics(self.prometheus.registry, self.cfg.metrics_port)
@@ -130,21 +140,23 @@ class Session:
             callbacks.append(EarlyStoppingCallback(self.cfg.training.early_stopping_patience))
         return callbacks
 
-    def fit(self, trainer: Trainer) -> dict:
-        """Train (resuming if a complete checkpoint exists), save the model, evaluate."""
+    def fit(self, trainer: Trainer) -> FitResult:
+        """Train (resuming if a complete checkpoint exists), save the model, evaluate.
+
+        The final evaluation lands in trainer.state.log_history, where metrics.json reads it.
+        """
         drop_printer_callback(trainer)
-        self.resumed_from = resume_checkpoint(self.cfg.output_dir)
-        if self.resumed_from:
-            log.info("resuming from %s", self.resumed_from)
-        output = trainer.train(resume_from_checkpoint=self.resumed_from)
+        checkpoint = resume_checkpoint(self.cfg.output_dir)
+        if checkpoint:
+            log.info("resuming from %s", checkpoint)
+        output = trainer.train(resume_from_checkpoint=checkpoint)
         if self.preemption.preempted:
             raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}")
         trainer.save_model(self.cfg.output_dir)
-        final = dict(output.metrics)
-        final["replica_checksums"] = replica_checksums(trainer.model)
+        checksums = replica_checksums(trainer.model)
         if trainer.eval_dataset is not None:
-            final.update(trainer.evaluate())
-        return {"train_output": output, "final_metrics": final, "trainer": trainer}
+            trainer.evaluate()
+        return FitResult(trainer, output, checksums)
 
     def runtime(self) -> float:
         return time.monotonic() - self.started
@@ -170,3 +182,4 @@ def replica_checksums(model: torch.nn.Module) -> list[float]:
     if len(set(values)) > 1:
         log.error("replicas diverged: weight checksums per rank %s", values)
     return values
+

@@ -38,6 +38,7 @@ from kubetrain.local.runner import (
     run_locally,
 )
 from kubetrain.pipelines import stage_run
+from kubetrain.status import format_duration
 from kubetrain_trainer.config import ConfigError
 
 # How each stage of a local pipeline run ended.
@@ -189,11 +190,8 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-def _format_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+def _runtime(seconds: float | None) -> str:
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def _format_number(value: float | None) -> str:
@@ -221,7 +219,7 @@ def summary_table(stages: list[StageOutcome]) -> str:
             (
                 s.stage,
                 status,
-                _format_seconds(s.metrics.get("runtime_seconds")),
+                _runtime(s.metrics.get("runtime_seconds")),
                 _format_number(s.metrics.get("train_loss")),
                 eval_metric(s.method, s.metrics),
                 display_path(s.output_dir),

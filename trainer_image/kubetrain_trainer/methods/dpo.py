@@ -26,7 +26,7 @@ from kubetrain_trainer.config import Dpo, Lora, ModelSpec, TrainerConfig
 from kubetrain_trainer.data import load_data
 from kubetrain_trainer.methods.lora import peft_config
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
-from kubetrain_trainer.session import Session, training_arguments
+from kubetrain_trainer.session import FitResult, Session, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def clip_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, limit: in
     return dataset.map(clip, desc="clipping prompts to data.maxPromptLength")
 
 
-def train(cfg: TrainerConfig, session: Session) -> dict:
+def train(cfg: TrainerConfig, session: Session) -> FitResult:
     dpo = cfg.dpo or Dpo()
     data = load_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)

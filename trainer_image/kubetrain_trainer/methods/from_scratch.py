@@ -30,7 +30,7 @@ from transformers import (
 from kubetrain_trainer.config import ConfigError, FromScratch, TrainerConfig
 from kubetrain_trainer.data import load_data
 from kubetrain_trainer.models import build_model, describe, load_tokenizer, train_bpe_tokenizer
-from kubetrain_trainer.session import Session, training_arguments
+from kubetrain_trainer.session import FitResult, Session, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def pack(texts: Dataset, tokenizer: PreTrainedTokenizerBase, block: int) -> Data
     return blocks
 
 
-def train(cfg: TrainerConfig, session: Session) -> dict:
+def train(cfg: TrainerConfig, session: Session) -> FitResult:
     data = load_data(cfg.data)
     if data.format != "text":
         raise ConfigError(

@@ -22,7 +22,7 @@ from trl import SFTTrainer
 from kubetrain_trainer.config import ConfigError, Lora, TrainerConfig
 from kubetrain_trainer.methods import sft
 from kubetrain_trainer.models import load_model, load_tokenizer
-from kubetrain_trainer.session import Session
+from kubetrain_trainer.session import FitResult, Session
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,11 @@ def save_merged(cfg: TrainerConfig, trainer: SFTTrainer) -> Path:
     return merged_dir
 
 
-def train(cfg: TrainerConfig, session: Session) -> dict:
+def train(cfg: TrainerConfig, session: Session) -> FitResult:
     lora = cfg.lora or Lora()
     base = quantized_base(cfg) if lora.load_in_4bit else None
     trainer = sft.build_trainer(cfg, session, peft_config=peft_config(lora), model=base)
     result = session.fit(trainer)
     if lora.merge:
-        result["merged_dir"] = str(save_merged(cfg, result["trainer"]))
+        result.merged_dir = str(save_merged(cfg, result.trainer))
     return result

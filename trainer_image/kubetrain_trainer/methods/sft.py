@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 from kubetrain_trainer.config import ConfigError, TrainerConfig
 from kubetrain_trainer.data import load_data
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
-from kubetrain_trainer.session import Session, training_arguments
+from kubetrain_trainer.session import FitResult, Session, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,6 @@ def check_loss_mask(trainer: SFTTrainer, fmt: str, source: str) -> None:
         )
 
 
-def train(cfg: TrainerConfig, session: Session) -> dict:
+def train(cfg: TrainerConfig, session: Session) -> FitResult:
     trainer = build_trainer(cfg, session)
     return session.fit(trainer)
