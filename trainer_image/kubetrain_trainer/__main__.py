@@ -58,7 +58,7 @@ def write_termination_message(message: str) -> None:
 
 def run(cfg: TrainerConfig) -> dict:
     from kubetrain_trainer.metrics import summarize_run, write_metrics_json
-    from kubetrain_trainer.session import Session
+    from kubetrain_trainer.session import Session, leave_process_group
 
     method = importlib.import_module(f"kubetrain_trainer.methods.{cfg.method}")
     session = Session(cfg)
@@ -78,6 +78,7 @@ def run(cfg: TrainerConfig) -> dict:
     if session.is_main_process:
         # Written last: a metrics.json means the final model is complete.
         write_metrics_json(cfg.output_dir, summary)
+    leave_process_group()
     return summary
 
 

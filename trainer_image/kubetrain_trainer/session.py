@@ -183,3 +183,14 @@ def replica_checksums(model: torch.nn.Module) -> list[float]:
         log.error("replicas diverged: weight checksums per rank %s", values)
     return values
 
+
+def leave_process_group() -> None:
+    """Wait for every rank, then tear the process group down before the process exits.
+
+    Left to interpreter exit, a rank can outlive its peers and the rendezvous store that
+    node 0's torchrun hosts, and abort ("terminate called without an active exception"),
+    failing a run whose model was already saved.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
