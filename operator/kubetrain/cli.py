@@ -136,6 +136,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         namespaces=args.namespace or None,
         metrics_port=args.metrics_port,
         liveness_port=args.liveness_port,
+        **({"reconcile_interval": args.reconcile_interval} if args.reconcile_interval else {}),
         peering=args.peering,
         # Alone, never join a peering object named "default" that other kopf operators use.
         standalone=None if args.peering else True,
@@ -183,6 +184,10 @@ def parser() -> argparse.ArgumentParser:
     operator.add_argument("--namespace", action="append", help="watch only this namespace")
     operator.add_argument("--metrics-port", type=int, default=8080)
     operator.add_argument("--liveness-port", type=int, default=8081)
+    operator.add_argument(
+        "--reconcile-interval", type=float, default=None, metavar="SECONDS",
+        help="seconds between checks of each running TrainingRun (default 10)",
+    )  # fmt: skip
     operator.add_argument(
         "--peering", metavar="NAME",
         help="one of several replicas: coordinate through kopf's peering object NAME, where "

@@ -368,10 +368,6 @@ class Kubelet:
         with self.lock:
             self.pods[namespace, pod].kill()
 
-    def pod_log(self, namespace: str, pod: str) -> str:
-        with self.lock:
-            return self.pods[namespace, pod].log_file.read_text(errors="replace")
-
     # --- the node ----------------------------------------------------------------------
 
     def _register(self) -> None:
@@ -1120,15 +1116,32 @@ class Nodes:
         for kubelet in self.kubelets:
             kubelet.check_alive()
 
+    def pod_log(self, namespace: str, pod: str) -> str:
+        """What a pod's container wrote (kept after the pod is gone, like the node's disk)."""
+        logs = sorted(
+            self.root.glob(f"*/pods/{namespace}_{pod}_*/container.log"), key=lambda p: p.stat().st_mtime
+        )
+        if not logs:
+            raise LookupError(f"no kubelet ran pod {namespace}/{pod}")
+        return logs[-1].read_text(errors="replace")
+
+    def job_log(self, namespace: str, job: str, index: int = 0) -> str:
+        """The log of pod `index` of Job `job` (the newest such pod)."""
+        pattern = re.compile(rf"{re.escape(namespace)}_{re.escape(job)}-{index}-[a-z0-9]{{5}}_[a-z0-9-]+")
+        logs = sorted(
+            (p for p in self.root.glob("*/pods/*/container.log") if pattern.fullmatch(p.parent.name)),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not logs:
+            raise LookupError(f"no kubelet ran pod {index} of Job {namespace}/{job}")
+        return logs[-1].read_text(errors="replace")
+
     def find(self, namespace: str, pod: str) -> Kubelet:
         for kubelet in self.kubelets:
             with kubelet.lock:
                 if (namespace, pod) in kubelet.pods:
                     return kubelet
         raise LookupError(f"no kubelet runs pod {namespace}/{pod}")
-
-    def pod_log(self, namespace: str, pod: str) -> str:
-        return self.find(namespace, pod).pod_log(namespace, pod)
 
     def kill(self, namespace: str, pod: str) -> None:
         self.find(namespace, pod).kill(namespace, pod)

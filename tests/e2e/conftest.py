@@ -1,15 +1,19 @@
-"""Fixtures for the e2e tests: API server, operator and node, all real but the cluster.
+"""Fixtures of the cluster tier: one real control plane per test session, a namespace per test.
 
-`cluster` is the emulated API server of the operator tests (tests/operator/kube_emulator.py)
-with kubetrain's CRDs and the namespace `team-a`; `node` runs the pods of the Jobs created
-there as local processes (node.py says how, and which liberties it takes), with the claims
-`datasets` (holding examples/data) and `models`; `operator` runs the real operator against
-`cluster`, reading rank 0's /metrics where `node` put it; `runs` is e2e_runs.Runs over it.
+`cluster` starts tests/cluster's TestCluster once: etcd, kube-apiserver (RBAC, PodSecurity,
+OwnerReferencesPermissionEnforcement), kube-controller-manager, kube-scheduler, JobSet and
+two process kubelets. `operator` installs charts/kubetrain with the real helm binary; the
+operator runs as the chart's Deployment pod, with the chart's ServiceAccount and RBAC.
+`namespace` is a fresh namespace labelled PodSecurity `restricted` with the claims
+`datasets` (holding examples/data) and `models`; `runs` is e2e_runs.Runs in it.
 Every test here is marked e2e and runs alone: `pytest -m e2e tests/e2e/<file>::<test>`.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -17,47 +21,46 @@ from pathlib import Path
 
 import pytest
 
-# The emulated API server and the operator thread are the operator tests' own.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 
-from e2e_runs import Runs, create_claim
-from example_specs import EXAMPLES
-from kube_emulator import Cluster, serve_emulator
-from node import Node
-from operator_harness import NAMESPACE, OperatorThread
+from cluster import TestCluster  # noqa: E402
+from e2e_runs import Operator, Runs, install_operator  # noqa: E402
+from example_specs import EXAMPLES  # noqa: E402
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
+    if os.geteuid() != 0:
+        pytest.fail("the cluster tier needs root: the process kubelet gives pods namespaces")
+    logging.getLogger("kubelet").setLevel(logging.INFO)
+    running = TestCluster(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: TestCluster) -> Operator:
+    return install_operator(cluster)
 
 
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    with serve_emulator(("default", NAMESPACE)) as api:
-        yield api
-
-
-@pytest.fixture
-def node(cluster: Cluster, tmp_path: Path) -> Iterator[Node]:
-    """The node, with the claims datasets (examples/data copied in) and models."""
-    running = Node(cluster, NAMESPACE, tmp_path / "node")
-    for claim in ("datasets", "models"):
-        create_claim(cluster, claim)
+def namespace(cluster: TestCluster, operator: Operator, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace of its own for each test, with the claims datasets and models."""
+    name = f"t{next(_names)}-{request.node.name.split('[')[0].removeprefix('test_')[:40]}".replace("_", "-").rstrip("-")
+    cluster.create_namespace(name)
+    datasets = cluster.create_claim(name, "datasets")
     for data in (EXAMPLES / "data").glob("*.jsonl"):
-        shutil.copy(data, running.claim_dir("datasets"))
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
+        shutil.copy(data, datasets)
+    cluster.create_claim(name, "models")
+    yield name
+    Runs(cluster, name).delete_everything()
+    cluster.check_alive()
 
 
 @pytest.fixture
-def operator(cluster: Cluster, node: Node) -> Iterator[OperatorThread]:
-    running = OperatorThread(cluster, None, metrics_address=node.metrics_address)
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-def runs(cluster: Cluster, operator: OperatorThread) -> Runs:
-    return Runs(cluster)
+def runs(cluster: TestCluster, namespace: str) -> Runs:
+    return Runs(cluster, namespace)

@@ -1,22 +1,67 @@
-"""Helpers the e2e tests share: TrainingRuns through the API, tiny specs on the claims.
+"""Helpers the cluster tests share: runs through the real API, the operator through Helm.
 
-`Runs` creates and reads TrainingRuns in namespace team-a as kubectl would; `tiny_spec`
-is a tiny example's spec with its data on the claim `datasets` and its output on the claim
-`models`; `create_claim` makes a PersistentVolumeClaim as an admin would.
+`Runs` creates and reads TrainingRuns and Pipelines in one namespace as kubectl would (the
+admin's credentials), and finds the pods, logs and claim folders behind them; `tiny_spec` is
+a tiny example's spec with its data on the claim `datasets` and its output on the claim
+`models`; `install_operator` installs charts/kubetrain with the real helm binary, and
+`Operator` stops, starts and reads the operator's own pod. `wait_for` and `hold` poll for
+what is expected to happen (or not to happen), never sleep blindly.
 (In a module of its own: `from conftest import` could pick any folder's conftest.py.)
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from example_specs import example, with_spec
-from kube_emulator import Cluster
-from operator_harness import NAMESPACE, wait_for
+from cluster import TestCluster
+from example_specs import REPO, example, with_spec
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
 
-from kubetrain.api import GROUP, PLURAL, VERSION
+from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
+
+sys.path.insert(0, str(REPO / "scripts"))
+import fetch_k8s_tools  # noqa: E402
+
+T = TypeVar("T")
+OPERATOR_NAMESPACE = "kubetrain-system"
+OPERATOR_RELEASE = "kubetrain"
+# Seconds between the operator's status checks in tests (10 in production).
+RECONCILE_INTERVAL_SECONDS = 1
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (ApiException, KeyError, LookupError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last saw: {last!r}")
+
+
+def hold(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    """Assert `check` stays true for `seconds` (several reconcile intervals)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert check(), what
+        time.sleep(0.2)
 
 
 def tiny_spec(example_name: str, run: str, **changes: Any) -> dict[str, Any]:
@@ -32,28 +77,38 @@ def tiny_spec(example_name: str, run: str, **changes: Any) -> dict[str, Any]:
     return with_spec(doc, output=f"pvc://models/{run}", **changes)["spec"]
 
 
+def api_client(cluster: TestCluster) -> k8s_client.ApiClient:
+    return k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))
+
+
 class Runs:
-    """TrainingRuns in namespace team-a, through the API."""
+    """TrainingRuns and Pipelines in `namespace`, with what the cluster made of them."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: TestCluster, namespace: str) -> None:
         self.cluster = cluster
+        self.namespace = namespace
+        api = api_client(cluster)
+        self.custom = k8s_client.CustomObjectsApi(api)
+        self.core = k8s_client.CoreV1Api(api)
+        self.batch = k8s_client.BatchV1Api(api)
 
-    def create(self, name: str, spec: dict[str, Any]) -> None:
+    # --- TrainingRuns ------------------------------------------------------------------
+
+    def create(self, name: str, spec: dict[str, Any], kind: str = "TrainingRun") -> None:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "TrainingRun",
-            "metadata": {"name": name, "namespace": NAMESPACE},
+            "kind": kind,
+            "metadata": {"name": name, "namespace": self.namespace},
             "spec": copy.deepcopy(spec),
         }
-        self.cluster.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+        plural = PLURAL if kind == "TrainingRun" else PIPELINE_PLURAL
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
 
-    def get(self, name: str) -> dict[str, Any]:
-        return self.cluster.custom.get_namespaced_custom_object(
-            GROUP, VERSION, NAMESPACE, PLURAL, name
-        )
+    def get(self, name: str, plural: str = PLURAL) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
 
-    def status(self, name: str) -> dict[str, Any]:
-        return self.get(name).get("status") or {}
+    def status(self, name: str, plural: str = PLURAL) -> dict[str, Any]:
+        return self.get(name, plural).get("status") or {}
 
     def condition(self, name: str, type_: str) -> dict[str, Any]:
         for condition in self.status(name).get("conditions", []):
@@ -61,43 +116,157 @@ class Runs:
                 return condition
         return {}
 
-    def wait_phase(self, name: str, phase: str, timeout: float = 180.0) -> dict[str, Any]:
-        """The status once the run reaches `phase`; fails early if it ends in another."""
+    def wait_phase(self, name: str, phase: str, timeout: float = 180.0, plural: str = PLURAL) -> dict[str, Any]:
+        """The status once the object reaches `phase`; fails early if it ends in another."""
 
         def reached() -> dict[str, Any] | None:
-            status = self.status(name)
+            status = self.status(name, plural)
             ended = status.get("phase") in ("Succeeded", "Failed")
             if ended and status["phase"] != phase:
-                raise AssertionError(f"TrainingRun {name} ended {status['phase']}: {status}")
+                raise AssertionError(f"{plural} {name} ended {status['phase']}: {status}")
             return status if status.get("phase") == phase else None
 
-        return wait_for(reached, f"TrainingRun {name} phase {phase}", timeout)
+        return wait_for(reached, f"{plural} {self.namespace}/{name} phase {phase}", timeout)
 
-    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.cluster.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, NAMESPACE, PLURAL, name, {"spec": spec}
+    def patch_spec(self, name: str, spec: dict[str, Any], plural: str = PLURAL) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, plural, name, {"spec": spec}
         )
 
+    def delete(self, name: str, plural: str = PLURAL) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+
+    # --- what the cluster made of them -------------------------------------------------
+
     def events(self, name: str) -> list[str]:
-        """Messages of the events about a run (kubectl describe), oldest first."""
-        events = self.cluster.core.list_namespaced_event(NAMESPACE).items
+        """Messages of the events about an object (kubectl describe), oldest first."""
+        events = self.core.list_namespaced_event(self.namespace).items
+        events.sort(key=lambda e: e.metadata.creation_timestamp)
         return [e.message for e in events if e.involved_object.name == name]
 
     def jobs(self) -> list[str]:
+        """Names of the Jobs in the namespace that are not being deleted."""
         return sorted(
-            j.metadata.name for j in self.cluster.batch.list_namespaced_job(NAMESPACE).items
+            j.metadata.name
+            for j in self.batch.list_namespaced_job(self.namespace).items
+            if j.metadata.deletion_timestamp is None
         )
 
+    def pods(self, job: str) -> list[dict[str, Any]]:
+        answer = self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"{JOB_NAME_LABEL}={job}", _preload_content=False
+        )
+        return json.loads(answer.data)["items"]
 
-def create_claim(cluster: Cluster, name: str) -> None:
-    """A PersistentVolumeClaim, as an admin would make it (the node backs it by a folder)."""
-    cluster.core.create_namespaced_persistent_volume_claim(
-        NAMESPACE,
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
+    def log(self, job: str, index: int = 0) -> str:
+        """What the container of pod `index` of `job` wrote, even after the pod is gone
+        (the kubelet keeps each pod's folder for the session)."""
+        return self.cluster.nodes.job_log(self.namespace, job, index)
+
+    def kill(self, job: str, index: int) -> None:
+        """Pod `index` of `job`'s container dies at once, every process in it (a crash)."""
+        pod = wait_for(
+            lambda: next(
+                p for p in self.pods(job)
+                if p["metadata"]["annotations"].get(COMPLETION_INDEX) == str(index)
+                and (p.get("status") or {}).get("phase") == "Running"
+            ),
+            f"a running pod {index} of Job {job}",
+        )  # fmt: skip
+        self.cluster.nodes.kill(self.namespace, pod["metadata"]["name"])
+
+    def claim(self, name: str) -> Path:
+        """The folder behind claim `name` of this namespace."""
+        return self.cluster.claim_folder(self.namespace, name)
+
+    def create_claim(self, name: str) -> Path:
+        return self.cluster.create_claim(self.namespace, name)
+
+    def delete_everything(self) -> None:
+        """Delete the namespace's runs and pipelines, wait for their pods to stop, then let
+        the namespace go (its deletion finishes in the background)."""
+        for plural in (PIPELINE_PLURAL, PLURAL):
+            for item in self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural)["items"]:
+                try:
+                    self.delete(item["metadata"]["name"], plural)
+                except ApiException as e:
+                    if e.status != 404:
+                        raise
+        wait_for(
+            lambda: not self.core.list_namespaced_pod(self.namespace).items,
+            f"the pods of namespace {self.namespace} to be gone",
+            120,
+        )
+        self.core.delete_namespace(self.namespace)
+
+
+# --- the operator --------------------------------------------------------------------
+
+
+def helm(cluster: TestCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(fetch_k8s_tools.tool_path("helm")), *args],
+        capture_output=True, text=True, timeout=300, check=False, env=cluster.plane.env(),
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def install_operator(cluster: TestCluster) -> Operator:
+    """helm install charts/kubetrain into a restricted namespace, waiting for the pod."""
+    cluster.create_namespace(OPERATOR_NAMESPACE)
+    helm(
+        cluster, "install", OPERATOR_RELEASE, str(REPO / "charts" / "kubetrain"),
+        "--namespace", OPERATOR_NAMESPACE,
+        "--set", f"reconcileIntervalSeconds={RECONCILE_INTERVAL_SECONDS}",
+        "--wait", "--timeout", "3m",
+    )  # fmt: skip
+    operator = Operator(cluster)
+    operator.wait_running()
+    return operator
+
+
+class Operator:
+    """The chart's operator Deployment, as a cluster admin handles it."""
+
+    def __init__(self, cluster: TestCluster) -> None:
+        self.cluster = cluster
+        api = api_client(cluster)
+        self.core = k8s_client.CoreV1Api(api)
+        self.apps = k8s_client.AppsV1Api(api)
+
+    def pods(self) -> list[k8s_client.V1Pod]:
+        return [
+            p
+            for p in self.core.list_namespaced_pod(
+                OPERATOR_NAMESPACE, label_selector="app.kubernetes.io/component=operator"
+            ).items
+            if p.metadata.deletion_timestamp is None
+        ]
+
+    def wait_running(self) -> k8s_client.V1Pod:
+        def running() -> k8s_client.V1Pod | None:
+            pods = [p for p in self.pods() if p.status.phase == "Running"]
+            return pods[0] if len(pods) == 1 else None
+
+        pod = wait_for(running, "the operator's pod to run", 120)
+        # kopf logs this once it watches the resources.
+        wait_for(lambda: "kopf" in self.log(pod.metadata.name) or self.log(pod.metadata.name),
+                 "the operator to log that it started", 60)  # fmt: skip
+        return pod
+
+    def log(self, pod: str | None = None) -> str:
+        pod = pod or self.pods()[0].metadata.name
+        return self.cluster.nodes.pod_log(OPERATOR_NAMESPACE, pod)
+
+    def scale(self, replicas: int) -> None:
+        self.apps.patch_namespaced_deployment_scale(
+            OPERATOR_RELEASE, OPERATOR_NAMESPACE, {"spec": {"replicas": replicas}}
+        )
+        if replicas == 0:
+            wait_for(lambda: not self.core.list_namespaced_pod(
+                OPERATOR_NAMESPACE, label_selector="app.kubernetes.io/component=operator").items,
+                "the operator's pod to be gone", 60)  # fmt: skip
+        else:
+            self.wait_running()

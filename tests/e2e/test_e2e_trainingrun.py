@@ -1,24 +1,21 @@
 """TrainingRuns end to end: the operator's own pods train for real, and survive faults.
 
-Each test creates a TrainingRun through the emulated API and lets the real operator render
-it into Jobs, which the node (node.py) runs as local processes: torchrun with gloo on CPU,
-two "nodes" on 127.0.0.1 where the spec says `nodes: 2`. Nothing here calls the operator
-or the trainer directly; the tests act as a user and as a cluster's faults would (a killed
-container, an operator restart, suspend), and judge by the run's status, the workloads in
-the API, the pods' logs and the files on the claims.
+Each test creates a TrainingRun through the real apiserver; the operator (the chart's pod)
+renders it into Jobs, kube-controller-manager's Job controller creates their pods, the
+scheduler binds them and the process kubelets run them: torchrun with gloo on CPU, two
+pods in their own network namespaces where the spec says `nodes: 2`. Nothing here calls the
+operator or the trainer directly; the tests act as a user and as a cluster's faults would
+(a killed container, an operator restart, suspend), and judge by the run's status, the
+workloads in the API, the pods' logs and the files on the claims.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
-from e2e_runs import Runs, create_claim, tiny_spec
-from kube_emulator import Cluster
-from node import Node
-from operator_harness import NAMESPACE, OperatorThread, hold, wait_for
+from e2e_runs import Operator, Runs, hold, tiny_spec, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +50,7 @@ def resumed_from(log: str) -> int | None:
 
 
 @pytest.mark.parametrize("backend", ["job", "jobset"])
-def test_two_nodes_train_from_the_operators_pods(runs: Runs, node: Node, backend: str) -> None:
+def test_two_nodes_train_from_the_operators_pods(runs: Runs, backend: str) -> None:
     spec = pretraining("pretrain", max_steps=150, save_steps=50, backend=backend)
     runs.create("pretrain", spec)
     runs.wait_phase("pretrain", "Running", timeout=60)
@@ -72,8 +69,8 @@ def test_two_nodes_train_from_the_operators_pods(runs: Runs, node: Node, backend
     assert (status["attempt"], status["restarts"]) == (1, 0)
     # Two torchrun nodes, one process each, trained one model in step.
     job = "pretrain-1" if backend == "job" else "pretrain-1-node-0"
-    assert "[rank 1]" in node.log(job, 1)
-    output = node.claim_dir("models") / "pretrain"
+    assert "[rank 1]" in runs.log(job, 1)
+    output = runs.claim("models") / "pretrain"
     summary = json.loads((output / "metrics.json").read_text())
     assert summary["global_step"] == 150
     checksums = summary["replica_checksums"]
@@ -87,40 +84,42 @@ def test_two_nodes_train_from_the_operators_pods(runs: Runs, node: Node, backend
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
 
-def test_killed_pod_restarts_the_gang_from_the_last_checkpoint(runs: Runs, node: Node) -> None:
+def test_killed_pod_restarts_the_gang_from_the_last_checkpoint(runs: Runs) -> None:
     save_steps = 20
     spec = pretraining("crash", max_steps=150, save_steps=save_steps)
     runs.create("crash", {**spec, "restartPolicy": {"maxRestarts": 2}})
     wait_for(
         lambda: runs.status("crash").get("latestCheckpoint"), "a checkpoint in the status", 120
     )
-    node.kill("crash-1", 1)  # node rank 1's container dies, every process in it
+    runs.kill("crash-1", 1)  # node rank 1's container dies, every process in it
 
     status = runs.wait_phase("crash", "Succeeded", timeout=240)
     assert (status["attempt"], status["restarts"]) == (2, 1)
-    assert runs.jobs() == ["crash-2"]
+    wait_for(lambda: runs.jobs() == ["crash-2"], "attempt 1's Job to be gone")
     restarted = [e for e in runs.events("crash") if "starting attempt 2" in e]
     assert restarted and "attempt 1 failed" in restarted[0], runs.events("crash")
     # Attempt 2 resumed from attempt 1's newest checkpoint and went on counting from it.
-    done_before_kill = max(logged_steps(node.log("crash-1", 0)))
-    resumed = resumed_from(node.log("crash-2", 0))
+    done_before_kill = max(logged_steps(runs.log("crash-1", 0)))
+    resumed = resumed_from(runs.log("crash-2", 0))
     assert resumed is not None and resumed >= done_before_kill - save_steps
-    steps_after = logged_steps(node.log("crash-2", 0))
+    steps_after = logged_steps(runs.log("crash-2", 0))
     assert steps_after[0] > resumed and steps_after[-1] == 150
-    summary = json.loads((node.claim_dir("models") / "crash" / "metrics.json").read_text())
+    summary = json.loads((runs.claim("models") / "crash" / "metrics.json").read_text())
     assert summary["global_step"] == 150
 
 
 def test_operator_restart_mid_run_creates_nothing_twice_and_catches_up(
-    runs: Runs, operator: OperatorThread
+    runs: Runs, operator: Operator
 ) -> None:
     runs.create("steady", pretraining("steady", max_steps=200, save_steps=100))
     seen = wait_for(
         lambda: (runs.status("steady").get("progress") or {}).get("step"), "progress", 120
     )
-    operator.stop()
-    time.sleep(3)  # training goes on without anyone watching
-    operator.start()
+    operator.scale(0)
+    # Training goes on without anyone watching.
+    wait_for(lambda: max(logged_steps(runs.log("steady-1")), default=0) > seen + 10,
+             "ten more steps while the operator is away", 120)  # fmt: skip
+    operator.scale(1)
     wait_for(
         lambda: (
             (runs.status("steady").get("progress") or {}).get("step", 0) > seen + 10
@@ -134,9 +133,7 @@ def test_operator_restart_mid_run_creates_nothing_twice_and_catches_up(
     assert runs.jobs() == ["steady-1"]
 
 
-def test_suspend_then_resume_continues_from_the_checkpoint_saved_on_sigterm(
-    runs: Runs, node: Node
-) -> None:
+def test_suspend_then_resume_continues_from_the_checkpoint_saved_on_sigterm(runs: Runs) -> None:
     runs.create("pause", pretraining("pause", max_steps=150, save_steps=1000))
     wait_for(
         lambda: (runs.status("pause").get("progress") or {}).get("step", 0) >= 20,
@@ -147,15 +144,15 @@ def test_suspend_then_resume_continues_from_the_checkpoint_saved_on_sigterm(
     runs.wait_phase("pause", "Suspended", timeout=60)
     wait_for(lambda: runs.jobs() == [], "attempt 1's Job to be gone", 30)
     # The pods were deleted; on SIGTERM the trainer saved the step it had reached.
-    saved = sorted((node.claim_dir("models") / "pause").glob("checkpoint-*"))
+    saved = sorted((runs.claim("models") / "pause").glob("checkpoint-*"))
     assert len(saved) == 1
     saved_step = int(saved[0].name.split("-")[1])
-    assert saved_step >= max(logged_steps(node.log("pause-1", 0)))
+    assert saved_step >= max(logged_steps(runs.log("pause-1", 0)))
 
     runs.patch_spec("pause", {"suspend": False})
     status = runs.wait_phase("pause", "Succeeded", timeout=180)
     assert status["attempt"] == 2
-    assert resumed_from(node.log("pause-2", 0)) == saved_step
+    assert resumed_from(runs.log("pause-2", 0)) == saved_step
 
 
 def test_config_error_fails_at_once_with_the_trainers_message(runs: Runs) -> None:
@@ -172,10 +169,10 @@ def test_config_error_fails_at_once_with_the_trainers_message(runs: Runs) -> Non
     hold(lambda: runs.jobs() == ["chats-1"], "no attempt 2 after a config error")
 
 
-def test_malformed_dataset_line_fails_the_run_naming_file_and_line(runs: Runs, node: Node) -> None:
-    lines = (node.claim_dir("datasets") / "pretrain.jsonl").read_text().splitlines()
+def test_malformed_dataset_line_fails_the_run_naming_file_and_line(runs: Runs) -> None:
+    lines = (runs.claim("datasets") / "pretrain.jsonl").read_text().splitlines()
     broken = [*lines[:6], '{"text": "an unfinished line', *lines[6:]]
-    (node.claim_dir("datasets") / "broken.jsonl").write_text("\n".join(broken) + "\n")
+    (runs.claim("datasets") / "broken.jsonl").write_text("\n".join(broken) + "\n")
     spec = pretraining("broken", max_steps=10, save_steps=10, nodes=1)
     spec["data"]["train"] = "pvc://datasets/broken.jsonl"
     runs.create("broken", spec)
@@ -187,7 +184,7 @@ def test_malformed_dataset_line_fails_the_run_naming_file_and_line(runs: Runs, n
     assert runs.status("broken")["restarts"] == 0
 
 
-def test_missing_claim_is_named_until_it_exists(runs: Runs, node: Node, cluster: Cluster) -> None:
+def test_missing_claim_is_named_until_it_exists(runs: Runs) -> None:
     spec = pretraining("waits", max_steps=10, save_steps=10, nodes=1)
     spec["data"] = {**spec["data"], "train": "pvc://corpus/pretrain.jsonl"}
     runs.create("waits", spec)
@@ -199,12 +196,12 @@ def test_missing_claim_is_named_until_it_exists(runs: Runs, node: Node, cluster:
         "the WaitingForDependencies condition",
         60,
     )
-    assert f"PersistentVolumeClaim {NAMESPACE}/corpus" in ready["message"]
+    assert f"PersistentVolumeClaim {runs.namespace}/corpus" in ready["message"]
     assert "spec.data.train" in ready["message"]
     assert runs.status("waits")["phase"] == "Pending" and runs.jobs() == []
 
-    (node.claim_dir("corpus") / "pretrain.jsonl").write_text(
-        (node.claim_dir("datasets") / "pretrain.jsonl").read_text()
-    )
-    create_claim(cluster, "corpus")
+    corpus = runs.claim("corpus")  # the admin fills the volume, then makes the claim
+    corpus.mkdir(parents=True)
+    (corpus / "pretrain.jsonl").write_text((runs.claim("datasets") / "pretrain.jsonl").read_text())
+    runs.create_claim("corpus")
     runs.wait_phase("waits", "Succeeded", timeout=120)

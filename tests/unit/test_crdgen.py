@@ -32,6 +32,43 @@ SCHEMA = VERSION["schema"]["openAPIV3Schema"]
 CEL = celpy.Environment()
 
 
+def portable(expression: str) -> str:
+    """`expression` for cel-python, which lacks CEL's three-argument map macro: the same
+    meaning, written `x.filter(v, p).map(v, t)` for `x.map(v, p, t)`. (The apiserver's cost
+    estimate refuses filter() over stage lists in messageExpressions, so the CRDs use map.)"""
+    out, i = "", 0
+    while (start := expression.find(".map(", i)) >= 0:
+        depth, args, current, quoted = 0, [], "", False
+        j = start + len(".map(")
+        while True:
+            char = expression[j]
+            if char == "'" and expression[j - 1] != "\\":
+                quoted = not quoted
+            elif quoted:
+                pass
+            elif char in "([":
+                depth += 1
+            elif char in ")]":
+                if depth == 0:
+                    break
+                depth -= 1
+            if char == "," and depth == 0 and not quoted:
+                args.append(current)
+                current = ""
+            else:
+                current += char
+            j += 1
+        args.append(current)
+        out += expression[i:start]
+        if len(args) == 3:
+            var, predicate, transform = (portable(a.strip()) for a in args)
+            out += f".filter({var}, {predicate}).map({var}, {transform})"
+        else:
+            out += ".map(" + ",".join(portable(a) for a in args) + ")"
+        i = j + 1
+    return out + expression[i:]
+
+
 # ---------------------------------------------------------------- API-server stand-ins
 
 
@@ -96,7 +133,7 @@ def rule_message(rule: dict[str, Any], obj: Any) -> str:
     """A failed rule's message: messageExpression's value when it evaluates, as on the API."""
     if "messageExpression" not in rule:
         return rule["message"]
-    program = CEL.program(CEL.compile(rule["messageExpression"]))
+    program = CEL.program(CEL.compile(portable(rule["messageExpression"])))
     try:
         return str(program.evaluate({"self": celpy.json_to_cel(obj)}))
     except celpy.CELEvalError:

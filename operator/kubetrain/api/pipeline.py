@@ -424,8 +424,8 @@ def _pipeline_spec_rules() -> list[dict[str, str]]:
                 field_path=".stages",
                 reason="FieldValueDuplicate",
             ),
-            "messageExpression": "'stage ' + self.stages.filter(s, !self.stages.exists_one("
-            "t, t.name == s.name))[0].name + ' is defined more than once; stage names must "
+            "messageExpression": "'stage ' + self.stages.map(s, !self.stages.exists_one("
+            "t, t.name == s.name), s.name)[0] + ' is defined more than once; stage names must "
             "be unique'",
         },
         {
@@ -436,8 +436,8 @@ def _pipeline_spec_rules() -> list[dict[str, str]]:
                 field_path=".stages",
                 reason="FieldValueInvalid",
             ),
-            "messageExpression": "'stage ' + self.stages.filter(s, has(s.dependsOn) && "
-            "s.dependsOn.exists(d, !self.stages.exists(t, t.name == d)))[0].name + "
+            "messageExpression": "'stage ' + self.stages.map(s, has(s.dependsOn) && "
+            "s.dependsOn.exists(d, !self.stages.exists(t, t.name == d)), s.name)[0] + "
             "' dependsOn a stage that does not exist; list only names from spec.stages'",
         },
         {
@@ -447,7 +447,7 @@ def _pipeline_spec_rules() -> list[dict[str, str]]:
                 field_path=".outputRoot",
                 reason="FieldValueRequired",
             ),
-            "messageExpression": "'stage ' + self.stages.filter(s, !has(s.spec.output))[0].name"
+            "messageExpression": "'stage ' + self.stages.map(s, !has(s.spec.output), s.name)[0]"
             " + ' has no spec.output; set it or the pipeline\\'s outputRoot (stages then "
             "write to <outputRoot>/<stage>)'",
         },
@@ -463,7 +463,7 @@ def _pipeline_spec_rules() -> list[dict[str, str]]:
                     "with lora.merge: true",
                     field_path=".stages",
                 ),
-                "messageExpression": f"'stage ' + self.stages.filter(s, {failing})[0].name + "
+                "messageExpression": f"'stage ' + self.stages.map(s, {failing}, s.name)[0] + "
                 f"': {block}.fromStageOutput adapter needs a fromStage that trains LoRA "
                 "(method lora, or dpo with useLora); merged needs a method lora stage with "
                 "lora.merge: true'",
@@ -691,8 +691,8 @@ def _root_rules() -> list[dict[str, str]]:
         f"{MAX_RUN_NAME_LENGTH})"
     )
     too_long = (
-        f"self.spec.stages.filter(s, self.metadata.name.size() + 1 + s.name.size() > "
-        f"{MAX_RUN_NAME_LENGTH})[0].name"
+        f"self.spec.stages.map(s, self.metadata.name.size() + 1 + s.name.size() > "
+        f"{MAX_RUN_NAME_LENGTH}, s.name)[0]"
     )
     return [
         rule(
