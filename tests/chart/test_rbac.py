@@ -6,7 +6,11 @@ client's own request builder says which HTTP method and path it sends, which is 
 verb and resource; custom-object calls name their group and plural through module
 constants, read from the module. The resources the handlers serve come from a kopf
 registry they fill, and kopf needs list, watch and patch on each. What kopf needs for
-itself is the table `KOPF_FRAMEWORK` below, from kopf's docs and source. The rendered
+itself is the table `KOPF_FRAMEWORK` below, from kopf's docs and source. What admission
+needs is derived from the objects the operator creates: an ownerReference with
+blockOwnerDeletion passes OwnerReferencesPermissionEnforcement only for someone who may
+`update` the owner's `finalizers` subresource (the real apiserver enforces it in the cluster
+tier, tests/e2e). The rendered
 (Cluster)Roles bound to the operator's ServiceAccount must grant exactly that union, in
 the cluster-wide and the namespaced layout.
 """
@@ -26,7 +30,10 @@ from chart_render import FULLNAME, NAMESPACE, REPO, find, render
 from kubernetes import client
 
 from kubetrain import k8s
+from kubetrain.api import KIND, PIPELINE_KIND, PIPELINE_PLURAL, PLURAL, Pipeline, TrainingRun
 from kubetrain.handlers import register
+from kubetrain.pipelines import pipeline_owner_reference
+from kubetrain.render import owner_reference, render_trainingrun
 
 
 @dataclass(frozen=True, order=True)
@@ -166,9 +173,37 @@ def served_resources() -> set[tuple[str, str]]:
     return served
 
 
+def admission_needs() -> set[Grant]:
+    """`update <owner>/finalizers` for each kind the operator's children block deletion of
+    (OwnerReferencesPermissionEnforcement), read off the objects it creates."""
+    run = TrainingRun.model_validate(
+        {**example_run(), "metadata": {"name": "run", "namespace": "team-a", "uid": "u-1"}}
+    )
+    pipeline = Pipeline.model_validate(
+        {**yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text()),
+         "metadata": {"name": "chat", "namespace": "team-a", "uid": "u-2"}}
+    )  # fmt: skip
+    references = [
+        ref
+        for backend in ("job", "jobset")
+        for child in render_trainingrun(run, 1, backend=backend, owner=owner_reference(run))
+        for ref in child["metadata"]["ownerReferences"]
+    ] + [pipeline_owner_reference(pipeline)]
+    plurals = {KIND: PLURAL, PIPELINE_KIND: PIPELINE_PLURAL}
+    return {
+        Grant(ref["apiVersion"].split("/")[0], f"{plurals[ref['kind']]}/finalizers", "update")
+        for ref in references
+        if ref.get("blockOwnerDeletion")
+    }
+
+
+def example_run() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "examples" / "trainingrun-sft.yaml").read_text())
+
+
 def operator_needs(*, namespaced: bool, peering: bool) -> tuple[set[Grant], set[Grant]]:
     """(cluster-scoped grants, namespaced grants) the operator needs in that layout."""
-    namespaced_grants = k8s_module_grants()
+    namespaced_grants = k8s_module_grants() | admission_needs()
     for group, plural in served_resources():
         namespaced_grants |= grants(group, plural, KOPF_SERVED_VERBS)
     framework = [EVENTS, CRDS]
@@ -226,6 +261,10 @@ def _difference(granted: set[Grant], needed: set[Grant]) -> str:
     extra = ", ".join(map(str, sorted(granted - needed))) or "nothing"
     missing = ", ".join(map(str, sorted(needed - granted))) or "nothing"
     return f"granted but unused: {extra}; used but not granted: {missing}"
+
+
+def test_blocking_owner_deletion_needs_the_finalizers_grant():
+    assert admission_needs() == {Grant("kubetrain.dev", "trainingruns/finalizers", "update")}
 
 
 def test_k8s_module_calls_are_found():

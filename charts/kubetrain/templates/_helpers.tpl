@@ -99,6 +99,12 @@ the code and fails when the two differ, in either direction.
 - apiGroups: [kubetrain.dev]
   resources: [trainingruns/status]
   verbs: [patch]
+# The children's ownerReferences set blockOwnerDeletion (the garbage collector deletes them
+# before a run deleted in the foreground is gone); OwnerReferencesPermissionEnforcement
+# admits that only from someone who may update the owner's finalizers.
+- apiGroups: [kubetrain.dev]
+  resources: [trainingruns/finalizers]
+  verbs: [update]
 # Serve Pipelines the same way (their stage runs are listed by label, above).
 - apiGroups: [kubetrain.dev]
   resources: [pipelines]
