@@ -142,8 +142,8 @@ class PodNetwork:
     """A bridge with a /24 of its own; one network namespace and veth pair per pod."""
 
     def __init__(self) -> None:
-        existing = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-        self.index = next(i for i in range(1, 250) if f" ktbr{i}:" not in existing)
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        self.index = next(i for i in range(1, 250) if f" ktbr{i}:" not in links)
         self.bridge = f"ktbr{self.index}"
         self.subnet = ipaddress.ip_network(f"10.250.{self.index}.0/24")
         self.gateway = str(self.subnet.network_address + 1)
@@ -151,6 +151,15 @@ class PodNetwork:
         self.lock = threading.Lock()
 
     def create(self) -> PodNetwork:
+        # Namespaces and veths of this index without its bridge are left from a cluster
+        # that was killed: they would collide with the new pods' names.
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for name in re.findall(rf"^(kt{self.index}p\d+)", netns, re.M):
+            self.remove_pod(name)
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        for name in re.findall(rf"^\d+: (kt{self.index}v\d+)[@:]", links, re.M):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                run_ip("link", "del", name)
         run_ip("link", "add", self.bridge, "type", "bridge")
         run_ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         run_ip("link", "set", self.bridge, "up")
@@ -486,6 +495,18 @@ class Kubelet:
                 self._release(self.pods.pop(key))  # deleted for good
 
     def _sync_pod(self, pod: dict[str, Any], runtime: PodRuntime) -> None:
+        try:
+            self._sync_pod_once(pod, runtime)
+        except (ApiException, NotReady):
+            raise
+        except Exception as e:  # this pod's trouble, not the node's: say so and retry
+            log.exception("%s/%s: cannot run the container", runtime.namespace, runtime.name)
+            runtime.restart_after = time.monotonic() + BACKOFF_CAP_SECONDS
+            container = pod["spec"]["containers"][0]
+            self._event(pod, "Warning", "Failed", f"Error: {e}")
+            self._patch_status(pod, self._waiting_status(pod, container, "RunContainerError", str(e)))
+
+    def _sync_pod_once(self, pod: dict[str, Any], runtime: PodRuntime) -> None:
         if pod["metadata"].get("deletionTimestamp"):
             self._terminate(pod, runtime)
             return
@@ -529,8 +550,14 @@ class Kubelet:
         hosts.touch()
         self.dns.register(hosts, runtime.namespace, hostname, runtime.ip)
         runtime.termination_file.write_text("")
+        resolv = runtime.folder / "resolv.conf"
+        # No DNS server: names come from /etc/hosts, and a lookup that misses (torch's
+        # reverse lookups of peers) fails at once instead of timing out on the host's server.
+        resolv.write_text(f"nameserver 127.0.0.1\nsearch {runtime.namespace}.svc.cluster.local "
+                          "svc.cluster.local cluster.local\noptions ndots:5 timeout:1 attempts:1\n")  # fmt: skip
         mounts += [
             {"source": str(hosts), "target": "/etc/hosts"},
+            {"source": str(resolv), "target": "/etc/resolv.conf"},
             {
                 "source": str(runtime.termination_file),
                 "target": container.get("terminationMessagePath", "/dev/termination-log"),
@@ -1135,6 +1162,14 @@ class Nodes:
         if not logs:
             raise LookupError(f"no kubelet ran pod {index} of Job {namespace}/{job}")
         return logs[-1].read_text(errors="replace")
+
+    def namespace_logs(self, namespace: str, lines: int = 40) -> str:
+        """The last lines of every pod log of a namespace, for a failed test's report."""
+        out = []
+        for path in sorted(self.root.glob(f"*/pods/{namespace}_*/container.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path.parent.name}\n" + "\n".join(tail))
+        return "\n".join(out)
 
     def find(self, namespace: str, pod: str) -> Kubelet:
         for kubelet in self.kubelets:

@@ -56,6 +56,7 @@ def main() -> None:
     held = {
         m["source"]: os.open(m["source"], os.O_PATH) for m in mounts if not m.get("tmpfs")
     }
+    folders = {source: os.path.isdir(source) for source in held}
     image_fd = os.open(image_root, os.O_PATH | os.O_DIRECTORY)
     hidden_image = False
     for m in mounts:
@@ -67,7 +68,7 @@ def main() -> None:
             mount("tmpfs", str(target), "tmpfs", 0)
             continue
         source_fd = held[m["source"]]
-        make_target(target, is_file=not Path(m["source"]).is_dir())
+        make_target(target, is_file=not folders[m["source"]])
         mount(f"/proc/self/fd/{source_fd}", str(target), None, MS_BIND | MS_REC)
         if m.get("readOnly"):
             mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY)

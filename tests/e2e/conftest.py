@@ -57,8 +57,18 @@ def namespace(cluster: TestCluster, operator: Operator, request: pytest.FixtureR
         shutil.copy(data, datasets)
     cluster.create_claim(name, "models")
     yield name
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(cluster.nodes.namespace_logs(name))  # shown with the failure
     Runs(cluster, name).delete_everything()
     cluster.check_alive()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)  # the namespace fixture reads rep_call
+    return report
 
 
 @pytest.fixture

@@ -1,0 +1,146 @@
+"""The cluster path as a newcomer types it, with real kubectl against the real apiserver.
+
+`kubectl apply -f` the cluster variants of the tiny examples (examples/cluster/, data and
+models on the claim `examples`), `kubectl wait` for Ready, `kubectl get tr` with its
+printer columns, `kubectl describe` with the events, `kubectl logs -f` of rank 0, and
+`kubectl explain`. The CRDs' schemas and CEL rules are judged by the real apiserver: every
+case of the unit tests' tables (tests/unit) is sent as a server-side dry run and must be
+refused with the same message, or accepted. A CRD upgrade from the CRDs released as 0.1.0
+(tests/e2e/crds-0.1.0) keeps existing runs readable and running.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cluster import TestCluster, fill_examples_claim
+from e2e_runs import Runs, api_client, install_operator, wait_for
+from example_specs import EXAMPLES, REPO
+from kubernetes import client as k8s_client
+from kubernetes.client.exceptions import ApiException
+
+from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
+
+sys.path.insert(0, str(REPO / "tests" / "unit"))
+from test_crdgen import CROSS_FIELD_CASES, trainingrun  # noqa: E402
+from test_pipeline_api import CASES as PIPELINE_CASES  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+CLUSTER_EXAMPLES = EXAMPLES / "cluster"
+
+
+def apply_example(cluster: TestCluster, namespace: str, name: str, *extra: str) -> str:
+    return cluster.kubectl("apply", "-n", namespace, *extra, "-f", str(CLUSTER_EXAMPLES / name)).stdout
+
+
+def test_cluster_examples_train_as_a_newcomer_types_them(cluster: TestCluster, namespace: str) -> None:
+    kubectl = cluster.kubectl
+    fill_examples_claim(cluster, namespace)
+    said = apply_example(cluster, namespace, "trainingrun-from-scratch-tiny.yaml")
+    assert "trainingrun.kubetrain.dev/from-scratch-tiny created" in said
+    # Follow rank 0 from its start to its end, as `kubectl logs -f` does.
+    pod = wait_for(
+        lambda: json.loads(kubectl("get", "pods", "-n", namespace, "-l",
+                                   "batch.kubernetes.io/job-name=from-scratch-tiny-1",
+                                   "-o", "json").stdout)["items"][0]["metadata"]["name"],
+        "rank 0's pod", 60,
+    )  # fmt: skip
+    wait_for(
+        lambda: kubectl("get", "pod", pod, "-n", namespace, "-o", "jsonpath={.status.phase}").stdout
+        in ("Running", "Succeeded"),
+        "rank 0 to start", 120,
+    )  # fmt: skip
+    followed = kubectl("logs", "-f", "-n", namespace, pod, timeout=600).stdout
+    assert "step 5/" in followed and "saved" in followed.lower(), followed[-2000:]
+    waited = kubectl("wait", "--for=condition=Ready", "tr/from-scratch-tiny", "-n", namespace,
+                     "--timeout=300s", timeout=320)  # fmt: skip
+    assert "condition met" in waited.stdout
+
+    table = kubectl("get", "tr", "-n", namespace).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["NAME", "METHOD", "PHASE", "STEP", "LOSS", "PROGRESS", "READY",
+                              "ETA", "ATTEMPT", "AGE"], table  # fmt: skip
+    cells = row.split()
+    assert cells[:3] == ["from-scratch-tiny", "from_scratch", "Succeeded"], table
+    assert int(cells[3]) > 0 and float(cells[4]) > 0 and cells[6] == "True", table
+    described = kubectl("describe", "tr", "from-scratch-tiny", "-n", namespace).stdout
+    assert "Events:" in described and "Succeeded" in described, described
+
+    # sft starts from the model the first run wrote to the claim.
+    apply_example(cluster, namespace, "trainingrun-sft-tiny.yaml", "--server-side")
+    kubectl("wait", "--for=condition=Ready", "tr/sft-tiny", "-n", namespace, "--timeout=480s", timeout=500)
+    run = json.loads(kubectl("get", "tr", "sft-tiny", "-n", namespace, "-o", "json").stdout)
+    assert run["status"]["outputs"]["modelUri"] == "pvc://examples/outputs/sft-tiny"
+    assert run["metadata"]["managedFields"][0]["manager"] == "kubectl"
+    assert (cluster.claim_folder(namespace, "examples") / "outputs" / "sft-tiny" / "metrics.json").is_file()
+
+
+def test_explain_prints_the_field_descriptions(cluster: TestCluster) -> None:
+    explained = cluster.kubectl("explain", "trainingrun.spec.lora").stdout
+    assert "FIELD: lora" in explained and "DESCRIPTION:" in explained
+    assert "alpha" in explained and "targetModules" in explained
+    pipeline = cluster.kubectl("explain", "pipeline.spec.stages.dependsOn").stdout
+    assert "Stages that must succeed before this one starts" in pipeline
+
+
+def dry_run(custom: k8s_client.CustomObjectsApi, namespace: str, plural: str, obj: dict[str, Any]) -> str | None:
+    """The apiserver's refusal of `obj` (a server-side dry run), or None if it accepts it."""
+    body = copy.deepcopy(obj)
+    body["metadata"] = {**body.get("metadata", {}), "namespace": namespace}
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, body, dry_run="All")
+    except ApiException as e:
+        if e.status != 422:
+            raise
+        return json.loads(e.body)["message"]
+    return None
+
+
+def test_every_cel_rule_refuses_its_bad_example_through_the_apiserver(cluster: TestCluster, namespace: str) -> None:
+    custom = k8s_client.CustomObjectsApi(api_client(cluster))
+    disagreements = []
+    for case_id, spec, message in CROSS_FIELD_CASES:
+        refusal = dry_run(custom, namespace, PLURAL, trainingrun(**spec))
+        if (refusal is None) != (message is None) or (message and message not in refusal):
+            disagreements.append(f"TrainingRun {case_id}: expected {message!r}, got {refusal!r}")
+    for case_id, doc, message, _pydantic in PIPELINE_CASES:
+        refusal = dry_run(custom, namespace, PIPELINE_PLURAL, doc)
+        if (refusal is None) != (message is None) or (message and message not in refusal):
+            disagreements.append(f"Pipeline {case_id}: expected {message!r}, got {refusal!r}")
+    assert not disagreements, "\n".join(disagreements)
+    assert len(CROSS_FIELD_CASES) + len(PIPELINE_CASES) > 40
+
+
+def test_crd_upgrade_from_0_1_0_keeps_runs_readable_and_running(tmp_path: Path) -> None:
+    """A cluster of its own: the 0.1.0 CRDs, a run created under them, then this chart."""
+    upgraded = TestCluster(tmp_path / "cluster").start()
+    try:
+        baseline = REPO / "tests" / "e2e" / "crds-0.1.0" / "kubetrain.dev_trainingruns.yaml"
+        upgraded.kubectl("apply", "--server-side", "-f", str(baseline))
+        upgraded.kubectl("wait", "--for=condition=Established", "crd/trainingruns.kubetrain.dev")
+        upgraded.create_namespace("team-a")
+        fill_examples_claim(upgraded, "team-a")
+        doc = yaml.safe_load((CLUSTER_EXAMPLES / "trainingrun-from-scratch-tiny.yaml").read_text())
+        doc["spec"]["training"].update({"maxSteps": 20, "saveSteps": 10, "evalSteps": 10})
+        upgraded.apply(doc, namespace="team-a")
+        before = upgraded.get("tr", "from-scratch-tiny", "-n", "team-a")
+
+        install_operator(upgraded)  # the chart installs and upgrades its CRDs
+        crd = upgraded.get("crd", "trainingruns.kubetrain.dev")
+        current = yaml.safe_load((REPO / "crds" / "kubetrain.dev_trainingruns.yaml").read_text())
+        assert crd["spec"]["versions"][0]["schema"] == current["spec"]["versions"][0]["schema"]
+        after = upgraded.get("tr", "from-scratch-tiny", "-n", "team-a")
+        assert after["spec"] == before["spec"] and after["metadata"]["uid"] == before["metadata"]["uid"]
+        status = Runs(upgraded, "team-a").wait_phase("from-scratch-tiny", "Succeeded", timeout=300)
+        assert status["outputs"]["modelUri"] == "pvc://examples/outputs/from-scratch-tiny"
+    finally:
+        upgraded.stop()
+        shutil.rmtree(tmp_path / "cluster", ignore_errors=True)
