@@ -1,12 +1,13 @@
 # kubetrain: `make demo` and `make test` bootstrap .venv themselves (README.md).
-# torch is pinned here only: 2.13.0 is the CPU build these machines carry; pyproject keeps a wide range.
+# torch is pinned here only: PyPI's torch 2.13.0 wheel (with its CUDA libraries, several GB;
+# it runs on the CPU too); pyproject keeps a wide range.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint e2e bench crds chart-test clean
+.PHONY: demo test lint e2e bench crds chart-test cluster cluster-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,17 +22,28 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kubetrain run examples/pipeline-tiny.yaml
 
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd and JobSet, built
+# from Go modules (tests/cluster/*/go.mod) into .tools/k8s-<version>/; Go's cache makes a
+# rebuild take seconds.
+cluster-tools: $(STAMP)
+	$(BIN)/python scripts/build_cluster.py
+
+# A real control plane and two process kubelets on this machine (Linux, root); Ctrl-C stops it.
+cluster: cluster-tools
+	$(BIN)/python tests/cluster/cluster.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
 # Everything but the benchmarks: unit, trainer (real tiny training), operator, chart and
-# the end-to-end tests (about 9 minutes on 2 cores). Plain `pytest` skips e2e for speed.
-test: lint
-	$(BIN)/pytest -m "not bench" --durations=15
+# the cluster tier on a real control plane. Plain `pytest` skips e2e for speed.
+test: lint cluster-tools
+	$(BIN)/pytest -m "not bench" --durations=40
 
-e2e: $(STAMP)
-	$(BIN)/pytest -m e2e
+# The cluster tier alone: the real control plane, the operator installed with helm.
+e2e: cluster-tools
+	$(BIN)/pytest -m e2e --durations=0
 
 bench: $(STAMP)
 	$(BIN)/pytest -m bench -s tests/bench
@@ -45,4 +57,4 @@ chart-test: $(STAMP)
 	$(BIN)/pytest tests/chart
 
 clean:
-	rm -rf $(VENV) .tools outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools .cluster outputs .pytest_cache .ruff_cache

@@ -77,7 +77,12 @@ def stamp() -> str:
 
 
 def go_build(module: str, out: Path, packages: list[str], ldflags: str) -> None:
-    env = {**os.environ, "CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false"}
+    env = {
+        **os.environ,
+        "CGO_ENABLED": "0",
+        "GOTOOLCHAIN": "local",
+        "GOFLAGS": "-mod=readonly -buildvcs=false",
+    }
     command = ["go", "build", *GO_FLAGS, "-ldflags", ldflags, "-o", str(out), *packages]
     started = time.monotonic()
     subprocess.run(command, cwd=MODULES / module, env=env, check=True)
@@ -88,9 +93,9 @@ def build(force: bool = False) -> Path:
     """Build every binary into tools_dir() unless the stamp says they are current."""
     out = tools_dir()
     stamp_file = out / ".stamp"
-    if not force and stamp_file.is_file() and stamp_file.read_text() == stamp():
-        if all((out / binary).is_file() for binary in BINARIES):
-            return out
+    current = stamp_file.is_file() and stamp_file.read_text() == stamp()
+    if not force and current and all((out / binary).is_file() for binary in BINARIES):
+        return out
     out.mkdir(parents=True, exist_ok=True)
     version = kubernetes_version()
     go_build(
@@ -127,15 +132,22 @@ def jobset_manifests() -> dict[str, list[dict]]:
     import yaml  # the venv's; building needs only the standard library
 
     config = jobset_source() / "config" / "components"
-    crds = [yaml.safe_load(path.read_text()) for path in sorted((config / "crd" / "bases").glob("*.yaml"))]
-    webhooks = [d for d in yaml.safe_load_all((config / "webhook" / "manifests.yaml").read_text()) if d]
+    crds = [
+        yaml.safe_load(path.read_text())
+        for path in sorted((config / "crd" / "bases").glob("*.yaml"))
+    ]
+    webhooks = [
+        d for d in yaml.safe_load_all((config / "webhook" / "manifests.yaml").read_text()) if d
+    ]
     patches = {
         "MutatingWebhookConfiguration": "mutating-patch.yaml",
         "ValidatingWebhookConfiguration": "validating-patch.yaml",
     }
     for document in webhooks:
         document["metadata"]["name"] = f"jobset-{document['metadata']['name']}"
-        for patch in yaml.safe_load((config / "webhook" / "patches" / patches[document["kind"]]).read_text()):
+        for patch in yaml.safe_load(
+            (config / "webhook" / "patches" / patches[document["kind"]]).read_text()
+        ):
             index = int(patch["path"].rsplit("/", 1)[1])
             document["webhooks"][index] = patch["value"]
     return {"crds": crds, "webhooks": webhooks}

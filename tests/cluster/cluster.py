@@ -28,8 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from controlplane import ROOT, ControlPlane, wait_until  # noqa: E402
-from kubelet import Nodes, PodNetwork  # noqa: E402
+from controlplane import ROOT, ControlPlane, wait_until
+from kubelet import Nodes, PodNetwork
 
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
@@ -85,24 +85,32 @@ class TestCluster:
         nodes = self.get("nodes")["items"]
         return len(nodes) == self.node_count and all(
             not any(t["key"].startswith("node.kubernetes.io/") for t in n["spec"].get("taints", []))
-            and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])
+            and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"]
+            )
             for n in nodes
         )
 
     # --- kubectl -------------------------------------------------------------------------
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 120, **kwargs: Any
+    ) -> subprocess.CompletedProcess:
         """Run the kubectl built with the control plane against this cluster."""
         assert self.plane is not None
         result = self.plane.kubectl(*args, check=False, timeout=timeout, **kwargs)
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr}"
+            )
         return result
 
     def get(self, *args: str) -> dict[str, Any]:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
-    def apply(self, document: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
+    def apply(
+        self, document: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None
+    ) -> None:
         documents = document if isinstance(document, list) else [document]
         text = "\n---\n".join(json.dumps(d) for d in documents)
         extra = ["-n", namespace] if namespace else []
@@ -111,7 +119,13 @@ class TestCluster:
     # --- what an admin sets up -----------------------------------------------------------
 
     def create_namespace(self, name: str) -> None:
-        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": RESTRICTED}})
+        self.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name, "labels": RESTRICTED},
+            }
+        )
 
     def create_claim(self, namespace: str, name: str, size: str = "1Gi") -> Path:
         """A PersistentVolumeClaim and the folder-backed PersistentVolume it binds to."""
@@ -166,16 +180,24 @@ def fill_examples_claim(cluster: TestCluster, namespace: str = "default") -> Pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Start a test cluster on this machine (Ctrl-C stops it).")
+    parser = argparse.ArgumentParser(
+        description="Start a test cluster on this machine (Ctrl-C stops it)."
+    )
     parser.add_argument("--dir", type=Path, default=ROOT / ".cluster", help="where its files go")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if os.geteuid() != 0:
-        raise SystemExit("make cluster needs root: each pod gets network and mount namespaces (run it with sudo)")
+        raise SystemExit(
+            "make cluster needs root: each pod gets network and mount namespaces (run it with sudo)"
+        )
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     cluster = TestCluster(Path(tempfile.mkdtemp(prefix="kubetrain-cluster-", dir=args.dir)))
-    print("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, JobSet and 2 kubelets ...", flush=True)
+    print(
+        "starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, JobSet "
+        "and 2 kubelets ...",
+        flush=True,
+    )
     cluster.start()
     kubeconfig = args.dir / "kubeconfig"
     shutil.copy(cluster.kubeconfig, kubeconfig)

@@ -95,14 +95,20 @@ class Authority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
             .sign(self.key, hashes.SHA256())
-        )  # fmt: skip
+        )
         self._write("ca", self.key, self.cert)
 
     @staticmethod
@@ -260,15 +266,22 @@ class ControlPlane:
     def _certificates(self) -> None:
         self.ca = Authority(self.pki)
         hosts = (
-            "127.0.0.1", self.host_ip, API_SERVER_SERVICE_IP, "localhost", "kubernetes",
-            "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
-        )  # fmt: skip
+            "127.0.0.1",
+            self.host_ip,
+            API_SERVER_SERVICE_IP,
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        )
         self.ca.issue("apiserver", "kube-apiserver", hosts=hosts, server=True)
         self.admin = self.ca.issue("admin", "kubetrain-admin", organizations=("system:masters",))
         self.ca.issue(
-            "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
             organizations=("system:masters",),
-        )  # fmt: skip
+        )
         self.ca.issue("controller-manager", "system:kube-controller-manager")
         self.ca.issue("scheduler", "system:kube-scheduler")
         self.ca.issue("jobset-webhook", "jobset-webhook", hosts=("127.0.0.1",), server=True)
@@ -320,9 +333,7 @@ class ControlPlane:
                     },
                 }
             ],
-            "contexts": [
-                {"name": "kubetrain", "context": {"cluster": "kubetrain", "user": user}}
-            ],
+            "contexts": [{"name": "kubetrain", "context": {"cluster": "kubetrain", "user": user}}],
             "current-context": "kubetrain",
         }
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -348,10 +359,10 @@ class ControlPlane:
             ],
         )
         wait_until(
-            lambda: json.loads(urllib.request.urlopen(f"{client}/health", timeout=2).read())[
-                "health"
-            ]
-            == "true",
+            lambda: (
+                json.loads(urllib.request.urlopen(f"{client}/health", timeout=2).read())["health"]
+                == "true"
+            ),
             "etcd /health",
             START_TIMEOUT_SECONDS,
             process,
@@ -385,10 +396,12 @@ class ControlPlane:
         )
         context = self.ssl_context()
         wait_until(
-            lambda: urllib.request.urlopen(f"{self.server}/readyz", context=context, timeout=5)
-            .read()
-            .strip()
-            == b"ok",
+            lambda: (
+                urllib.request.urlopen(f"{self.server}/readyz", context=context, timeout=5)
+                .read()
+                .strip()
+                == b"ok"
+            ),
             "kube-apiserver /readyz",
             START_TIMEOUT_SECONDS,
             process,
@@ -438,10 +451,12 @@ class ControlPlane:
         ):
             insecure = ssl._create_unverified_context()  # their self-signed serving certs
             wait_until(
-                lambda port=port, insecure=insecure: urllib.request.urlopen(
-                    f"https://127.0.0.1:{port}/healthz", context=insecure, timeout=5
-                ).read()
-                == b"ok",
+                lambda port=port, insecure=insecure: (
+                    urllib.request.urlopen(
+                        f"https://127.0.0.1:{port}/healthz", context=insecure, timeout=5
+                    ).read()
+                    == b"ok"
+                ),
                 f"{name} /healthz",
                 START_TIMEOUT_SECONDS,
                 process,
@@ -482,10 +497,12 @@ class ControlPlane:
             "jobset", [f"--config={folder / 'config.yaml'}", f"--kubeconfig={self.kubeconfig}"]
         )
         wait_until(
-            lambda: urllib.request.urlopen(
-                f"http://127.0.0.1:{self.ports.jobset_health}/readyz", timeout=5
-            ).status
-            == 200,
+            lambda: (
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.ports.jobset_health}/readyz", timeout=5
+                ).status
+                == 200
+            ),
             "JobSet controller /readyz",
             START_TIMEOUT_SECONDS,
             process,

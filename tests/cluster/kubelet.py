@@ -397,16 +397,28 @@ class Kubelet:
     def _heartbeat(self) -> None:
         stamp = now()
         conditions = [
-            {"type": kind, "status": "False", "reason": f"KubeletHas{reason}",
-             "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+            {
+                "type": kind,
+                "status": "False",
+                "reason": f"KubeletHas{reason}",
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": stamp,
+            }
             for kind, reason in (
                 ("MemoryPressure", "SufficientMemory"),
                 ("DiskPressure", "NoDiskPressure"),
                 ("PIDPressure", "SufficientPID"),
             )
-        ] + [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-              "message": "process kubelet is posting ready status",
-              "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}]  # fmt: skip
+        ] + [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "process kubelet is posting ready status",
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": stamp,
+            }
+        ]
         status = {
             "capacity": CAPACITY,
             "allocatable": CAPACITY,
@@ -486,9 +498,11 @@ class Kubelet:
                     if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                         continue  # finished before this kubelet started
                     runtime = PodRuntime(
-                        meta["namespace"], meta["name"], meta["uid"],
-                        self.root / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}",
-                    )  # fmt: skip
+                        meta["namespace"],
+                        meta["name"],
+                        meta["uid"],
+                        self.root / "pods" / pod_folder_name(meta),
+                    )
                     self.pods[key] = runtime
                 self._sync_pod(pod, runtime)
             for key in [k for k in self.pods if k not in seen]:
@@ -504,7 +518,9 @@ class Kubelet:
             runtime.restart_after = time.monotonic() + BACKOFF_CAP_SECONDS
             container = pod["spec"]["containers"][0]
             self._event(pod, "Warning", "Failed", f"Error: {e}")
-            self._patch_status(pod, self._waiting_status(pod, container, "RunContainerError", str(e)))
+            self._patch_status(
+                pod, self._waiting_status(pod, container, "RunContainerError", str(e))
+            )
 
     def _sync_pod_once(self, pod: dict[str, Any], runtime: PodRuntime) -> None:
         if pod["metadata"].get("deletionTimestamp"):
@@ -553,8 +569,10 @@ class Kubelet:
         resolv = runtime.folder / "resolv.conf"
         # No DNS server: names come from /etc/hosts, and a lookup that misses (torch's
         # reverse lookups of peers) fails at once instead of timing out on the host's server.
-        resolv.write_text(f"nameserver 127.0.0.1\nsearch {runtime.namespace}.svc.cluster.local "
-                          "svc.cluster.local cluster.local\noptions ndots:5 timeout:1 attempts:1\n")  # fmt: skip
+        resolv.write_text(
+            f"nameserver 127.0.0.1\nsearch {runtime.namespace}.svc.cluster.local "
+            "svc.cluster.local cluster.local\noptions ndots:5 timeout:1 attempts:1\n"
+        )
         mounts += [
             {"source": str(hosts), "target": "/etc/hosts"},
             {"source": str(resolv), "target": "/etc/resolv.conf"},
@@ -585,15 +603,29 @@ class Kubelet:
             runtime.log_file.replace(runtime.folder / "container.previous.log")
         with runtime.log_file.open("wb") as out:
             runtime.popen = subprocess.Popen(
-                ["ip", "netns", "exec", runtime.netns, sys.executable, str(SANDBOX), str(spec_file)],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    runtime.netns,
+                    sys.executable,
+                    str(SANDBOX),
+                    str(spec_file),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
         runtime.started_at = now()
         runtime.oom = False
-        log.info("started %s/%s on %s (%s): %s", runtime.namespace, runtime.name, self.name,
-                 runtime.ip, shlex.join(argv))  # fmt: skip
+        log.info(
+            "started %s/%s on %s (%s): %s",
+            runtime.namespace,
+            runtime.name,
+            self.name,
+            runtime.ip,
+            shlex.join(argv),
+        )
         self._event(pod, "Normal", "Started", f"Started container {container['name']}")
         self._patch_status(pod, self._running_status(pod, container, runtime))
 
@@ -606,7 +638,9 @@ class Kubelet:
             argv = image.entrypoint + container.get("args", image.cmd)
         return [expand(a, env) for a in argv]
 
-    def _environment(self, pod: dict[str, Any], container: dict[str, Any], image: Image) -> dict[str, str]:
+    def _environment(
+        self, pod: dict[str, Any], container: dict[str, Any], image: Image
+    ) -> dict[str, str]:
         host, port = self.api_server
         env = {
             **image.env,
@@ -666,7 +700,9 @@ class Kubelet:
                 raise
             if ref.get("optional"):
                 return None
-            raise NotReady("CreateContainerConfigError", f'configmap "{ref["name"]}" not found') from e
+            raise NotReady(
+                "CreateContainerConfigError", f'configmap "{ref["name"]}" not found'
+            ) from e
 
     def _secret(self, namespace: str, ref: dict[str, Any]) -> dict[str, str] | None:
         try:
@@ -694,7 +730,9 @@ class Kubelet:
 
     # --- volumes -----------------------------------------------------------------------
 
-    def _volumes(self, pod: dict[str, Any], container: dict[str, Any], runtime: PodRuntime) -> list[dict[str, Any]]:
+    def _volumes(
+        self, pod: dict[str, Any], container: dict[str, Any], runtime: PodRuntime
+    ) -> list[dict[str, Any]]:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts = []
         for mount in container.get("volumeMounts", []):
@@ -709,10 +747,14 @@ class Kubelet:
             read_only = mount.get("readOnly", False) or bool(
                 (volume.get("persistentVolumeClaim") or {}).get("readOnly")
             )
-            mounts.append({"source": str(source), "target": mount["mountPath"], "readOnly": read_only})
+            mounts.append(
+                {"source": str(source), "target": mount["mountPath"], "readOnly": read_only}
+            )
         return mounts
 
-    def _volume_source(self, pod: dict[str, Any], volume: dict[str, Any], runtime: PodRuntime) -> Path | None:
+    def _volume_source(
+        self, pod: dict[str, Any], volume: dict[str, Any], runtime: PodRuntime
+    ) -> Path | None:
         namespace = pod["metadata"]["namespace"]
         folder = runtime.folder / "volumes" / volume["name"]
         if "emptyDir" in volume:
@@ -721,7 +763,9 @@ class Kubelet:
             folder.mkdir(parents=True, exist_ok=True)
             return folder
         if "persistentVolumeClaim" in volume:
-            return self._claim_folder(namespace, volume["persistentVolumeClaim"]["claimName"], volume["name"])
+            return self._claim_folder(
+                namespace, volume["persistentVolumeClaim"]["claimName"], volume["name"]
+            )
         files: dict[str, str] = {}
         try:
             if "configMap" in volume:
@@ -737,7 +781,9 @@ class Kubelet:
                         token = source["serviceAccountToken"]
                         files[token["path"]] = self._token(pod, token)
                     elif "configMap" in source:
-                        files.update(self._projected_keys(namespace, "ConfigMap", source["configMap"]))
+                        files.update(
+                            self._projected_keys(namespace, "ConfigMap", source["configMap"])
+                        )
                     elif "secret" in source:
                         files.update(self._projected_keys(namespace, "Secret", source["secret"]))
                     elif "downwardAPI" in source:
@@ -747,14 +793,16 @@ class Kubelet:
                 raise NotReady(
                     "ContainerCreating",
                     f"the process kubelet cannot mount {kind} volumes",
-                    event=f'MountVolume.SetUp failed for volume "{volume["name"]}" : unsupported {kind}',
+                    event=f'MountVolume.SetUp failed for volume "{volume["name"]}" : '
+                    f"unsupported {kind}",
                 )
         except NotReady as e:
             if e.reason == "CreateContainerConfigError":  # said of a volume: FailedMount
                 raise NotReady(
-                    "ContainerCreating", e.message,
+                    "ContainerCreating",
+                    e.message,
                     event=f'MountVolume.SetUp failed for volume "{volume["name"]}" : {e.message}',
-                ) from e  # fmt: skip
+                ) from e
             raise
         folder.mkdir(parents=True, exist_ok=True)
         for relative, text in files.items():
@@ -796,7 +844,12 @@ class Kubelet:
             "spec": {
                 "audiences": [spec["audience"]] if spec.get("audience") else None,
                 "expirationSeconds": spec.get("expirationSeconds", 3607),
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
             }
         }
         answer = self.core.create_namespaced_service_account_token(
@@ -822,7 +875,8 @@ class Kubelet:
             raise NotReady(
                 "ContainerCreating",
                 f"PersistentVolume {claim.spec.volume_name} is neither hostPath nor local",
-                event=f'MountVolume.SetUp failed for volume "{volume}": unsupported PersistentVolume',
+                event=f'MountVolume.SetUp failed for volume "{volume}": '
+                "unsupported PersistentVolume",
             )
         folder = Path(source.path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -840,9 +894,19 @@ class Kubelet:
         container = pod["spec"]["containers"][0]
         code = runtime.popen.returncode
         code = code if code >= 0 else 128 - code  # killed by signal N: 128 + N
-        message = runtime.termination_file.read_text(errors="replace") if runtime.termination_file.exists() else ""
-        if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-            message = "\n".join(runtime.log_file.read_text(errors="replace").splitlines()[-80:])[-2048:]
+        message = (
+            runtime.termination_file.read_text(errors="replace")
+            if runtime.termination_file.exists()
+            else ""
+        )
+        if (
+            not message
+            and code != 0
+            and container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        ):
+            message = "\n".join(runtime.log_file.read_text(errors="replace").splitlines()[-80:])[
+                -2048:
+            ]
         reason = "OOMKilled" if runtime.oom else ("Completed" if code == 0 else "Error")
         terminated = {
             "exitCode": code,
@@ -863,14 +927,21 @@ class Kubelet:
             runtime.last_terminated = terminated
             backoff = min(BACKOFF_CAP_SECONDS, 2.0 ** (runtime.restarts - 1))
             runtime.restart_after = time.monotonic() + backoff
-            status = self._waiting_status(pod, container, "CrashLoopBackOff",
-                                          f"back-off {backoff:.0f}s restarting failed container")  # fmt: skip
+            status = self._waiting_status(
+                pod,
+                container,
+                "CrashLoopBackOff",
+                f"back-off {backoff:.0f}s restarting failed container",
+            )
             status["status"]["phase"] = "Running"
             self._patch_status(pod, status)
             return
         runtime.finished = True
         phase = "Succeeded" if terminated["exitCode"] == 0 else "Failed"
-        self._patch_status(pod, self._status(pod, container, runtime, phase, {"terminated": terminated}, ready=False))
+        self._patch_status(
+            pod,
+            self._status(pod, container, runtime, phase, {"terminated": terminated}, ready=False),
+        )
         self.dns.forget(runtime.folder / "hosts")
 
     def _terminate(self, pod: dict[str, Any], runtime: PodRuntime) -> None:
@@ -884,7 +955,12 @@ class Kubelet:
             if runtime.sigterm_at is None:
                 runtime.sigterm_at = time.monotonic()
                 log.info("%s/%s deleted: SIGTERM", runtime.namespace, runtime.name)
-                self._event(pod, "Normal", "Killing", f"Stopping container {pod['spec']['containers'][0]['name']}")
+                self._event(
+                    pod,
+                    "Normal",
+                    "Killing",
+                    f"Stopping container {pod['spec']['containers'][0]['name']}",
+                )
                 os.kill(runtime.popen.pid, signal.SIGTERM)
             elif time.monotonic() - runtime.sigterm_at > grace:
                 log.info("%s/%s: grace period over, SIGKILL", runtime.namespace, runtime.name)
@@ -896,15 +972,23 @@ class Kubelet:
             terminated = self._exit_state(pod, runtime)
             phase = "Succeeded" if terminated["exitCode"] == 0 else "Failed"
             with contextlib.suppress(ApiException):
-                self._patch_status(pod, self._status(pod, container, runtime, phase, {"terminated": terminated}, ready=False))
+                self._patch_status(
+                    pod,
+                    self._status(
+                        pod, container, runtime, phase, {"terminated": terminated}, ready=False
+                    ),
+                )
         self._release(runtime)
         with contextlib.suppress(ApiException):
             self.core.delete_namespaced_pod(
-                runtime.name, runtime.namespace, grace_period_seconds=0,
+                runtime.name,
+                runtime.namespace,
+                grace_period_seconds=0,
                 body=k8s_client.V1DeleteOptions(
-                    grace_period_seconds=0, preconditions=k8s_client.V1Preconditions(uid=runtime.uid)
+                    grace_period_seconds=0,
+                    preconditions=k8s_client.V1Preconditions(uid=runtime.uid),
                 ),
-            )  # fmt: skip
+            )
 
     def _release(self, runtime: PodRuntime) -> None:
         if runtime.running():
@@ -916,19 +1000,32 @@ class Kubelet:
 
     # --- status ------------------------------------------------------------------------
 
-    def _status(self, pod: dict[str, Any], container: dict[str, Any], runtime: PodRuntime,
-                phase: str, state: dict[str, Any], ready: bool) -> dict[str, Any]:  # fmt: skip
+    def _status(
+        self,
+        pod: dict[str, Any],
+        container: dict[str, Any],
+        runtime: PodRuntime,
+        phase: str,
+        state: dict[str, Any],
+        ready: bool,
+    ) -> dict[str, Any]:
         stamp = now()
         flag = "True" if ready else "False"
         conditions = [
-            {"type": "PodReadyToStartContainers", "status": "True" if runtime.netns else "False", "lastTransitionTime": stamp},
+            {
+                "type": "PodReadyToStartContainers",
+                "status": "True" if runtime.netns else "False",
+                "lastTransitionTime": stamp,
+            },
             {"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
             {"type": "ContainersReady", "status": flag, "lastTransitionTime": stamp},
             {"type": "Ready", "status": flag, "lastTransitionTime": stamp},
         ]
         if not ready:
             for condition in conditions[2:]:
-                condition["reason"] = "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
+                condition["reason"] = (
+                    "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
+                )
         container_status = {
             "name": container["name"],
             "image": container["image"],
@@ -953,19 +1050,37 @@ class Kubelet:
             status["podIPs"] = [{"ip": runtime.ip}]
         return {"status": status}
 
-    def _running_status(self, pod: dict[str, Any], container: dict[str, Any], runtime: PodRuntime) -> dict[str, Any]:
-        return self._status(pod, container, runtime, "Running",
-                            {"running": {"startedAt": runtime.started_at}}, ready=True)  # fmt: skip
+    def _running_status(
+        self, pod: dict[str, Any], container: dict[str, Any], runtime: PodRuntime
+    ) -> dict[str, Any]:
+        return self._status(
+            pod,
+            container,
+            runtime,
+            "Running",
+            {"running": {"startedAt": runtime.started_at}},
+            ready=True,
+        )
 
-    def _waiting_status(self, pod: dict[str, Any], container: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
+    def _waiting_status(
+        self, pod: dict[str, Any], container: dict[str, Any], reason: str, message: str
+    ) -> dict[str, Any]:
         key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
         runtime = self.pods[key]
         phase = pod.get("status", {}).get("phase") or "Pending"
-        return self._status(pod, container, runtime, phase,
-                            {"waiting": {"reason": reason, "message": message}}, ready=False)  # fmt: skip
+        return self._status(
+            pod,
+            container,
+            runtime,
+            phase,
+            {"waiting": {"reason": reason, "message": message}},
+            ready=False,
+        )
 
     def _patch_status(self, pod: dict[str, Any], body: dict[str, Any]) -> None:
-        self.core.patch_namespaced_pod_status(pod["metadata"]["name"], pod["metadata"]["namespace"], body)
+        self.core.patch_namespaced_pod_status(
+            pod["metadata"]["name"], pod["metadata"]["namespace"], body
+        )
 
     def _event(self, pod: dict[str, Any], kind: str, reason: str, message: str) -> None:
         meta = pod["metadata"]
@@ -973,8 +1088,11 @@ class Kubelet:
         body = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
-                "apiVersion": "v1", "kind": "Pod", "name": meta["name"],
-                "namespace": meta["namespace"], "uid": meta["uid"],
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
                 "fieldPath": f"spec.containers{{{pod['spec']['containers'][0]['name']}}}",
             },
             "type": kind,
@@ -984,9 +1102,13 @@ class Kubelet:
             "firstTimestamp": stamp,
             "lastTimestamp": stamp,
             "count": 1,
-        }  # fmt: skip
+        }
         with contextlib.suppress(ApiException):
             self.core.create_namespaced_event(meta["namespace"], body)
+
+
+def pod_folder_name(meta: dict[str, Any]) -> str:
+    return f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -1031,7 +1153,7 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
     kubelet: Kubelet
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("log server: " + format, *args)
 
     def do_GET(self) -> None:
@@ -1120,10 +1242,15 @@ class Nodes:
             name = f"kubelet-{index}"
             kubeconfig = self.plane.node_kubeconfig(name)
             kubelet = Kubelet(
-                name, kubeconfig, network, self.dns, self.root / name,
+                name,
+                kubeconfig,
+                network,
+                self.dns,
+                self.root / name,
                 (self.plane.pki / "kubelet.crt", self.plane.pki / "kubelet.key"),
-                (host, port), self.plane.version,
-            )  # fmt: skip
+                (host, port),
+                self.plane.version,
+            )
             self.kubelets.append(kubelet.start())
         self.dns_thread = threading.Thread(target=self._dns_loop, name="pod-dns", daemon=True)
         self.dns_thread.start()
@@ -1146,7 +1273,8 @@ class Nodes:
     def pod_log(self, namespace: str, pod: str) -> str:
         """What a pod's container wrote (kept after the pod is gone, like the node's disk)."""
         logs = sorted(
-            self.root.glob(f"*/pods/{namespace}_{pod}_*/container.log"), key=lambda p: p.stat().st_mtime
+            self.root.glob(f"*/pods/{namespace}_{pod}_*/container.log"),
+            key=lambda p: p.stat().st_mtime,
         )
         if not logs:
             raise LookupError(f"no kubelet ran pod {namespace}/{pod}")
@@ -1154,9 +1282,15 @@ class Nodes:
 
     def job_log(self, namespace: str, job: str, index: int = 0) -> str:
         """The log of pod `index` of Job `job` (the newest such pod)."""
-        pattern = re.compile(rf"{re.escape(namespace)}_{re.escape(job)}-{index}-[a-z0-9]{{5}}_[a-z0-9-]+")
+        pattern = re.compile(
+            rf"{re.escape(namespace)}_{re.escape(job)}-{index}-[a-z0-9]{{5}}_[a-z0-9-]+"
+        )
         logs = sorted(
-            (p for p in self.root.glob("*/pods/*/container.log") if pattern.fullmatch(p.parent.name)),
+            (
+                p
+                for p in self.root.glob("*/pods/*/container.log")
+                if pattern.fullmatch(p.parent.name)
+            ),
             key=lambda p: p.stat().st_mtime,
         )
         if not logs:
@@ -1183,4 +1317,3 @@ class Nodes:
 
     def oom_kill(self, namespace: str, pod: str) -> None:
         self.find(namespace, pod).oom_kill(namespace, pod)
-

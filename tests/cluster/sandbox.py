@@ -53,9 +53,7 @@ def main() -> None:
     image_root = Path(spec["imageRoot"])
     mounts = sorted(spec["mounts"], key=lambda m: len(Path(m["target"]).parts))
     # Hold every source open first: a later mount may cover the path it lives at.
-    held = {
-        m["source"]: os.open(m["source"], os.O_PATH) for m in mounts if not m.get("tmpfs")
-    }
+    held = {m["source"]: os.open(m["source"], os.O_PATH) for m in mounts if not m.get("tmpfs")}
     folders = {source: os.path.isdir(source) for source in held}
     image_fd = os.open(image_root, os.O_PATH | os.O_DIRECTORY)
     hidden_image = False

@@ -23,9 +23,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 
-from cluster import TestCluster  # noqa: E402
-from e2e_runs import Operator, Runs, install_operator  # noqa: E402
-from example_specs import EXAMPLES  # noqa: E402
+from cluster import TestCluster
+from e2e_runs import Operator, Runs, install_operator
+from example_specs import EXAMPLES
 
 _names = itertools.count(1)
 
@@ -48,9 +48,13 @@ def operator(cluster: TestCluster) -> Operator:
 
 
 @pytest.fixture
-def namespace(cluster: TestCluster, operator: Operator, request: pytest.FixtureRequest) -> Iterator[str]:
+def namespace(
+    cluster: TestCluster, operator: Operator, request: pytest.FixtureRequest
+) -> Iterator[str]:
     """A namespace of its own for each test, with the claims datasets and models."""
-    name = f"t{next(_names)}-{request.node.name.split('[')[0].removeprefix('test_')[:40]}".replace("_", "-").rstrip("-")
+    name = f"t{next(_names)}-{request.node.name.split('[')[0].removeprefix('test_')[:40]}".replace(
+        "_", "-"
+    ).rstrip("-")
     cluster.create_namespace(name)
     datasets = cluster.create_claim(name, "datasets")
     for data in (EXAMPLES / "data").glob("*.jsonl"):

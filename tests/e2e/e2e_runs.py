@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import requests
 from cluster import TestCluster
 from example_specs import REPO, example, with_spec
 from kubernetes import client as k8s_client
@@ -29,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
 
 sys.path.insert(0, str(REPO / "scripts"))
-import fetch_k8s_tools  # noqa: E402
+import fetch_k8s_tools
 
 T = TypeVar("T")
 OPERATOR_NAMESPACE = "kubetrain-system"
@@ -54,6 +55,15 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
                 return last
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last saw: {last!r}")
+
+
+def answers(url: str) -> str | None:
+    """The body at `url`, or None while nothing answers there (yet)."""
+    try:
+        response = requests.get(url, timeout=5)
+    except requests.RequestException:
+        return None
+    return response.text if response.ok else None
 
 
 def hold(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
@@ -105,7 +115,9 @@ class Runs:
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
 
     def get(self, name: str, plural: str = PLURAL) -> dict[str, Any]:
-        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+        return self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, plural, name
+        )
 
     def status(self, name: str, plural: str = PLURAL) -> dict[str, Any]:
         return self.get(name, plural).get("status") or {}
@@ -116,7 +128,9 @@ class Runs:
                 return condition
         return {}
 
-    def wait_phase(self, name: str, phase: str, timeout: float = 180.0, plural: str = PLURAL) -> dict[str, Any]:
+    def wait_phase(
+        self, name: str, phase: str, timeout: float = 180.0, plural: str = PLURAL
+    ) -> dict[str, Any]:
         """The status once the object reaches `phase`; fails early if it ends in another."""
 
         def reached() -> dict[str, Any] | None:
@@ -167,12 +181,13 @@ class Runs:
         """Pod `index` of `job`'s container dies at once, every process in it (a crash)."""
         pod = wait_for(
             lambda: next(
-                p for p in self.pods(job)
+                p
+                for p in self.pods(job)
                 if p["metadata"]["annotations"].get(COMPLETION_INDEX) == str(index)
                 and (p.get("status") or {}).get("phase") == "Running"
             ),
             f"a running pod {index} of Job {job}",
-        )  # fmt: skip
+        )
         self.cluster.nodes.kill(self.namespace, pod["metadata"]["name"])
 
     def claim(self, name: str) -> Path:
@@ -186,7 +201,9 @@ class Runs:
         """Delete the namespace's runs and pipelines, wait for their pods to stop, then let
         the namespace go (its deletion finishes in the background)."""
         for plural in (PIPELINE_PLURAL, PLURAL):
-            for item in self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural)["items"]:
+            for item in self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, plural
+            )["items"]:
                 try:
                     self.delete(item["metadata"]["name"], plural)
                 except ApiException as e:
@@ -206,8 +223,12 @@ class Runs:
 def helm(cluster: TestCluster, *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [str(fetch_k8s_tools.tool_path("helm")), *args],
-        capture_output=True, text=True, timeout=300, check=False, env=cluster.plane.env(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=cluster.plane.env(),
+    )
     if result.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
     return result
@@ -217,11 +238,18 @@ def install_operator(cluster: TestCluster) -> Operator:
     """helm install charts/kubetrain into a restricted namespace, waiting for the pod."""
     cluster.create_namespace(OPERATOR_NAMESPACE)
     helm(
-        cluster, "install", OPERATOR_RELEASE, str(REPO / "charts" / "kubetrain"),
-        "--namespace", OPERATOR_NAMESPACE,
-        "--set", f"reconcileIntervalSeconds={RECONCILE_INTERVAL_SECONDS}",
-        "--wait", "--timeout", "3m",
-    )  # fmt: skip
+        cluster,
+        "install",
+        OPERATOR_RELEASE,
+        str(REPO / "charts" / "kubetrain"),
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--set",
+        f"reconcileIntervalSeconds={RECONCILE_INTERVAL_SECONDS}",
+        "--wait",
+        "--timeout",
+        "3m",
+    )
     operator = Operator(cluster)
     operator.wait_running()
     return operator
@@ -251,9 +279,12 @@ class Operator:
             return pods[0] if len(pods) == 1 else None
 
         pod = wait_for(running, "the operator's pod to run", 120)
-        # kopf logs this once it watches the resources.
-        wait_for(lambda: "kopf" in self.log(pod.metadata.name) or self.log(pod.metadata.name),
-                 "the operator to log that it started", 60)  # fmt: skip
+        # kopf's liveness endpoint answers once the operator runs (the chart's probe).
+        wait_for(
+            lambda: answers(f"http://{pod.status.pod_ip}:8081/healthz"),
+            "the operator's /healthz",
+            120,
+        )
         return pod
 
     def log(self, pod: str | None = None) -> str:
@@ -265,8 +296,14 @@ class Operator:
             OPERATOR_RELEASE, OPERATOR_NAMESPACE, {"spec": {"replicas": replicas}}
         )
         if replicas == 0:
-            wait_for(lambda: not self.core.list_namespaced_pod(
-                OPERATOR_NAMESPACE, label_selector="app.kubernetes.io/component=operator").items,
-                "the operator's pod to be gone", 60)  # fmt: skip
+            wait_for(
+                lambda: (
+                    not self.core.list_namespaced_pod(
+                        OPERATOR_NAMESPACE, label_selector="app.kubernetes.io/component=operator"
+                    ).items
+                ),
+                "the operator's pod to be gone",
+                60,
+            )
         else:
             self.wait_running()

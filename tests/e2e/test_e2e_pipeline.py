@@ -3,7 +3,8 @@
 examples/pipeline-tiny.yaml, with its data on the claim `datasets`, its outputs under
 pvc://models/pipeline-tiny and each stage shortened to a few steps, is created through the
 real apiserver. The operator turns each stage into a TrainingRun once the stage before it
-succeeded, pointing the stage's model at that stage's output; the kubelets run each stage's pods, which train for real.
+succeeded, pointing the stage's model at that stage's output; the kubelets run each
+stage's pods, which train for real.
 """
 
 from __future__ import annotations

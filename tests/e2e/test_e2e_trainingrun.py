@@ -142,7 +142,8 @@ def test_suspend_then_resume_continues_from_the_checkpoint_saved_on_sigterm(runs
     )
     runs.patch_spec("pause", {"suspend": True})
     runs.wait_phase("pause", "Suspended", timeout=60)
-    wait_for(lambda: runs.jobs() == [], "attempt 1's Job to be gone", 30)
+    wait_for(lambda: runs.jobs() == [] and not runs.pods("pause-1"),
+             "attempt 1's Job and pods to be gone", 60)  # fmt: skip
     # The pods were deleted; on SIGTERM the trainer saved the step it had reached.
     saved = sorted((runs.claim("models") / "pause").glob("checkpoint-*"))
     assert len(saved) == 1
