@@ -22,10 +22,9 @@ PRETRAIN = "trainingrun-from-scratch-tiny.yaml"
 OPERATOR_ACCOUNT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_RELEASE}"
 
 
-def short_run(run: str, **changes) -> dict:
-    return tiny_spec(
-        PRETRAIN, run, training={"maxSteps": 30, "saveSteps": 30, "evalSteps": 30}, **changes
-    )
+def short_run(run: str, training: dict | None = None, **changes) -> dict:
+    steps = {"maxSteps": 30, "saveSteps": 30, "evalSteps": 30, **(training or {})}
+    return tiny_spec(PRETRAIN, run, training=steps, **changes)
 
 
 def config_map_owned_by(run: dict, owner_uid: str) -> dict:
@@ -59,15 +58,9 @@ def test_blocking_owner_deletion_is_admitted_through_the_finalizers_grant(
     allowed = cluster.kubectl(*create, f"--as={OPERATOR_ACCOUNT}", input=probe, check=False)
     assert allowed.returncode == 0, allowed.stderr
     can = cluster.kubectl(
-        "auth",
-        "can-i",
-        "update",
-        "trainingruns.kubetrain.dev/finalizers",
-        f"--as={OPERATOR_ACCOUNT}",
-        "-n",
-        namespace,
-        check=False,
-    )
+        "auth", "can-i", "update", "trainingruns.kubetrain.dev", "--subresource=finalizers",
+        f"--as={OPERATOR_ACCOUNT}", "-n", namespace, check=False,
+    )  # fmt: skip
     assert can.stdout.strip() == "yes"
     # An account that may create ConfigMaps but not update the finalizers may not.
     cluster.apply(

@@ -50,6 +50,11 @@ def test_tiny_pipeline_trains_each_stage_from_the_last(runs: Runs) -> None:
     status = runs.wait_phase("pipeline-tiny", "Succeeded", timeout=420, plural=PIPELINE_PLURAL)
     stages = {stage["name"]: stage for stage in status["stages"]}
     assert list(stages) == list(STAGES)
+    # What `kubectl get pipelines` shows, from the CRD's printer columns.
+    header, row = runs.cluster.kubectl("get", "pipelines", "-n", runs.namespace).stdout.splitlines()
+    assert header.split() == ["NAME", "STAGE", "PHASE", "PROGRESS", "READY", "AGE"]
+    # STAGE is empty once every stage is done.
+    assert row.split()[:4] == ["pipeline-tiny", "Succeeded", "3/3", "True"], row
     for stage in STAGES:
         assert stages[stage]["phase"] == "Succeeded"
         assert stages[stage]["modelUri"] == f"pvc://models/pipeline-tiny/{stage}"
