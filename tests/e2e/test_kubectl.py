@@ -119,9 +119,11 @@ def test_cluster_examples_train_as_a_newcomer_types_them(
         "--timeout=480s",
         timeout=500,
     )
-    run = json.loads(kubectl("get", "tr", "sft-tiny", "-n", namespace, "-o", "json").stdout)
+    shown = kubectl("get", "tr", "sft-tiny", "-n", namespace, "-o", "json", "--show-managed-fields")
+    run = json.loads(shown.stdout)
     assert run["status"]["outputs"]["modelUri"] == "pvc://examples/outputs/sft-tiny"
-    assert run["metadata"]["managedFields"][0]["manager"] == "kubectl"
+    applied = [(f["manager"], f["operation"]) for f in run["metadata"]["managedFields"]]
+    assert ("kubectl", "Apply") in applied, applied
     assert (
         cluster.claim_folder(namespace, "examples") / "outputs" / "sft-tiny" / "metrics.json"
     ).is_file()
