@@ -50,6 +50,8 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMISSION_PLUGINS = "NodeRestriction,OwnerReferencesPermissionEnforcement,PodSecurity"
 JOBSET_NAMESPACE = "jobset-system"
 START_TIMEOUT_SECONDS = 180.0
+# util-linux: the kernel kills the process when the one that started it dies.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL")
 
 
 def free_port() -> int:
@@ -255,8 +257,12 @@ class ControlPlane:
     def _run(self, name: str, args: list[str]) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
         binary = self.bin / ("jobset-controller" if name == "jobset" else name)
+        # setpriv: the component dies with the test session, however the session ends.
         process = subprocess.Popen(
-            [str(binary), *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            [*DIE_WITH_PARENT, str(binary), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         self.processes.append((name, process))
         return process

@@ -81,7 +81,8 @@ LEASE_SECONDS = 40
 HEARTBEAT_SECONDS = 10.0
 SYNC_SECONDS = 0.2
 TERMINATION_MESSAGE_LIMIT = 4096
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# util-linux: the kernel kills the pod's process when the kubelet's thread goes.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL")
 
 
 def now() -> str:
@@ -604,6 +605,7 @@ class Kubelet:
         with runtime.log_file.open("wb") as out:
             runtime.popen = subprocess.Popen(
                 [
+                    *DIE_WITH_PARENT,
                     "ip",
                     "netns",
                     "exec",
