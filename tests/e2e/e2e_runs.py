@@ -15,10 +15,8 @@ import copy
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import requests
 from cluster import TestCluster
@@ -26,35 +24,19 @@ from example_specs import REPO, example, with_spec
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from polling import wait_for
 
 from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
 
 sys.path.insert(0, str(REPO / "scripts"))
 import fetch_k8s_tools
 
-T = TypeVar("T")
 OPERATOR_NAMESPACE = "kubetrain-system"
 OPERATOR_RELEASE = "kubetrain"
 # Seconds between the operator's status checks in tests (10 in production).
 RECONCILE_INTERVAL_SECONDS = 1
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (ApiException, KeyError, LookupError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last saw: {last!r}")
 
 
 def answers(url: str) -> str | None:
@@ -64,14 +46,6 @@ def answers(url: str) -> str | None:
     except requests.RequestException:
         return None
     return response.text if response.ok else None
-
-
-def hold(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
-    """Assert `check` stays true for `seconds` (several reconcile intervals)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert check(), what
-        time.sleep(0.2)
 
 
 def tiny_spec(example_name: str, run: str, **changes: Any) -> dict[str, Any]:

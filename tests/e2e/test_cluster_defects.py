@@ -12,9 +12,10 @@ import json
 
 import pytest
 from cluster import TestCluster
-from e2e_runs import OPERATOR_NAMESPACE, OPERATOR_RELEASE, Runs, tiny_spec, wait_for
+from e2e_runs import OPERATOR_NAMESPACE, OPERATOR_RELEASE, Runs, tiny_spec
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
+from polling import wait_for
 
 pytestmark = pytest.mark.e2e
 

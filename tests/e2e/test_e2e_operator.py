@@ -9,8 +9,9 @@ with the kernel's reason; the tests only create, delete and look, as a user woul
 from __future__ import annotations
 
 import pytest
-from e2e_runs import Operator, Runs, answers, tiny_spec, wait_for
+from e2e_runs import Operator, Runs, answers, tiny_spec
 from kubernetes.client.exceptions import ApiException
+from polling import wait_for
 
 from kubetrain.api import PIPELINE_PLURAL
 

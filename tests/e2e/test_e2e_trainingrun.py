@@ -15,7 +15,8 @@ import json
 import re
 
 import pytest
-from e2e_runs import Operator, Runs, hold, tiny_spec, wait_for
+from e2e_runs import Operator, Runs, tiny_spec
+from polling import hold, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -167,7 +168,7 @@ def test_config_error_fails_at_once_with_the_trainers_message(runs: Runs) -> Non
     assert failed["reason"] == "ConfigError"
     assert "from_scratch pretrains on raw text" in failed["message"]
     assert (status["attempt"], status["restarts"]) == (1, 0)
-    hold(lambda: runs.jobs() == ["chats-1"], "no attempt 2 after a config error")
+    hold(lambda: runs.jobs() == ["chats-1"], "no attempt 2 after a config error", seconds=5)
 
 
 def test_malformed_dataset_line_fails_the_run_naming_file_and_line(runs: Runs) -> None:

@@ -27,11 +27,11 @@ from e2e_runs import (
     Runs,
     api_client,
     install_operator,
-    wait_for,
 )
 from example_specs import EXAMPLES, REPO
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
+from polling import wait_for
 
 from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
 

@@ -18,13 +18,12 @@ import http.server
 import json
 import secrets
 import threading
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from kube_emulator import Cluster
 from kubernetes import client as k8s_client
-from kubernetes.client.exceptions import ApiException
+from polling import hold, wait_for  # noqa: F401 (the operator tests import them from here)
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from kubetrain import k8s
@@ -36,8 +35,6 @@ NAMESPACE = "team-a"
 # Seconds between the operator's status checks in tests (10 in production).
 RECONCILE_INTERVAL = 0.25
 
-T = TypeVar("T")
-
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -45,30 +42,6 @@ def _now() -> str:
 
 def _raw(response: Any) -> dict[str, Any]:
     return json.loads(response.data)
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (ApiException, KeyError, LookupError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last saw: {last!r}")
-
-
-def hold(check: Callable[[], bool], what: str, seconds: float = 1.0) -> None:
-    """Assert `check` stays true for `seconds` (several reconcile intervals)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert check(), what
-        time.sleep(0.05)
 
 
 class JobController:
