@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from controlplane import ROOT, ControlPlane, wait_until
 from kubelet import Nodes, PodNetwork
 
+sys.path.insert(0, str(ROOT / "scripts"))
+import fetch_k8s_tools
+
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
@@ -202,16 +205,15 @@ def main() -> None:
     kubeconfig = args.dir / "kubeconfig"
     shutil.copy(cluster.kubeconfig, kubeconfig)
     fill_examples_claim(cluster)
-    kubectl = cluster.plane.bin / "kubectl"
+    helm = fetch_k8s_tools.tool_path("helm")  # the real helm, from its PyPI wheel
     print(
         f"""
-The cluster is up. In another shell:
+The cluster is up. In another shell (README.md, "A cluster on this machine"):
 
   export KUBECONFIG={kubeconfig}
-  export PATH={kubectl.parent}:$PATH        # this kubectl; helm is in .tools/
-  kubectl get nodes
-  .tools/helm install kubetrain charts/kubetrain -n kubetrain --create-namespace \\
-      --set image.pullPolicy=Never
+  export PATH={cluster.plane.bin}:{helm.parent}:$PATH
+  helm install kubetrain charts/kubetrain -n kubetrain --create-namespace --wait \\
+      --set reconcileIntervalSeconds=2
   kubectl apply -f examples/cluster/trainingrun-from-scratch-tiny.yaml
   kubectl get tr -w
 
