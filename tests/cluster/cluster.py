@@ -53,6 +53,7 @@ class TestCluster:
         self.nodes: Nodes | None = None
         self.node_count = nodes
         self.volumes = root / "volumes"
+        self.log_handler: logging.FileHandler | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -60,6 +61,12 @@ class TestCluster:
         return self.plane.kubeconfig
 
     def start(self) -> TestCluster:
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Everything the kubelets say, for the report of a failed test (kubelet_log()).
+        self.log_handler = logging.FileHandler(self.root / "kubelet.log")
+        self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("kubelet").addHandler(self.log_handler)
+        logging.getLogger("kubelet").setLevel(logging.INFO)
         try:
             self.network.create()
             self.plane = ControlPlane(self.root / "control-plane", host_ip=self.network.gateway)
@@ -77,6 +84,13 @@ class TestCluster:
         if self.plane is not None:
             self.plane.stop()
         self.network.delete()
+        if self.log_handler is not None:
+            logging.getLogger("kubelet").removeHandler(self.log_handler)
+            self.log_handler.close()
+
+    def kubelet_log(self, lines: int = 60) -> str:
+        path = self.root / "kubelet.log"
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
 
     def check_alive(self) -> None:
         """Fail naming the component or kubelet that died."""

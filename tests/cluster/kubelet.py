@@ -339,7 +339,7 @@ class Kubelet:
         self.lock = threading.RLock()
         self.stop_flag = threading.Event()
         self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.failures = 0  # unexpected errors met (each logged); the loop goes on
         self.log_server = LogServer(self, tls)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -363,8 +363,8 @@ class Kubelet:
         self.log_server.stop()
 
     def check_alive(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"kubelet {self.name} failed: {self.error!r}") from self.error
+        if self.thread is not None and not self.thread.is_alive() and not self.stop_flag.is_set():
+            raise RuntimeError(f"kubelet {self.name} stopped working (see its log lines)")
 
     def oom_kill(self, namespace: str, pod: str) -> None:
         """The container is killed as the kernel's OOM killer would kill it."""
@@ -461,7 +461,9 @@ class Kubelet:
     # --- the loop ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        last_heartbeat = time.monotonic()
+        """Heartbeat and sync until stopped. A kubelet outlives every error: an apiserver that
+        times out or drops a connection under load is met again on the next round."""
+        last_heartbeat = 0.0
         while not self.stop_flag.wait(SYNC_SECONDS):
             try:
                 if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS:
@@ -469,16 +471,12 @@ class Kubelet:
                     last_heartbeat = time.monotonic()
                 self.sync()
             except ApiException as e:
-                if e.status in (404, 409, 500, 503, 429):
-                    log.debug("kubelet %s: %s, looking again", self.name, e.reason)
-                    continue
-                log.exception("kubelet %s failed", self.name)
-                self.error = e
-                return
-            except Exception as e:
-                log.exception("kubelet %s failed", self.name)
-                self.error = e
-                return
+                if e.status not in (404, 409):  # those: an object changed under us
+                    log.warning("kubelet %s: %s %s, trying again", self.name, e.status, e.reason)
+            except Exception:
+                log.exception("kubelet %s: sync failed, trying again", self.name)
+                self.failures += 1
+                self.stop_flag.wait(1.0)
 
     def sync(self) -> None:
         answer = self.core.list_pod_for_all_namespaces(
@@ -512,16 +510,17 @@ class Kubelet:
     def _sync_pod(self, pod: dict[str, Any], runtime: PodRuntime) -> None:
         try:
             self._sync_pod_once(pod, runtime)
-        except (ApiException, NotReady):
-            raise
+        except ApiException as e:  # this pod's call failed: the other pods go on
+            if e.status not in (404, 409):
+                log.warning("%s/%s: %s %s", runtime.namespace, runtime.name, e.status, e.reason)
         except Exception as e:  # this pod's trouble, not the node's: say so and retry
             log.exception("%s/%s: cannot run the container", runtime.namespace, runtime.name)
             runtime.restart_after = time.monotonic() + BACKOFF_CAP_SECONDS
             container = pod["spec"]["containers"][0]
             self._event(pod, "Warning", "Failed", f"Error: {e}")
-            self._patch_status(
-                pod, self._waiting_status(pod, container, "RunContainerError", str(e))
-            )
+            with contextlib.suppress(ApiException):
+                waiting = self._waiting_status(pod, container, "RunContainerError", str(e))
+                self._patch_status(pod, waiting)
 
     def _sync_pod_once(self, pod: dict[str, Any], runtime: PodRuntime) -> None:
         if pod["metadata"].get("deletionTimestamp"):

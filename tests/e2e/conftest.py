@@ -63,7 +63,9 @@ def namespace(
     yield name
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        print(cluster.nodes.namespace_logs(name))  # shown with the failure
+        # Shown with the failure: the pods' logs, then what the kubelets said.
+        print(cluster.nodes.namespace_logs(name))
+        print("--- kubelets\n" + cluster.kubelet_log())
     Runs(cluster, name).delete_everything()
     cluster.check_alive()
 
