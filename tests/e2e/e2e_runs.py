@@ -102,6 +102,15 @@ class Runs:
                 return condition
         return {}
 
+    def wait_reason(self, name: str, type_: str, reason: str, timeout: float = 60.0) -> dict:
+        """Condition `type_` of run `name` once its reason is `reason`."""
+
+        def reached() -> dict[str, Any] | None:
+            condition = self.condition(name, type_)
+            return condition if condition.get("reason") == reason else None
+
+        return wait_for(reached, f"{type_} condition with reason {reason} on {name}", timeout)
+
     def wait_phase(
         self, name: str, phase: str, timeout: float = 180.0, plural: str = PLURAL
     ) -> dict[str, Any]:

@@ -84,14 +84,7 @@ def test_a_missing_secret_keeps_the_run_pending_naming_it(runs: Runs) -> None:
         "tokenSecretRef": {"name": "hf-token", "key": "token"},
     }
     runs.create("gated", spec)
-    ready = wait_for(
-        lambda: (
-            runs.condition("gated", "Ready").get("reason") == "WaitingForDependencies"
-            and runs.condition("gated", "Ready")
-        ),
-        "the WaitingForDependencies condition",
-        60,
-    )
+    ready = runs.wait_reason("gated", "Ready", "WaitingForDependencies")
     assert f"Secret {runs.namespace}/hf-token" in ready["message"], ready
     assert runs.status("gated")["phase"] == "Pending" and runs.jobs() == []
 

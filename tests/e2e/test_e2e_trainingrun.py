@@ -190,14 +190,7 @@ def test_missing_claim_is_named_until_it_exists(runs: Runs) -> None:
     spec = pretraining("waits", max_steps=10, save_steps=10, nodes=1)
     spec["data"] = {**spec["data"], "train": "pvc://corpus/pretrain.jsonl"}
     runs.create("waits", spec)
-    ready = wait_for(
-        lambda: (
-            runs.condition("waits", "Ready").get("reason") == "WaitingForDependencies"
-            and runs.condition("waits", "Ready")
-        ),
-        "the WaitingForDependencies condition",
-        60,
-    )
+    ready = runs.wait_reason("waits", "Ready", "WaitingForDependencies")
     assert f"PersistentVolumeClaim {runs.namespace}/corpus" in ready["message"]
     assert "spec.data.train" in ready["message"]
     assert runs.status("waits")["phase"] == "Pending" and runs.jobs() == []
