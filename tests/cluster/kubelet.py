@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +283,6 @@ class PodRuntime:
     oom: bool = False
     finished: bool = False  # the pod reached Succeeded or Failed
     waiting: tuple[str, str] | None = None
-    announced: set[str] = field(default_factory=set)
 
     @property
     def log_file(self) -> Path:
@@ -339,7 +338,6 @@ class Kubelet:
         self.lock = threading.RLock()
         self.stop_flag = threading.Event()
         self.thread: threading.Thread | None = None
-        self.failures = 0  # unexpected errors met (each logged); the loop goes on
         self.log_server = LogServer(self, tls)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -475,7 +473,6 @@ class Kubelet:
                     log.warning("kubelet %s: %s %s, trying again", self.name, e.status, e.reason)
             except Exception:
                 log.exception("kubelet %s: sync failed, trying again", self.name)
-                self.failures += 1
                 self.stop_flag.wait(1.0)
 
     def sync(self) -> None:
