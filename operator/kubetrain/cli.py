@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rerun", action="store_true",
         help="pipelines: train every stage again, even those whose output holds a finished "
-        "model (by default they are skipped)",
+        "model (by default their models are reused)",
     )  # fmt: skip
     run.set_defaults(func=cmd_run)
 

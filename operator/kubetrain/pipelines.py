@@ -2,12 +2,13 @@
 
 `stage_run` builds the TrainingRun a stage becomes (`<pipeline>-<stage>`, labelled with the
 pipeline and stage, owned by the pipeline, suspended with it, its fromStage filled with the
-upstream stage's model). `pipeline_status` looks at the stage runs that exist and says which
-stages may be created now and what the pipeline's status is: a stage is ready once every
-stage it depends on succeeded and it has no run yet, so an operator restarted at any point
-creates nothing twice; after a failure, stopOnFailure starts nothing more while
-continueIndependent goes on with the stages that do not need the failed one. Stages that
-will never run are Skipped. Phase and conditions follow kstatus through
+upstream stage's model). `plan_pipeline` is the one scheduler of pipelines: it looks at the
+stage runs that exist and says which stages may start now and what the pipeline's status is;
+the operator's handler and the local runner (`kubetrain run`) both execute its plan. A stage
+is ready once every stage it depends on succeeded and it has no run yet, so an operator
+restarted at any point creates nothing twice; after a failure, stopOnFailure starts nothing
+more while continueIndependent goes on with the stages that do not need the failed one.
+Stages that will never run are Skipped. Phase and conditions follow kstatus through
 `kubetrain.status.next_status`; the clock is an argument, so every function here is pure.
 """
 
@@ -56,10 +57,12 @@ from kubetrain.status import next_status
 # A stage run in one of these phases exists and has not finished.
 IN_FLIGHT_PHASES = (PHASE_PENDING, PHASE_RUNNING, PHASE_SUSPENDED)
 FINISHED_PHASES = (PHASE_SUCCEEDED, PHASE_FAILED)
+# How the message of a stage that will never run begins (the local runner's summary drops it).
+NOT_RUN_PREFIX = "not run: "
 
 
 class PipelinePlan(NamedTuple):
-    """What to do now: the stages to create (in dependency order) and the new status."""
+    """What to do now: the stages to start (in dependency order) and the new status."""
 
     ready: list[str]
     status: PipelineStatus
@@ -170,11 +173,12 @@ def _unstarted_stage(
     waiting = [d for d in depends_on if stages[d].phase != PHASE_SUCCEEDED]
     skipped = StageStatus(name=name, phase=STAGE_SKIPPED)
     if blocked:
-        skipped.message = f"not run: it needs {', '.join(blocked)}, which did not succeed"
+        skipped.message = f"{NOT_RUN_PREFIX}it needs {', '.join(blocked)}, which did not succeed"
         return skipped, False
     if failed and pipeline.spec.failure_policy == FAILURE_STOP:
         skipped.message = (
-            f"not run: stage {', '.join(failed)} failed and the failurePolicy is stopOnFailure"
+            f"{NOT_RUN_PREFIX}stage {', '.join(failed)} failed and the failurePolicy is "
+            "stopOnFailure"
         )
         return skipped, False
     pending = StageStatus(name=name, phase=PHASE_PENDING)
@@ -189,7 +193,7 @@ def _unstarted_stage(
     return pending, True
 
 
-def pipeline_status(
+def plan_pipeline(
     pipeline: Pipeline,
     stage_runs: Mapping[str, Mapping[str, Any] | None],
     *,

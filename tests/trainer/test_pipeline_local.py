@@ -3,7 +3,7 @@
 The shipped examples/pipeline-tiny.yaml runs through `kubetrain run` with fewer steps. The
 test checks the hand-off where it happens: the TrainerConfig each stage's trainer read
 (kubetrain-trainer-config.yaml in its output) names the previous stage's output as its
-model, and that model is what the stage loaded. A second run skips every finished stage.
+model, and that model is what the stage loaded. A second run reuses every finished stage.
 """
 
 from __future__ import annotations
@@ -80,13 +80,13 @@ def test_the_tiny_pipeline_hands_each_model_to_the_next_stage(tiny_pipeline: Pat
     assert "rewards acc" in table[4] and str(dpo) in table[4]
 
 
-def test_a_second_run_skips_the_finished_stages(tiny_pipeline: Path, capsys):
+def test_a_second_run_reuses_the_finished_stages(tiny_pipeline: Path, capsys):
     dpo_metrics = stage_output(tiny_pipeline, "dpo") / "metrics.json"
     if not dpo_metrics.exists():
         pytest.skip("needs the first test's finished pipeline")
     written = dpo_metrics.stat().st_mtime_ns
     assert cli.main(["run", str(tiny_pipeline), "--metrics-port", "0"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("holds its finished model") == 3
+    assert printed.count(": reused, ") == printed.count("holds its finished model") == 3
     assert "TrainingRun pipeline-tiny-" not in printed  # nothing was started
     assert dpo_metrics.stat().st_mtime_ns == written

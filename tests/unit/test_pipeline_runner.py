@@ -1,4 +1,4 @@
-"""`kubetrain run pipeline.yaml` without training: order, hand-off, skips, reruns, failures.
+"""`kubetrain run pipeline.yaml` without training: order, hand-off, reuse, reruns, failures.
 
 A stand-in for `run_locally` records each TrainingRun it is given and leaves what the
 trainer leaves (a checkpoint and metrics.json), so these tests check the runner's decisions
@@ -88,14 +88,15 @@ def test_stages_run_in_order_each_on_the_previous_model(tmp_path: Path) -> None:
     assert "rewards acc 0.750" in printed and "eval loss 1.25" in printed
 
 
-def test_finished_stages_are_skipped_unless_rerun(tmp_path: Path) -> None:
+def test_finished_stages_are_reused_unless_rerun(tmp_path: Path) -> None:
     p = pipeline(tmp_path, *CHAIN)
     run(p, FakeTrainer())
     again = FakeTrainer()
     result, printed = run(p, again)
     assert again.stages == []
-    assert [s.status for s in result.stages] == ["skipped", "skipped"]
+    assert [s.status for s in result.stages] == ["reused", "reused"]
     assert result.stages[1].metrics["rewards_accuracy"] == 0.75  # read from metrics.json
+    assert "==> [1/2] stage sft (sft): reused, " in printed
     assert "holds its finished model (--rerun trains it again)" in printed
 
     rerun = FakeTrainer()
@@ -128,7 +129,7 @@ def test_a_retrained_stage_makes_the_stages_after_it_train_again(tmp_path: Path)
     trainer = FakeTrainer()
     result, printed = run(p, trainer)
     assert trainer.stages == ["sft", "dpo"]
-    assert [s.status for s in result.stages] == ["skipped", "trained", "trained"]
+    assert [s.status for s in result.stages] == ["reused", "trained", "trained"]
     assert "sft was trained again, so the previous run's checkpoints were removed" in printed
 
 
@@ -143,7 +144,8 @@ def test_a_failed_stage_stops_the_pipeline_and_is_named(tmp_path: Path) -> None:
         ("right", "not run"),
     ]
     assert "==> stage left failed (exit 78)" in printed
-    assert "failed (exit 78)" in printed and "not run (stage left failed)" in printed
+    assert "failed (exit 78)" in printed
+    assert "not run (stage left failed and the failurePolicy is stopOnFailure)" in printed
 
 
 def test_continue_independent_still_runs_the_other_branch(tmp_path: Path) -> None:
@@ -157,9 +159,16 @@ def test_continue_independent_still_runs_the_other_branch(tmp_path: Path) -> Non
         ("base", "trained", ""),
         ("left", "failed", ""),
         ("right", "trained", ""),
-        ("after-left", "not run", "needs left"),
+        ("after-left", "not run", "it needs left, which did not succeed"),
     ]
     assert result.exit_code == 1
+
+
+def test_spec_suspend_holds_back_a_cluster_not_kubetrain_run(tmp_path: Path) -> None:
+    trainer = FakeTrainer()
+    result, _ = run(pipeline(tmp_path, *CHAIN, suspend=True), trainer)
+    assert trainer.stages == ["sft", "dpo"]
+    assert result.exit_code == 0
 
 
 def test_cluster_only_paths_are_refused_before_anything_trains(tmp_path: Path) -> None:
@@ -201,6 +210,6 @@ def test_cli_runs_a_pipeline_and_passes_rerun(tmp_path: Path, monkeypatch, capsy
 
     trainer.fail.clear()
     assert cli.main(["run", str(path)]) == 0
-    assert trainer.stages == ["sft", "dpo", "dpo"]  # sft was finished, so it was skipped
+    assert trainer.stages == ["sft", "dpo", "dpo"]  # sft was finished, so it was reused
     assert cli.main(["run", str(path), "--rerun"]) == 0
     assert trainer.stages[3:] == ["sft", "dpo"]

@@ -46,7 +46,7 @@ from kubetrain.handlers.passes import ObjectPass, rfc3339
 from kubetrain.pipelines import (
     FINISHED_PHASES,
     invalid_pipeline_status,
-    pipeline_status,
+    plan_pipeline,
     stage_run,
     suspend_patch,
     upstream_model_uris,
@@ -102,7 +102,7 @@ class PipelinePass(ObjectPass):
             self.invalid(format_validation_error(e, f"Pipeline {self.qualified}"))
             return
         runs = self.stage_runs(pipeline)
-        plan = pipeline_status(
+        plan = plan_pipeline(
             pipeline,
             {stage: run.get("status") or {} for stage, run in runs.items()},
             now=self.now,

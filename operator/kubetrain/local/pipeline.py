@@ -1,18 +1,22 @@
 """Run a Pipeline on this machine: its stages one after another, each stage's model handed on.
 
-Stages run in dependency order through `run_locally`, each as the same TrainingRun the
-operator would create (`kubetrain.pipelines.stage_run`), fromStage filled with the upstream
-stage's output folder. A stage whose output already holds a finished model (the trainer
-writes metrics.json last) is skipped, unless `rerun` is set or a stage it depends on was
-trained in this invocation: its model would be stale. Retraining a stage first removes the
-finished run's checkpoints, metrics.json and merged model from its output, or the trainer
-would resume from the final checkpoint and train nothing. A failed stage stops the run and
-is named; with failurePolicy continueIndependent the stages that do not need it still run.
-At the end a table sums up every stage: status, runtime, final loss, eval metric and output.
+The operator's scheduler decides here too: `kubetrain.pipelines.plan_pipeline` is fed the
+stages finished so far (as Succeeded or Failed runs) and says which may start, so readiness
+and the failurePolicy (stopOnFailure, continueIndependent) have one home. Each ready stage
+runs through `run_locally`, one at a time, as the same TrainingRun the operator would create
+(`kubetrain.pipelines.stage_run`), fromStage filled with the upstream stage's output folder.
+A ready stage whose output already holds a finished model (the trainer writes metrics.json
+last) is reused, not trained, unless `rerun` is set or a stage it depends on was trained in
+this invocation: its model would be stale. Retraining a stage first removes the finished
+run's checkpoints, metrics.json and merged model from its output, or the trainer would
+resume from the final checkpoint and train nothing. A failed stage is named, and the
+stages the plan will not start are "not run" with its reason. At the end a table sums up
+every stage: status, runtime, final loss, eval metric and output.
 """
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import sys
 from collections.abc import Callable
@@ -21,8 +25,9 @@ from pathlib import Path
 from typing import TextIO
 
 from kubetrain.api import (
-    FAILURE_STOP,
     MERGED_SUBDIR,
+    PHASE_FAILED,
+    PHASE_SUCCEEDED,
     Pipeline,
     UriRef,
     classify_uri,
@@ -37,15 +42,15 @@ from kubetrain.local.runner import (
     resolve_local_uri,
     run_locally,
 )
-from kubetrain.pipelines import stage_run
+from kubetrain.pipelines import NOT_RUN_PREFIX, plan_pipeline, stage_run, upstream_model_uris
 from kubetrain.status import format_duration
 from kubetrain_trainer.config import ConfigError
 
 # How each stage of a local pipeline run ended.
 TRAINED = "trained"
-SKIPPED = "skipped"  # its output already held a finished model
+REUSED = "reused"  # its output kept the finished model of an earlier run; not trained again
 FAILED = "failed"
-NOT_RUN = "not run"  # a stage failed first (or one it needs did)
+NOT_RUN = "not run"  # the plan never started it: a stage failed first (or one it needs did)
 
 
 @dataclass
@@ -131,55 +136,95 @@ def run_pipeline_locally(
     """
     train = train or run_locally
     check_runs_here(pipeline)
-    spec = pipeline.spec
-    order = dependency_order(spec.stages)
-    outputs = {name: stage_output_uri(spec, name) for name in order}
+    # spec.suspend holds a pipeline back on a cluster; `kubetrain run` is asked to run it now.
+    pipeline = pipeline.model_copy(
+        update={"spec": pipeline.spec.model_copy(update={"suspend": False})}
+    )
+    order = dependency_order(pipeline.spec.stages)
     outcomes: dict[str, StageOutcome] = {}
+    # What the planner observes: the finished stages, as their runs' statuses would read.
+    observed: dict[str, dict] = {}
 
     def say(message: str) -> None:
         # sys.stdout is looked up now, not at import, so redirections (pytest's too) apply.
         print(message, file=out or sys.stdout, flush=True)
 
-    for index, name in enumerate(order, start=1):
-        stage = spec.stage(name)
-        outcome = StageOutcome(name, stage.spec.method, NOT_RUN, local_output_dir(outputs[name]))
+    while True:
+        plan = plan_pipeline(pipeline, observed, now=_now())
+        if not plan.ready:
+            break
+        # One stage at a time, then plan again: a failure changes what may start next.
+        name = plan.ready[0]
+        method = pipeline.spec.stage(name).spec.method
+        header = f"==> [{order.index(name) + 1}/{len(order)}] stage {name} ({method})"
+        outcome = run_stage(
+            pipeline, name, upstream_model_uris(plan.status), outcomes, header,
+            rerun=rerun, metrics_port=metrics_port, train=train, say=say,
+        )  # fmt: skip
         outcomes[name] = outcome
-        failed = [o.stage for o in outcomes.values() if o.status == FAILED]
-        unmet = [d for d in stage.depends_on if outcomes[d].status not in (TRAINED, SKIPPED)]
-        if failed and spec.failure_policy == FAILURE_STOP:
-            outcome.note = f"stage {failed[0]} failed"
-            continue
-        if unmet:
-            outcome.note = f"needs {', '.join(unmet)}"
-            continue
-        header = f"==> [{index}/{len(order)}] stage {name} ({stage.spec.method})"
-        # A model trained on an upstream model that has just been replaced is stale.
-        stale_because = [d for d in stage.depends_on if outcomes[d].status == TRAINED]
-        finished = finished_metrics(outcome.output_dir)
-        if finished is not None and not rerun and not stale_because:
-            outcome.status, outcome.metrics = SKIPPED, finished
-            say(
-                f"{header}: skipped, {display_path(outcome.output_dir)} holds its finished "
-                "model (--rerun trains it again)"
-            )
-            continue
-        if (rerun or stale_because) and clear_previous_run(outcome.output_dir):
-            why = "--rerun" if rerun else f"{', '.join(stale_because)} was trained again"
-            say(f"{header}: {why}, so the previous run's checkpoints were removed")
-        run = stage_run(pipeline, name, outputs)
-        say(f"{header}: TrainingRun {run.metadata.name} -> {display_path(outcome.output_dir)}")
-        result = train(run, metrics_port=metrics_port)
-        outcome.exit_code, outcome.metrics = result.exit_code, result.metrics
-        outcome.status = TRAINED if result.succeeded else FAILED
-        if not result.succeeded:
-            say(
-                f"==> stage {name} failed (exit {result.exit_code}); run again to resume from "
-                f"its newest checkpoint in {outcome.output_dir}"
+        observed[name] = {"phase": PHASE_FAILED if outcome.status == FAILED else PHASE_SUCCEEDED}
+
+    for planned in plan.status.stages:
+        if planned.name not in outcomes:
+            stage = pipeline.spec.stage(planned.name)
+            outcomes[planned.name] = StageOutcome(
+                planned.name,
+                stage.spec.method,
+                NOT_RUN,
+                local_output_dir(stage_output_uri(pipeline.spec, planned.name)),
+                note=(planned.message or "").removeprefix(NOT_RUN_PREFIX),
             )
 
     result = LocalPipelineRun(pipeline.metadata.name, [outcomes[n] for n in order])
     say(f"\nPipeline {pipeline.metadata.name}:\n{summary_table(result.stages)}")
     return result
+
+
+def run_stage(
+    pipeline: Pipeline,
+    name: str,
+    model_uris: dict[str, str],
+    done: dict[str, StageOutcome],
+    header: str,
+    *,
+    rerun: bool,
+    metrics_port: int | None,
+    train: Callable[..., LocalRun],
+    say: Callable[[str], None],
+) -> StageOutcome:
+    """Reuse or train one stage the plan made ready; `done` holds the stages finished before."""
+    stage = pipeline.spec.stage(name)
+    output_dir = local_output_dir(stage_output_uri(pipeline.spec, name))
+    outcome = StageOutcome(name, stage.spec.method, NOT_RUN, output_dir)
+    # A model trained on an upstream model that has just been replaced is stale.
+    stale_because = [d for d in stage.depends_on if done[d].status == TRAINED]
+    finished = finished_metrics(output_dir)
+    if finished is not None and not rerun and not stale_because:
+        outcome.status, outcome.metrics = REUSED, finished
+        say(
+            f"{header}: reused, {display_path(output_dir)} holds its finished "
+            "model (--rerun trains it again)"
+        )
+        return outcome
+    if (rerun or stale_because) and clear_previous_run(output_dir):
+        why = "--rerun" if rerun else f"{', '.join(stale_because)} was trained again"
+        say(f"{header}: {why}, so the previous run's checkpoints were removed")
+    run = stage_run(pipeline, name, model_uris)
+    say(f"{header}: TrainingRun {run.metadata.name} -> {display_path(output_dir)}")
+    result = train(run, metrics_port=metrics_port)
+    outcome.exit_code, outcome.metrics = result.exit_code, result.metrics
+    outcome.status = TRAINED if result.succeeded else FAILED
+    if not result.succeeded:
+        say(
+            f"==> stage {name} failed (exit {result.exit_code}); run again to resume from "
+            f"its newest checkpoint in {output_dir}"
+        )
+    return outcome
+
+
+def _now() -> str:
+    """This moment in RFC 3339 (the planner stamps its conditions with it)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def display_path(path: Path) -> str:

@@ -1,6 +1,6 @@
 """What the operator decides for a Pipeline: stage runs to create and the pipeline's status.
 
-`pipeline_status` is fed the stage runs' statuses as the operator would observe them, one
+`plan_pipeline` is fed the stage runs' statuses as the operator would observe them, one
 reconcile at a time; each test walks a pipeline through the states a cluster would show.
 """
 
@@ -19,7 +19,7 @@ from kubetrain.api import (
 )
 from kubetrain.pipelines import (
     invalid_pipeline_status,
-    pipeline_status,
+    plan_pipeline,
     stage_run,
     suspend_patch,
     upstream_model_uris,
@@ -89,7 +89,7 @@ def done(name: str) -> dict:
 
 def advance(p: Pipeline, runs: dict[str, dict | None], now: str = T1):
     """One reconcile: the plan, with the pipeline carrying the new status for the next."""
-    plan = pipeline_status(p, runs, now=now)
+    plan = plan_pipeline(p, runs, now=now)
     p.status = plan.status
     return plan
 
@@ -222,12 +222,12 @@ def test_a_restarted_operator_creates_nothing_twice() -> None:
     """The plan depends only on what exists, so the same observation gives the same plan."""
     p = pipeline(*DIAMOND)
     runs = {"base": done("base"), "left": {}}  # left was created just before the restart
-    first = pipeline_status(p, runs, now=T1)
+    first = plan_pipeline(p, runs, now=T1)
     fresh = pipeline(*DIAMOND)  # a new operator knows nothing but the objects
     fresh.status = first.status
     assert first.ready == ["right"]
-    assert pipeline_status(fresh, runs, now=T2).ready == ["right"]
-    assert pipeline_status(pipeline(*DIAMOND), runs, now=T2).ready == ["right"]
+    assert plan_pipeline(fresh, runs, now=T2).ready == ["right"]
+    assert plan_pipeline(pipeline(*DIAMOND), runs, now=T2).ready == ["right"]
 
 
 # ---------------------------------------------------------------- failures
