@@ -264,6 +264,20 @@ def test_pod_security_and_scratch_volumes() -> None:
     }
 
 
+@pytest.mark.parametrize("backend", ["job", "jobset"])
+def test_the_trainer_starts_in_a_writable_working_directory(backend: str) -> None:
+    # The image's WORKDIR lies on the read-only root filesystem: relative paths that the
+    # trainer or a library writes (caches, compile artifacts) must land on a scratch volume.
+    workload = by_kind(render_trainingrun(make_run(), 0, backend=backend))
+    pod = pod_spec_of(workload["JobSet" if backend == "jobset" else "Job"])
+    (container,) = pod["containers"]
+    assert container["workingDir"] == "/tmp"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert not mounts["/tmp"].get("readOnly")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/tmp"]["name"]] == {"name": "tmp", "emptyDir": {}}
+
+
 def test_hf_token_and_user_env_come_from_secrets() -> None:
     run = load_fixture("trainingrun-sft.yaml")
     env = env_of(by_kind(render_trainingrun(run, 0))["Job"])

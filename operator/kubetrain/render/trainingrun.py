@@ -44,6 +44,9 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 # Kueue reads these from the workload object; the CR carries them for the user.
 PASSTHROUGH_LABELS = (KUEUE_QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
 TRAINER_COMMAND = ["python", "-m", "kubetrain_trainer.launch", "--config", CONFIG_PATH]
+# The trainer's scratch volume, also its HOME and working directory: the image's WORKDIR
+# lies on the read-only root filesystem, where relative writes would fail.
+SCRATCH_DIR = "/tmp"
 
 
 def config_map_name(run_name: str) -> str:
@@ -314,7 +317,7 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
     env = rendezvous_env(spec, master)
     env.append({"name": "HF_HOME", "value": HF_HOME})
     # A read-only root filesystem leaves $HOME unwritable; caches (torch, triton) go there.
-    env.append({"name": "HOME", "value": "/tmp"})
+    env.append({"name": "HOME", "value": SCRATCH_DIR})
     if spec.model.token_secret_ref is not None:
         ref = spec.model.token_secret_ref
         env.append(
@@ -326,6 +329,7 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
         "name": CONTAINER_NAME,
         "image": spec.image,
         "command": list(TRAINER_COMMAND),
+        "workingDir": SCRATCH_DIR,
         "env": env,
         "ports": [
             {"name": "c10d", "containerPort": C10D_PORT, "protocol": "TCP"},
@@ -341,7 +345,7 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "hf-home", "mountPath": HF_HOME},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": SCRATCH_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ]
         + [{"name": m.volume, "mountPath": m.mount_path, "readOnly": m.read_only} for m in mounts],
