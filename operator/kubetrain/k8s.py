@@ -392,7 +392,7 @@ def read_pod_metrics(host: str, port: int = METRICS_PORT) -> str | None:
 
     Rank 0 serves metrics only once its process is up, so failures are expected and quiet.
     """
-    url = f"http://{host}:{port}/metrics"
+    url = metrics_url(host, port)
     try:
         response = requests.get(url, timeout=METRICS_TIMEOUT_SECONDS)
         response.raise_for_status()
@@ -400,3 +400,10 @@ def read_pod_metrics(host: str, port: int = METRICS_PORT) -> str | None:
         log.debug("no metrics from %s: %s", url, e)
         return None
     return response.text
+
+
+def metrics_url(host: str, port: int) -> str:
+    """`http://host:port/metrics`, an IPv6 pod IP in brackets (RFC 3986): `[fd00::7]:9400`."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"
