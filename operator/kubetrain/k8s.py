@@ -5,9 +5,10 @@ camelCase dicts, exactly as the API serves them (`_preload_content=False`), so t
 modules (`status`, `render`) read the same shapes as YAML. How the client reaches the API
 is decided in one place, `configure`: an explicit server (argument or
 $KUBETRAIN_API_SERVER, e.g. `kubectl proxy` or a test's emulated API), else the pod's
-service account, else the local kubeconfig. Creation is idempotent (an object that exists
-is left as it is), deletion names its propagation policy (batch/v1 Jobs orphan their pods
-by default), and a 404 reads as "absent" rather than as an error.
+service account, else the local kubeconfig. Creation says whether it created (an object
+that exists is left as it is; a refusal raises `Refused` with the apiserver's message),
+deletion names its propagation policy (batch/v1 Jobs orphan their pods by default), and a
+404 reads as "absent" rather than as an error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -234,32 +235,45 @@ def describe(obj: dict[str, Any]) -> str:
     return f"{obj.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
 
 
-def apply_children(objects: Iterable[dict[str, Any]]) -> list[str]:
-    """Create each object in order if absent; returns those created.
+class Refused(Exception):
+    """The apiserver refused to create an object (400, 403, 404 or 422), with its message."""
 
-    An object that exists is left as it is, except a ConfigMap, whose data is brought up to
-    date: it holds the TrainerConfig of the attempt about to start. Idempotent, so a
-    reconcile interrupted half-way (operator restart) just runs again.
-    """
-    created = []
-    for obj in objects:
-        try:
-            _create(obj)
-        except ApiException as e:
-            if e.status != 409:
-                raise
-            if obj["kind"] == "ConfigMap":
-                meta = obj["metadata"]
-                _core().patch_namespaced_config_map(
-                    meta["name"],
-                    meta["namespace"],
-                    {"data": obj.get("data") or {}},
-                    _preload_content=False,
-                )
-            continue
-        created.append(describe(obj))
-        log.info("Created %s", describe(obj))
-    return created
+    def __init__(self, obj: dict[str, Any], code: int, message: str) -> None:
+        self.object = describe(obj)
+        self.api_version = obj.get("apiVersion", "")
+        self.code = code
+        self.message = message
+        super().__init__(f"{self.object}: {code} {message}")
+
+
+def _api_message(e: ApiException) -> str:
+    """The apiserver's own message (its Status object), else the HTTP reason."""
+    try:
+        return json.loads(e.body or "{}").get("message") or str(e.reason)
+    except (ValueError, AttributeError):
+        return str(e.reason)
+
+
+def create(obj: dict[str, Any]) -> bool:
+    """Create `obj`; False if one of that name exists (409), Refused if the API says no."""
+    try:
+        _create(obj)
+    except ApiException as e:
+        if e.status == 409:
+            return False
+        if e.status in (400, 403, 404, 422):
+            raise Refused(obj, e.status, _api_message(e)) from e
+        raise
+    log.info("Created %s", describe(obj))
+    return True
+
+
+def update_config_map(obj: dict[str, Any]) -> None:
+    """Bring an existing ConfigMap's data to `obj`'s."""
+    meta = obj["metadata"]
+    _core().patch_namespaced_config_map(
+        meta["name"], meta["namespace"], {"data": obj.get("data") or {}}, _preload_content=False
+    )
 
 
 def list_workloads(namespace: str, run_name: str) -> list[dict[str, Any]]:
@@ -342,34 +356,37 @@ def list_pods(namespace: str, selector: str) -> list[dict[str, Any]]:
     )["items"]
 
 
-def pvc_exists(namespace: str, name: str) -> bool:
-    return (
-        _absent_on_404(
-            lambda: _core().read_namespaced_persistent_volume_claim(
-                name, namespace, _preload_content=False
-            )
+def get_pvc(namespace: str, name: str) -> dict[str, Any] | None:
+    return _absent_on_404(
+        lambda: _core().read_namespaced_persistent_volume_claim(
+            name, namespace, _preload_content=False
         )
-        is not None
     )
 
 
-def secret_exists(namespace: str, name: str) -> bool:
-    # Reading a Secret's metadata needs `get secrets`; the chart grants it (never `list`).
-    return (
-        _absent_on_404(
-            lambda: _core().read_namespaced_secret(name, namespace, _preload_content=False)
-        )
-        is not None
+def get_config_map(namespace: str, name: str) -> dict[str, Any] | None:
+    return _absent_on_404(
+        lambda: _core().read_namespaced_config_map(name, namespace, _preload_content=False)
     )
 
 
-def config_map_exists(namespace: str, name: str) -> bool:
-    return (
-        _absent_on_404(
-            lambda: _core().read_namespaced_config_map(name, namespace, _preload_content=False)
-        )
-        is not None
+def get_service(namespace: str, name: str) -> dict[str, Any] | None:
+    return _absent_on_404(
+        lambda: _core().read_namespaced_service(name, namespace, _preload_content=False)
     )
+
+
+def force_delete_pod(namespace: str, name: str) -> bool:
+    """Delete a pod at once (grace period 0), as `kubectl delete --force`; False if gone."""
+    try:
+        _core().delete_namespaced_pod(
+            name, namespace, grace_period_seconds=0, _preload_content=False
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
 
 
 # --- Rank 0's metrics -------------------------------------------------------------------

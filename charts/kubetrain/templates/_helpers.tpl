@@ -113,26 +113,29 @@ the code and fails when the two differ, in either direction.
   resources: [pipelines/status]
   verbs: [patch]
 # Each attempt's children: a ConfigMap with the trainer's config (brought up to date when
-# it exists), a headless Service, and an Indexed Job or a JobSet, deleted on restart.
+# it differs), a headless Service, and an Indexed Job or a JobSet, deleted on restart. The
+# ConfigMap and Service are read by name to check whose they are before taking them.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [services]
-  verbs: [create]
+  verbs: [get, create]
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, create, delete]
 - apiGroups: [jobset.x-k8s.io]
   resources: [jobsets]
   verbs: [list, create, delete]
-# Follow the pods of an attempt (rank 0's /metrics is read over HTTP, no extra rights).
+# Follow the pods of an attempt (rank 0's /metrics is read over HTTP, no extra rights);
+# force-delete an old attempt's pods stuck on a dead node when restartPolicy says so.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
-# Wait until the claims and Secrets a run mounts exist. `get` only: never list Secrets.
+  verbs: [list, delete]
+# Wait until the claims a run mounts exist and can be shared by its nodes. No Secrets: a
+# missing one is learnt from the pods' status (CreateContainerConfigError).
 - apiGroups: [""]
-  resources: [persistentvolumeclaims, secrets]
+  resources: [persistentvolumeclaims]
   verbs: [get]
 # kopf posts the run's events (kubectl describe tr).
 - apiGroups: [""]

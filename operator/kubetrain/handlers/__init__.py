@@ -115,8 +115,8 @@ def register(
         reconcile(namespace, name, memo)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
-    def deleted(namespace: str, name: str, **_: Any) -> None:
-        forget(namespace, name)
+    def deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        forget(namespace, name, memo)
 
     # Pipelines: the same triggers, one reconcile. Stage runs are TrainingRuns, served above.
     @kopf.on.create(

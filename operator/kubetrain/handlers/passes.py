@@ -1,25 +1,17 @@
-"""What both reconcile passes share: the object as read, its events, and API timestamps."""
+"""What both reconcile passes share: the object as read and its events."""
 
 from __future__ import annotations
 
-import datetime
 import logging
 from typing import Any
 
 import kopf
 
+from kubetrain.status import parse_rfc3339, rfc3339
+
 log = logging.getLogger("kubetrain.handlers")
 
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # RFC 3339 in UTC, as the API server writes it
-
-
-def rfc3339(moment: float) -> str:
-    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime(TIMESTAMP_FORMAT)
-
-
-def parse_rfc3339(text: str) -> float:
-    moment = datetime.datetime.strptime(text, TIMESTAMP_FORMAT)
-    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
+__all__ = ["ObjectPass", "parse_rfc3339", "rfc3339"]
 
 
 class ObjectPass:

@@ -1,0 +1,782 @@
+"""What the operator decides for a TrainingRun: one pure function of what it observed.
+
+`plan_trainingrun(observed)` takes the run as read, the Jobs/JobSets and pods labelled with
+its name, its ConfigMap and Service as they exist under their names, the claims it mounts,
+rank 0's metrics and the clock, and returns a `TrainingRunPlan`: the actions to take (create,
+update or delete children, record the spec an attempt starts from, announce) and the whole
+new status. The kopf handler executes plans (`kubetrain.handlers.trainingrun`); nothing here
+talks to the API, so every transition is a table test (tests/unit/test_plan_trainingrun.py).
+
+The lifecycle. A new run is validated (InvalidSpec names the field), waits while a claim it
+mounts is missing or cannot be shared by its nodes (WaitingForDependencies), then gets
+attempt 1: ConfigMap, headless Service and Indexed Job (or a JobSet), owned by the run.
+A child whose name is held by something else waits with NameTaken; one still owned by a
+deleted run of the same name waits for garbage collection; one the apiserver refuses ends
+in a condition with the apiserver's message (Failed InvalidSpec for 400/422, Pending for
+403/404). While the attempt runs, its ConfigMap and Service are ensured every pass, and pods
+waiting on a missing Secret or ConfigMap are named (the operator reads no Secrets). A
+retriable failure deletes the attempt's workload and, once its pods are gone (two gangs
+must never write one output), starts attempt N+1 from the newest checkpoint, within
+restartPolicy.maxRestarts; a workload suspended by a queue (Kueue) is waiting, not failing,
+and costs no restart. Pods of an old attempt stuck terminating (a dead node never confirms)
+are named after a while and force-deleted when restartPolicy.forceDeleteAfterSeconds says.
+A config error fails the run at once. `spec.suspend: true` deletes the workload; false
+starts a new attempt. Other spec edits after the start are ignored (SpecChangeIgnored,
+compared after a round trip through the model, so fields a CRD upgrade defaults are no
+edit) and apply on the next resume: each attempt's spec is kept in the
+`kubetrain.dev/started-spec` annotation. A finished run keeps its verdict: nothing is
+re-created, no restart budget is reset.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetrain.api import (
+    CONDITION_READY,
+    GROUP,
+    KIND,
+    LABEL_ATTEMPT,
+    PHASE_FAILED,
+    PHASE_PENDING,
+    PHASE_RUNNING,
+    PHASE_SUCCEEDED,
+    PHASE_SUSPENDED,
+    REASON_COMPLETED,
+    REASON_CONFIG_ERROR,
+    REASON_CREATED,
+    REASON_INVALID_SPEC,
+    REASON_RESTARTING,
+    REASON_RESTARTS_EXHAUSTED,
+    REASON_SUSPENDED,
+    REASON_WAITING_FOR_DEPENDENCIES,
+    Condition,
+    Outputs,
+    Phase,
+    Progress,
+    TrainingRun,
+    TrainingRunSpec,
+    TrainingRunStatus,
+    parse_pvc_uri,
+    uri_refs,
+)
+from kubetrain.render import (
+    RenderError,
+    job_name,
+    owner_reference,
+    render_trainingrun,
+)
+from kubetrain.status import (
+    Observation,
+    TrainerMetrics,
+    checkpoint_uri,
+    eta_seconds,
+    next_status,
+    observe_attempt,
+    parse_rfc3339,
+    progress_status,
+    rfc3339,
+)
+from kubetrain_trainer.config import format_validation_error
+
+STARTED_SPEC_ANNOTATION = f"{GROUP}/started-spec"
+TERMINAL_PHASES = (PHASE_SUCCEEDED, PHASE_FAILED)
+# Old pods must be gone before the next attempt starts, so deletion waits for them.
+PROPAGATION = "Foreground"
+# A pod still terminating this long past its grace period is on a node that does not answer.
+STUCK_TERMINATING_SECONDS = 300
+
+REASON_NAME_TAKEN = "NameTaken"  # a child's name is held by an object that is not ours
+REASON_FORBIDDEN = "Forbidden"  # the apiserver refused a child with 403 (RBAC, quota, policy)
+REASON_API_NOT_INSTALLED = "APINotInstalled"  # 404 on create: the kind is not served
+REASON_PODS_STUCK_TERMINATING = "PodsStuckTerminating"
+
+# How the kubelet says a pod's env names an object that does not exist.
+_MISSING_REFERENCE = re.compile(r'(secret|configmap) "([^"]+)" not found', re.IGNORECASE)
+
+
+# --- What was observed ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The apiserver refused to create a child: which one, the HTTP code and its message."""
+
+    object: str  # `Kind namespace/name`
+    api_version: str
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything one decision reads, as the API serves it (camelCase dicts).
+
+    `workloads` and `pods` are every Job/JobSet and pod labelled with the run's name, of
+    any attempt and any owner; `config_map` and `service` are what exists under the names
+    the run's children take (None: nothing); `claims` maps each claim the spec mounts to
+    the PVC (None: missing). `metrics` is rank 0's sample of the current attempt;
+    `first_sample` the (attempt, step, time) the ETA extrapolates from; `refusal` what the
+    apiserver said to the previous plan's creations.
+    """
+
+    run: Mapping[str, Any]
+    now: float
+    workloads: Sequence[Mapping[str, Any]] = ()
+    pods: Sequence[Mapping[str, Any]] = ()
+    config_map: Mapping[str, Any] | None = None
+    service: Mapping[str, Any] | None = None
+    claims: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)
+    metrics: TrainerMetrics | None = None
+    first_sample: tuple[int, int, float] | None = None
+    refusal: Refusal | None = None
+
+
+# --- What to do -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateChild:
+    """Create `obj` (ConfigMap, Service, Job or JobSet) if absent; announce it if created."""
+
+    obj: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class UpdateConfigMap:
+    """Bring the run's ConfigMap's data up to date (it holds the attempt's TrainerConfig)."""
+
+    obj: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeleteWorkload:
+    """Delete a Job or JobSet and, first, its pods."""
+
+    workload: Mapping[str, Any]
+    why: str
+
+
+@dataclass(frozen=True)
+class ForceDeletePod:
+    """Delete a pod with grace period 0: its node no longer answers for it."""
+
+    namespace: str
+    name: str
+    why: str
+
+
+@dataclass(frozen=True)
+class RecordStartedSpec:
+    """Keep the spec an attempt starts from in the run's started-spec annotation."""
+
+    spec: str
+
+
+@dataclass(frozen=True)
+class Announce:
+    """An event on the run and the same line in the operator's log."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+Action = (
+    CreateChild | UpdateConfigMap | DeleteWorkload | ForceDeletePod | RecordStartedSpec | Announce
+)
+
+
+@dataclass(frozen=True)
+class TrainingRunPlan:
+    """The actions to take, in order, and the status to write once they are done.
+
+    `restart_cause` is set when the plan starts a restart (for the restarts metric);
+    `first_sample` is what the next decision's ETA extrapolates from.
+    """
+
+    actions: tuple[Action, ...]
+    status: TrainingRunStatus
+    restart_cause: str | None = None
+    first_sample: tuple[int, int, float] | None = None
+
+
+# --- The decision -----------------------------------------------------------------------
+
+
+def plan_trainingrun(observed: Observed) -> TrainingRunPlan:
+    """Decide the next step for one TrainingRun (module docstring: the lifecycle)."""
+    return _Decision(observed).plan()
+
+
+class _Decision:
+    """One decision: read-only views of the observation, and helpers that build plans."""
+
+    def __init__(self, observed: Observed) -> None:
+        self.observed = observed
+        body = observed.run
+        meta = body["metadata"]
+        self.namespace: str = meta["namespace"]
+        self.name: str = meta["name"]
+        self.uid: str = meta.get("uid", "")
+        self.generation: int | None = meta.get("generation")
+        self.spec: Mapping[str, Any] = body.get("spec") or {}
+        self.status = TrainingRunStatus.model_validate(body.get("status") or {})
+        started = (meta.get("annotations") or {}).get(STARTED_SPEC_ANNOTATION)
+        self.started_spec: dict[str, Any] | None = json.loads(started) if started else None
+        self.announcements: list[Announce] = []
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    # --- plans -------------------------------------------------------------------------
+
+    def plan(self) -> TrainingRunPlan:
+        status = self.status
+        ready = _condition(status, CONDITION_READY)
+        refused_spec = status.phase == PHASE_FAILED and ready is not None
+        refused_spec = refused_spec and ready.reason == REASON_INVALID_SPEC
+        if self.observed.refusal is not None:
+            return self.refused(self.observed.refusal)
+        if status.phase in TERMINAL_PHASES and not refused_spec:
+            # Finished runs keep their verdict; only acknowledge the generation (kstatus).
+            # Their children are never re-created, their restart budget never reset.
+            reason, message = (ready.reason, ready.message) if ready else ("", "")
+            return self.done(status.phase, reason, message)
+        if self.spec.get("suspend"):
+            return self.suspend()
+        attempt = status.attempt or 0
+        if attempt == 0:
+            # A status that lost its attempt (restored from a backup, replaced) must not
+            # cost the running gang: adopt the newest attempt's workload if there is one.
+            newest = self.newest_attempt()
+            return self.follow(newest) if newest else self.start(1)
+        if status.phase in (PHASE_SUSPENDED, PHASE_FAILED):
+            return self.start(attempt + 1)
+        return self.follow(attempt)
+
+    def done(
+        self,
+        phase: Phase,
+        reason: str,
+        message: str,
+        actions: Sequence[Action] = (),
+        *,
+        spec_change_ignored: str | None = None,
+        restart_cause: str | None = None,
+        first_sample: tuple[int, int, float] | None = None,
+        **changes: Any,
+    ) -> TrainingRunPlan:
+        """The plan: `actions`, then the status in `phase` with `changes` (snake_case)."""
+        status = _with_phase(
+            self.status,
+            phase,
+            reason,
+            message,
+            now=self.observed.now,
+            generation=self.generation,
+            spec_change_ignored=spec_change_ignored,
+        )
+        status = status.model_copy(update=changes)
+        return TrainingRunPlan(
+            actions=(*self.announcements, *actions),
+            status=status,
+            restart_cause=restart_cause,
+            first_sample=first_sample if first_sample is not None else self.observed.first_sample,
+        )
+
+    def announce(self, reason: str, message: str, *, warning: bool = False) -> None:
+        self.announcements.append(Announce(reason, message, warning))
+
+    def announce_once(self, reason: str, message: str, *, prefix: str = "", warn: bool = True):
+        """Announce unless the status already says this reason and message."""
+        ready = _condition(self.status, CONDITION_READY)
+        if ready is None or (ready.reason, ready.message) != (reason, message):
+            self.announce(reason, prefix + message, warning=warn)
+
+    def fail(self, reason: str, message: str) -> TrainingRunPlan:
+        self.announce_once(reason, message, prefix="Failed: ")
+        return self.done(PHASE_FAILED, reason, message, completion_time=self.now_text)
+
+    def wait(self, reason: str, message: str, actions: Sequence[Action] = ()) -> TrainingRunPlan:
+        """Pending for a reason a person may have to act on: announced once, as a warning."""
+        self.announce_once(reason, message)
+        return self.done(PHASE_PENDING, reason, message, actions)
+
+    @property
+    def now_text(self) -> str:
+        return rfc3339(self.observed.now)
+
+    def refused(self, refusal: Refusal) -> TrainingRunPlan:
+        said = f"the apiserver refused {refusal.object} ({refusal.code}): {refusal.message}"
+        if refusal.code in (400, 422):
+            return self.fail(REASON_INVALID_SPEC, f"{said}; fix the spec")
+        if refusal.code == 404:
+            return self.wait(
+                REASON_API_NOT_INSTALLED,
+                f"{refusal.api_version} is not served by this cluster ({refusal.object} "
+                "cannot be created): install it (the JobSet CRD and controller for "
+                "spec.backend: jobset) or use spec.backend: job",
+            )
+        return self.wait(REASON_FORBIDDEN, f"{said}; retried every interval")
+
+    def suspend(self) -> TrainingRunPlan:
+        deleting, actions = self.delete(self.owned_workloads(), "the run is suspended")
+        message = "spec.suspend is true; set it to false to resume from the newest checkpoint"
+        if deleting:
+            message += f" (stopping {', '.join(deleting)})"
+        if self.status.phase != PHASE_SUSPENDED:
+            self.announce(REASON_SUSPENDED, "Suspended: spec.suspend is true")
+        return self.done(PHASE_SUSPENDED, REASON_SUSPENDED, message, actions)
+
+    def start(self, attempt: int) -> TrainingRunPlan:
+        """Start `attempt` with the current spec (new run, resume, or fixed InvalidSpec)."""
+        try:
+            run = self.validated(self.spec)
+        except ValidationError as e:
+            return self.fail(
+                REASON_INVALID_SPEC, format_validation_error(e, f"TrainingRun {self.qualified}")
+            )
+        waiting = self.wait_for_older(attempt)
+        if waiting is not None:
+            return waiting
+        missing = self.missing_claims(run)
+        if missing:
+            return self.wait(REASON_WAITING_FOR_DEPENDENCIES, "; ".join(missing))
+        try:
+            children = render_trainingrun(run, attempt, owner=owner_reference(run))
+        except RenderError as e:
+            return self.fail(REASON_INVALID_SPEC, str(e))
+        blocked = self.names_blocked(children)
+        if blocked is not None:
+            return blocked
+        # Record the spec first: restarts of this run render from it, whatever edits follow.
+        started = RecordStartedSpec(json.dumps(self.spec, sort_keys=True, separators=(",", ":")))
+        actions = [started, *self.ensure(children)]
+        return self.done(
+            PHASE_PENDING,
+            REASON_CREATED,
+            f"attempt {attempt}: waiting for {run.spec.resources.nodes} pod(s) to run",
+            actions,
+            attempt=attempt,
+            restarts=self.status.restarts or 0,
+            completion_time=None,
+        )
+
+    def follow(self, attempt: int) -> TrainingRunPlan:
+        """Follow attempt N's workload and pods; restart or finish as they say."""
+        try:
+            run = self.validated(self.started_spec if self.started_spec is not None else self.spec)
+        except ValidationError as e:
+            return self.fail(
+                REASON_INVALID_SPEC, format_validation_error(e, f"TrainingRun {self.qualified}")
+            )
+        ignored = self.spec_change_ignored(run, attempt)
+        common = {"attempt": attempt, "restarts": self.status.restarts or 0}
+        waiting = self.wait_for_older(attempt, common)
+        if waiting is not None:
+            return waiting
+        try:
+            children = render_trainingrun(run, attempt, owner=owner_reference(run))
+        except RenderError as e:
+            return self.fail(REASON_INVALID_SPEC, str(e))
+        blocked = self.names_blocked(children, **common)
+        if blocked is not None:
+            return blocked
+        workload = self.workload(job_name(self.name, attempt))
+        ensure = self.ensure(children)
+        if workload is None:
+            # After a restart, or deleted by someone: (re)create the attempt's children.
+            return self.done(
+                PHASE_PENDING,
+                REASON_CREATED,
+                f"attempt {attempt}: waiting for {run.spec.resources.nodes} pod(s) to run",
+                ensure,
+                spec_change_ignored=ignored,
+                **common,
+            )
+        if workload["metadata"].get("deletionTimestamp"):
+            # Deleted by someone else; re-created once it is gone.
+            return TrainingRunPlan((), self.status, first_sample=self.observed.first_sample)
+        pods = self.attempt_pods(attempt)
+        observation = observe_attempt(workload, pods, run.spec.resources.nodes)
+        if observation.state == "succeeded":
+            message = f"attempt {attempt} completed; the model is in {run.spec.output}"
+            self.announce(REASON_COMPLETED, f"Succeeded: {message}")
+            return self.done(
+                PHASE_SUCCEEDED,
+                REASON_COMPLETED,
+                message,
+                ensure,
+                spec_change_ignored=ignored,
+                completion_time=self.now_text,
+                outputs=Outputs(model_uri=run.spec.output),
+                **common,
+            )
+        if observation.state == "failed":
+            return self.after_failure(run, attempt, workload, observation, ignored)
+        return self.progress(run, attempt, observation, pods, ensure, ignored)
+
+    def progress(
+        self,
+        run: TrainingRun,
+        attempt: int,
+        observation: Observation,
+        pods: Sequence[Mapping[str, Any]],
+        ensure: Sequence[Action],
+        ignored: str | None,
+    ) -> TrainingRunPlan:
+        running = observation.state == "running"
+        changes: dict[str, Any] = {"attempt": attempt, "restarts": self.status.restarts or 0}
+        if running and not self.status.start_time:
+            changes["start_time"] = self.now_text
+        first_sample = self.observed.first_sample
+        metrics = self.observed.metrics if running else None
+        if metrics is not None and metrics.step is not None:
+            # The ETA extrapolates from the first sample this operator took of the attempt.
+            first = first_sample
+            if first is None or first[0] != attempt or first[1] > metrics.step:
+                first = first_sample = (attempt, metrics.step, self.observed.now)
+            eta = eta_seconds(first[1:], (metrics.step, self.observed.now), metrics.total_steps)
+            changes["progress"] = Progress.model_validate(progress_status(metrics, eta))
+        if metrics is not None:
+            checkpoint = checkpoint_uri(run.spec.output, metrics.checkpoint_step)
+            if checkpoint:
+                changes["latest_checkpoint"] = checkpoint
+        phase = PHASE_RUNNING if running else PHASE_PENDING
+        reason, message = observation.reason, observation.message
+        missing = _missing_references(run, pods, self.namespace)
+        if missing and not running:
+            reason, message = REASON_WAITING_FOR_DEPENDENCIES, "; ".join(missing)
+            self.announce_once(reason, message)
+        elif phase != self.status.phase:
+            self.announce(observation.reason, f"Attempt {attempt}: {observation.message}")
+        return self.done(
+            phase,
+            reason,
+            message,
+            ensure,
+            spec_change_ignored=ignored,
+            first_sample=first_sample,
+            **changes,
+        )
+
+    def after_failure(
+        self,
+        run: TrainingRun,
+        attempt: int,
+        workload: Mapping[str, Any],
+        observation: Observation,
+        ignored: str | None,
+    ) -> TrainingRunPlan:
+        if not observation.retriable:
+            return self.fail(REASON_CONFIG_ERROR, observation.message)
+        restarts = self.status.restarts or 0
+        max_restarts = run.spec.restart_policy.max_restarts
+        what = f"attempt {attempt} failed ({observation.reason}): {observation.message}"
+        if restarts >= max_restarts:
+            return self.fail(
+                REASON_RESTARTS_EXHAUSTED,
+                f"{what}; restartPolicy.maxRestarts ({max_restarts}) restarts used",
+            )
+        following = attempt + 1
+        self.announce(
+            REASON_RESTARTING,
+            f"{what}; starting attempt {following} (restart {restarts + 1} of {max_restarts})",
+            warning=True,
+        )
+        # Status with the deletion: should the operator stop right after, the next one sees
+        # attempt N+1, deletes the old workload (no longer the attempt's) and goes on.
+        return self.done(
+            PHASE_PENDING,
+            REASON_RESTARTING,
+            f"{what}; attempt {following} starts once its pods are gone",
+            [DeleteWorkload(workload, f"attempt {following} replaces it")],
+            spec_change_ignored=ignored,
+            restart_cause=observation.reason,
+            attempt=following,
+            restarts=restarts + 1,
+        )
+
+    # --- what the observation says -----------------------------------------------------
+
+    def validated(self, spec: Mapping[str, Any]) -> TrainingRun:
+        """The run as a model with `spec`; ValidationError if it is bad."""
+        raw = {key: value for key, value in self.observed.run.items() if key != "status"}
+        return TrainingRun.model_validate({**raw, "spec": spec})
+
+    def owns(self, obj: Mapping[str, Any]) -> bool:
+        refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+        return any(ref.get("uid") == self.uid for ref in refs)
+
+    def owned_workloads(self) -> list[Mapping[str, Any]]:
+        """Jobs and JobSets of this run object (not of an older run with the same name)."""
+        return [w for w in self.observed.workloads if self.owns(w)]
+
+    def workload(self, name: str) -> Mapping[str, Any] | None:
+        return next((w for w in self.owned_workloads() if w["metadata"]["name"] == name), None)
+
+    def newest_attempt(self) -> int:
+        """The highest attempt number among this run's workloads; 0 if it has none."""
+        labels = [w["metadata"].get("labels") or {} for w in self.owned_workloads()]
+        attempts = [int(a) for a in (lb.get(LABEL_ATTEMPT, "") for lb in labels) if a.isdigit()]
+        return max(attempts, default=0)
+
+    def attempt_pods(self, attempt: int) -> list[Mapping[str, Any]]:
+        return [p for p in self.observed.pods if _attempt_of(p) == str(attempt)]
+
+    def delete(
+        self, workloads: Sequence[Mapping[str, Any]], why: str
+    ) -> tuple[list[str], list[Action]]:
+        """Deletions of the workloads not yet being deleted, and the names of all of them."""
+        names = [describe(w) for w in workloads]
+        actions: list[Action] = [
+            DeleteWorkload(w, why) for w in workloads if not w["metadata"].get("deletionTimestamp")
+        ]
+        return names, actions
+
+    def wait_for_older(
+        self, attempt: int, changes: Mapping[str, Any] | None = None
+    ) -> TrainingRunPlan | None:
+        """While older attempts' workloads exist: delete them and wait (None: none left)."""
+        current = job_name(self.name, attempt)
+        older = [w for w in self.owned_workloads() if w["metadata"]["name"] != current]
+        if not older:
+            return None
+        deleting, actions = self.delete(older, f"attempt {attempt} replaces it")
+        message = f"waiting for {', '.join(deleting)} to be deleted before attempt {attempt} starts"
+        stuck = [p for p in self.observed.pods if self.stuck_terminating(p, attempt)]
+        if not stuck:
+            return self.done(PHASE_PENDING, REASON_RESTARTING, message, actions, **(changes or {}))
+        nodes = sorted({(p.get("spec") or {}).get("nodeName") or "no node" for p in stuck})
+        names = ", ".join(p["metadata"]["name"] for p in stuck)
+        message = (
+            f"{message}: pod(s) {names} on node(s) {', '.join(nodes)} are still terminating "
+            f"more than {STUCK_TERMINATING_SECONDS}s past their grace period; the node may be "
+            "down. Delete them with `kubectl delete pod --force --grace-period=0`, or set "
+            "spec.restartPolicy.forceDeleteAfterSeconds"
+        )
+        force_after = _force_delete_after(self.spec)
+        if force_after is not None:
+            for pod in stuck:
+                if self.terminating_for(pod) >= force_after:
+                    meta = pod["metadata"]
+                    why = f"terminating {int(self.terminating_for(pod))}s past its grace period"
+                    actions.append(ForceDeletePod(meta["namespace"], meta["name"], why))
+        self.announce_once(REASON_PODS_STUCK_TERMINATING, message)
+        return self.done(PHASE_PENDING, REASON_PODS_STUCK_TERMINATING, message, actions, **changes)
+
+    def terminating_for(self, pod: Mapping[str, Any]) -> float:
+        """Seconds since a deleted pod's grace period ended (deletionTimestamp is its end)."""
+        deadline = (pod.get("metadata") or {}).get("deletionTimestamp")
+        return self.observed.now - parse_rfc3339(deadline) if deadline else 0.0
+
+    def stuck_terminating(self, pod: Mapping[str, Any], attempt: int) -> bool:
+        if _attempt_of(pod) == str(attempt):
+            return False
+        return self.terminating_for(pod) > STUCK_TERMINATING_SECONDS
+
+    def missing_claims(self, run: TrainingRun) -> list[str]:
+        """Claims the pods would mount that are missing or that its nodes cannot share."""
+        problems = []
+        seen: set[str] = set()
+        multi_node = run.spec.resources.nodes > 1
+        for ref in uri_refs(run.spec):
+            if ref.kind != "pvc":
+                continue
+            claim = parse_pvc_uri(ref.uri).claim
+            if claim in seen:
+                continue
+            seen.add(claim)
+            pvc = self.observed.claims.get(claim)
+            what = f"PersistentVolumeClaim {self.namespace}/{claim} ({ref.field}: {ref.uri})"
+            if pvc is None:
+                problems.append(f"{what} does not exist; create it or fix the URI")
+                continue
+            modes = set((pvc.get("spec") or {}).get("accessModes") or [])
+            writes = ref.field == "spec.output"
+            shared = {"ReadWriteMany"} if writes else {"ReadWriteMany", "ReadOnlyMany"}
+            if multi_node and not modes & shared:
+                need = "ReadWriteMany" if writes else "ReadOnlyMany or ReadWriteMany"
+                problems.append(
+                    f"{what} has access modes {', '.join(sorted(modes)) or 'none'}, but "
+                    f"{run.spec.resources.nodes} nodes mount it at once: use a claim with "
+                    f"{need} (a shared filesystem such as NFS, CephFS or a cloud file store)"
+                )
+        return problems
+
+    def names_blocked(
+        self, children: Sequence[Mapping[str, Any]], **changes: Any
+    ) -> TrainingRunPlan | None:
+        """A plan that waits when the ConfigMap's or Service's name is held by another."""
+        existing = {"ConfigMap": self.observed.config_map, "Service": self.observed.service}
+        for child in children:
+            found = existing.get(child["kind"])
+            if found is None or self.owns(found):
+                continue
+            what = describe(child)
+            refs = (found.get("metadata") or {}).get("ownerReferences") or []
+            earlier = [r for r in refs if r.get("kind") == KIND and r.get("name") == self.name]
+            if earlier:
+                # A run deleted and re-created under this name: its child goes by garbage
+                # collection, then this run creates its own.
+                return self.done(
+                    PHASE_PENDING,
+                    REASON_RESTARTING,
+                    f"waiting for {what} of an earlier TrainingRun {self.qualified} "
+                    f"(uid {earlier[0].get('uid')}) to be garbage-collected",
+                    **changes,
+                )
+            holder = ", ".join(f"{r.get('kind')} {r.get('name')}" for r in refs) or "nobody"
+            return self.wait(
+                REASON_NAME_TAKEN,
+                f"{what} already exists and is not this run's (owned by {holder}); "
+                "delete it or rename the run",
+            )
+        return None
+
+    def ensure(self, children: Sequence[dict[str, Any]]) -> list[Action]:
+        """Create the children that are missing; bring the ConfigMap's data up to date."""
+        actions: list[Action] = []
+        for child in children:
+            kind = child["kind"]
+            if kind == "ConfigMap":
+                found = self.observed.config_map
+                if found is None:
+                    actions.append(CreateChild(child))
+                elif found.get("data") != child.get("data"):
+                    actions.append(UpdateConfigMap(child))
+            elif kind == "Service":
+                if self.observed.service is None:
+                    actions.append(CreateChild(child))
+            elif self.workload(child["metadata"]["name"]) is None:
+                actions.append(CreateChild(child))
+        return actions
+
+    def spec_change_ignored(self, run: TrainingRun, attempt: int) -> str | None:
+        """The SpecChangeIgnored message while the spec differs from the started one."""
+        if self.started_spec is None:
+            return None
+        try:
+            current = TrainingRunSpec.model_validate(self.spec)
+        except ValidationError:
+            current = None  # an invalid edit is an edit all the same
+        if current is not None and _without_suspend(current) == _without_suspend(run.spec):
+            return None
+        return (
+            f"spec changed (generation {self.generation}) after attempt {attempt} "
+            "started; the running attempt and its restarts keep the spec they started "
+            "with. Suspend and resume the run to apply the change"
+        )
+
+
+# --- Small pure helpers -----------------------------------------------------------------
+
+
+def describe(obj: Mapping[str, Any]) -> str:
+    """`Kind namespace/name`, the way log lines and events name an object."""
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
+
+
+def _attempt_of(pod: Mapping[str, Any]) -> str | None:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT)
+
+
+def _condition(status: TrainingRunStatus, type_: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+def _without_suspend(spec: TrainingRunSpec) -> dict[str, Any]:
+    """A spec as data, after a round trip through the model (defaults filled in)."""
+    dumped = spec.model_dump(mode="json", by_alias=True)
+    dumped.pop("suspend", None)
+    return dumped
+
+
+def _force_delete_after(spec: Mapping[str, Any]) -> float | None:
+    value = (spec.get("restartPolicy") or {}).get("forceDeleteAfterSeconds")
+    return float(value) if value is not None else None
+
+
+def _missing_references(
+    run: TrainingRun, pods: Sequence[Mapping[str, Any]], namespace: str
+) -> list[str]:
+    """Secrets and ConfigMaps the pods wait for, as the kubelet reports them, with the fix."""
+    missing: list[str] = []
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            found = _MISSING_REFERENCE.search(waiting.get("message") or "")
+            if waiting.get("reason") != "CreateContainerConfigError" or found is None:
+                continue
+            kind = "Secret" if found.group(1).lower() == "secret" else "ConfigMap"
+            name = found.group(2)
+            fields = _referenced_by(run, kind, name)
+            line = (
+                f"{kind} {namespace}/{name}" + (f" ({fields})" if fields else "")
+                + " does not exist; create it or fix the reference"
+            )  # fmt: skip
+            if line not in missing:
+                missing.append(line)
+    return missing
+
+
+def _referenced_by(run: TrainingRun, kind: str, name: str) -> str:
+    """The spec fields that name a Secret or ConfigMap, for messages."""
+    fields = []
+    token = run.spec.model.token_secret_ref
+    if kind == "Secret" and token is not None and token.name == name:
+        fields.append("spec.model.tokenSecretRef")
+    for env in run.spec.env:
+        source = env.value_from
+        ref = None
+        if source is not None:
+            ref = source.secret_key_ref if kind == "Secret" else source.config_map_key_ref
+        if ref is not None and ref.name == name:
+            fields.append(f"spec.env {env.name}")
+    return ", ".join(fields)
+
+
+def _with_phase(
+    status: TrainingRunStatus,
+    phase: Phase,
+    reason: str,
+    message: str,
+    *,
+    now: float,
+    generation: int | None,
+    spec_change_ignored: str | None,
+) -> TrainingRunStatus:
+    """`status` in `phase`: conditions the kstatus way (`kubetrain.status.next_status`)."""
+    previous = {"conditions": [c.model_dump(by_alias=True) for c in status.conditions]}
+    conditions = next_status(
+        previous,
+        phase=phase,
+        reason=reason,
+        message=message,
+        now=rfc3339(now),
+        generation=generation,
+        spec_change_ignored=spec_change_ignored,
+    )["conditions"]
+    return status.model_copy(
+        update={
+            "phase": phase,
+            "conditions": [Condition.model_validate(c) for c in conditions],
+            "observed_generation": generation
+            if generation is not None
+            else status.observed_generation,
+        }
+    )
+
+
+def status_body(status: TrainingRunStatus) -> dict[str, Any]:
+    """The status as the API stores it (camelCase, unset fields left out)."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
