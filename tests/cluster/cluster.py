@@ -9,6 +9,9 @@ namespaces labelled for PodSecurity `restricted`, and PersistentVolumes on local
 pre-bound to the claims that `create_claim` makes (the real PV controller binds them).
 `make cluster` also makes the claim `examples` in namespace `default`, filled from
 examples/data, which the cluster variants of the examples (examples/cluster/) read.
+For benchmarks, `stub_pods=True` runs TrainingRuns' pods as kubelet.StubPods (Running at
+once, no process; `cluster.stubs.finish(namespace, run)` ends them) and `audit=True` turns
+on the apiserver's audit log (ControlPlane.audit_log).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controlplane import ROOT, ControlPlane, wait_until
-from kubelet import Nodes, PodNetwork
+from kubelet import Nodes, PodNetwork, StubPods
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fetch_k8s_tools
@@ -46,9 +49,13 @@ class TestCluster:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, root: Path, nodes: int = 2) -> None:
+    def __init__(
+        self, root: Path, nodes: int = 2, stub_pods: bool = False, audit: bool = False
+    ) -> None:
         self.root = root
         self.network = PodNetwork()
+        self.stubs = StubPods(self.network.gateway) if stub_pods else None
+        self.audit = audit
         self.plane: ControlPlane | None = None
         self.nodes: Nodes | None = None
         self.node_count = nodes
@@ -69,9 +76,13 @@ class TestCluster:
         logging.getLogger("kubelet").setLevel(logging.INFO)
         try:
             self.network.create()
-            self.plane = ControlPlane(self.root / "control-plane", host_ip=self.network.gateway)
+            self.plane = ControlPlane(
+                self.root / "control-plane", host_ip=self.network.gateway, audit=self.audit
+            )
             self.plane.start()
-            self.nodes = Nodes(self.plane, self.root / "nodes", self.node_count).start(self.network)
+            self.nodes = Nodes(self.plane, self.root / "nodes", self.node_count, self.stubs).start(
+                self.network
+            )
             wait_until(self._nodes_schedulable, "Nodes Ready and without the not-ready taint", 120)
         except BaseException:
             self.stop()

@@ -11,6 +11,8 @@ and writes `root/kubeconfig`. The apiserver runs with Node,RBAC authorization, S
 tokens, PodSecurity and OwnerReferencesPermissionEnforcement; the controller manager runs
 every controller (`--controllers=*`), each with its own ServiceAccount's credentials.
 Component logs are in `root/logs/`. `stop()` ends them all, newest first.
+`audit=True` (benchmarks) makes the apiserver write an audit event of every request at level
+Metadata (who, verb, resource, when; no bodies) to `audit_log`, one JSON object a line.
 """
 
 from __future__ import annotations
@@ -203,9 +205,11 @@ class ControlPlane:
     gateway); the apiserver listens there and its certificate names it and 127.0.0.1.
     """
 
-    def __init__(self, root: Path, host_ip: str = "127.0.0.1") -> None:
+    def __init__(self, root: Path, host_ip: str = "127.0.0.1", audit: bool = False) -> None:
         self.root = root
         self.host_ip = host_ip
+        self.audit = audit
+        self.audit_log = root / "logs" / "audit.jsonl"
         self.bin = build_cluster.tools_dir()
         self.version = build_cluster.kubernetes_version()
         self.ports = Ports()
@@ -398,6 +402,7 @@ class ControlPlane:
                 "--allow-privileged=false",
                 "--profiling=false",
                 "--event-ttl=1h",
+                *self._audit_flags(),
             ],
         )
         context = self.ssl_context()
@@ -412,6 +417,27 @@ class ControlPlane:
             START_TIMEOUT_SECONDS,
             process,
         )
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = self.root / "audit-policy.yaml"
+        policy.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived"],
+                    "rules": [{"level": "Metadata"}],
+                }
+            )
+        )
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=0",  # one file, never rotated
+        ]
 
     def _start_controllers(self) -> None:
         pki = self.pki

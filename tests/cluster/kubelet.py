@@ -34,6 +34,13 @@ run more than the first container of a pod. Grace periods are capped at GRACE_CA
 restart back-off at BACKOFF_CAP_SECONDS. Mount points that do not exist are created, empty,
 on this machine's filesystem (the mounts themselves stay inside the pod). It needs root
 (network and mount namespaces) and Linux.
+
+Stub mode (benchmarks, `StubPods`): pods labelled `kubetrain.dev/run` get no process, no
+network namespace and no volumes; they are marked Running and Ready at once, their podIP the
+address where one shared `StubMetrics` server serves a trainer's /metrics page on port 9400,
+and they end Succeeded (exit 0) when `StubPods.finish` names their run. A stub pod costs
+the API one status patch when it starts and one when it ends; other pods (the operator's
+own, if it runs in the cluster) run for real.
 """
 
 from __future__ import annotations
@@ -83,6 +90,9 @@ SYNC_SECONDS = 0.2
 TERMINATION_MESSAGE_LIMIT = 4096
 # util-linux: the kernel kills the pod's process when the kubelet's thread goes.
 DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL")
+# Stub mode: the pods of TrainingRuns carry this label (kubetrain.api.LABEL_RUN).
+STUB_LABEL = "kubetrain.dev/run"
+STUB_METRICS_PORT = 9400
 
 
 def now() -> str:
@@ -207,8 +217,11 @@ class PodDns:
         self.lock = threading.Lock()
         self.files: dict[str, tuple[str, str, str]] = {}  # hosts file -> (ns, hostname, ip)
         self.records: list[tuple[str, str, str, str]] = []  # (ns, hostname, subdomain, ip)
+        self.fresh = False  # records are kept only while some pod has a hosts file
 
     def register(self, hosts_file: Path, namespace: str, hostname: str, ip: str) -> None:
+        if not self.fresh:
+            self.refresh(force=True)
         with self.lock:
             self.files[str(hosts_file)] = (namespace, hostname, ip)
             self._write(str(hosts_file))
@@ -217,7 +230,10 @@ class PodDns:
         with self.lock:
             self.files.pop(str(hosts_file), None)
 
-    def refresh(self) -> None:
+    def refresh(self, force: bool = False) -> None:
+        if not self.files and not force:  # nobody to tell (stub pods have no hosts file)
+            self.fresh = False
+            return
         pods = json.loads(self.core.list_pod_for_all_namespaces(_preload_content=False).data)
         services = json.loads(
             self.core.list_service_for_all_namespaces(_preload_content=False).data
@@ -235,6 +251,7 @@ class PodDns:
             and (p["metadata"]["namespace"], p["spec"].get("subdomain")) in headless
         )
         with self.lock:
+            self.fresh = True
             if records != self.records:
                 self.records = records
                 for path in self.files:
@@ -283,6 +300,7 @@ class PodRuntime:
     oom: bool = False
     finished: bool = False  # the pod reached Succeeded or Failed
     waiting: tuple[str, str] | None = None
+    stub: bool = False  # StubPods: no process, Running at once
 
     @property
     def log_file(self) -> Path:
@@ -324,8 +342,12 @@ class Kubelet:
         tls: tuple[Path, Path],
         api_server: tuple[str, int],
         version: str,
+        stubs: StubPods | None = None,
     ) -> None:
         self.name = name
+        self.stubs = stubs
+        # Seconds the last sync took, and the longest one (a benchmark reports them).
+        self.sync_last = self.sync_max = 0.0
         self.api = k8s_config.new_client_from_config(config_file=str(kubeconfig))
         self.core = k8s_client.CoreV1Api(self.api)
         self.coordination = k8s_client.CoordinationV1Api(self.api)
@@ -418,9 +440,12 @@ class Kubelet:
                 "lastTransitionTime": stamp,
             }
         ]
+        capacity = CAPACITY
+        if self.stubs is not None:
+            capacity = {**CAPACITY, "pods": str(self.stubs.pods_per_node)}
         status = {
-            "capacity": CAPACITY,
-            "allocatable": CAPACITY,
+            "capacity": capacity,
+            "allocatable": capacity,
             "conditions": conditions,
             "addresses": [
                 {"type": "InternalIP", "address": "127.0.0.1"},
@@ -462,12 +487,17 @@ class Kubelet:
         """Heartbeat and sync until stopped. A kubelet outlives every error: an apiserver that
         times out or drops a connection under load is met again on the next round."""
         last_heartbeat = 0.0
-        while not self.stop_flag.wait(SYNC_SECONDS):
+        # A sync that takes long (a thousand pods) is followed by a pause as long as it took,
+        # so that listing never takes more than half of the kubelet's time.
+        while not self.stop_flag.wait(max(SYNC_SECONDS, self.sync_last)):
             try:
                 if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS:
                     self._heartbeat()
                     last_heartbeat = time.monotonic()
+                started = time.monotonic()
                 self.sync()
+                self.sync_last = time.monotonic() - started
+                self.sync_max = max(self.sync_max, self.sync_last)
             except ApiException as e:
                 if e.status not in (404, 409):  # those: an object changed under us
                     log.warning("kubelet %s: %s %s, trying again", self.name, e.status, e.reason)
@@ -477,7 +507,10 @@ class Kubelet:
 
     def sync(self) -> None:
         answer = self.core.list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={self.name}", _preload_content=False
+            field_selector=f"spec.nodeName={self.name}",
+            # Stub mode lists from the apiserver's watch cache: cheap for a thousand pods.
+            **({"resource_version": "0"} if self.stubs is not None else {}),
+            _preload_content=False,
         )
         pods = json.loads(answer.data)["items"]
         seen = set()
@@ -498,6 +531,7 @@ class Kubelet:
                         meta["name"],
                         meta["uid"],
                         self.root / "pods" / pod_folder_name(meta),
+                        stub=self.stubs is not None and STUB_LABEL in (meta.get("labels") or {}),
                     )
                     self.pods[key] = runtime
                 self._sync_pod(pod, runtime)
@@ -520,6 +554,9 @@ class Kubelet:
                 self._patch_status(pod, waiting)
 
     def _sync_pod_once(self, pod: dict[str, Any], runtime: PodRuntime) -> None:
+        if runtime.stub:
+            self._sync_stub(pod, runtime)
+            return
         if pod["metadata"].get("deletionTimestamp"):
             self._terminate(pod, runtime)
             return
@@ -531,6 +568,44 @@ class Kubelet:
             return
         if not runtime.running() and runtime.popen.returncode is not None:
             self._report_exit(pod, runtime)
+
+    def _sync_stub(self, pod: dict[str, Any], runtime: PodRuntime) -> None:
+        """A stub pod: Running at once, Succeeded when its run is finished; no API call
+        while nothing changes."""
+        assert self.stubs is not None
+        container = pod["spec"]["containers"][0]
+        if pod["metadata"].get("deletionTimestamp"):
+            if runtime.sigterm_at is None:  # one delete; the next list says it is gone
+                runtime.sigterm_at = time.monotonic()
+                self.core.delete_namespaced_pod(
+                    runtime.name,
+                    runtime.namespace,
+                    body=k8s_client.V1DeleteOptions(
+                        grace_period_seconds=0,
+                        preconditions=k8s_client.V1Preconditions(uid=runtime.uid),
+                    ),
+                )
+            return
+        if runtime.finished:
+            return
+        if runtime.started_at is None:
+            runtime.ip, runtime.started_at = self.stubs.address, now()
+            status = self._running_status(pod, container, runtime)
+            status["status"]["conditions"][0]["status"] = "True"  # no sandbox, but "ready"
+            self._patch_status(pod, status)
+            return
+        if self.stubs.finished(runtime.namespace, pod["metadata"]["labels"][STUB_LABEL]):
+            terminated = {
+                "exitCode": 0,
+                "reason": "Completed",
+                "startedAt": runtime.started_at,
+                "finishedAt": now(),
+            }
+            state = {"terminated": terminated}
+            self._patch_status(
+                pod, self._status(pod, container, runtime, "Succeeded", state, ready=False)
+            )
+            runtime.finished = True
 
     # --- starting a container ----------------------------------------------------------
 
@@ -1216,16 +1291,105 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+# --- stub pods (benchmarks) ---------------------------------------------------------
+
+
+class StubPods:
+    """Stub mode (module doc): pods labelled STUB_LABEL run nothing; their podIP is
+    `address`, where one StubMetrics page answers for every one of them on port 9400.
+    `finish(namespace, run)` makes the pods of that run end Succeeded, exit 0."""
+
+    def __init__(self, address: str, pods_per_node: int = 2000) -> None:
+        self.address = address
+        self.pods_per_node = pods_per_node
+        self.metrics = StubMetrics(address)
+        self.lock = threading.Lock()
+        self.finished_runs: set[tuple[str, str]] = set()
+
+    def start(self) -> None:
+        self.metrics.start()
+
+    def stop(self) -> None:
+        self.metrics.stop()
+
+    def finish(self, namespace: str, run: str) -> None:
+        with self.lock:
+            self.finished_runs.add((namespace, run))
+
+    def finished(self, namespace: str, run: str) -> bool:
+        with self.lock:
+            return (namespace, run) in self.finished_runs
+
+
+class StubMetrics:
+    """A trainer's /metrics page (kubetrain_trainer_*), the same for every stub pod: one step
+    a second since it started, so every scrape sees progress, as from a real trainer."""
+
+    TOTAL_STEPS = 1_000_000
+
+    def __init__(self, address: str, port: int = STUB_METRICS_PORT) -> None:
+        self.address, self.port = address, port
+        self.started = time.monotonic()
+        self.requests = 0
+        self.server: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        """Listen (the address is the pod network's gateway: start after the bridge)."""
+        page = self.page
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = page().encode()
+                self.send_response(200 if self.path == "/metrics" else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer((self.address, self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def page(self) -> str:
+        self.requests += 1
+        step = min(int(time.monotonic() - self.started) + 1, self.TOTAL_STEPS - 1)
+        values = {
+            "step": step,
+            "total_steps": self.TOTAL_STEPS,
+            "epoch": step / 1000,
+            "loss": 5.0 / (1 + step / 100),
+            "tokens_per_second": 12345.0,
+            "checkpoint_step": step // 100 * 100,
+        }
+        return "".join(
+            f"# TYPE kubetrain_trainer_{name} gauge\nkubetrain_trainer_{name} {value}\n"
+            for name, value in values.items()
+        )
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
 # --- the nodes of a test cluster -----------------------------------------------------
 
 
 class Nodes:
     """The pod network, DNS and `count` kubelets of one cluster, started and stopped as one."""
 
-    def __init__(self, plane: Any, root: Path, count: int = 2) -> None:
+    def __init__(
+        self, plane: Any, root: Path, count: int = 2, stubs: StubPods | None = None
+    ) -> None:
         self.plane = plane
         self.root = root
         self.count = count
+        self.stubs = stubs
         self.network: PodNetwork | None = None
         self.kubelets: list[Kubelet] = []
         self.dns_thread: threading.Thread | None = None
@@ -1236,6 +1400,8 @@ class Nodes:
         admin = k8s_config.new_client_from_config(config_file=str(self.plane.kubeconfig))
         self.dns = PodDns(k8s_client.CoreV1Api(admin))
         host, port = self.plane.host_ip, self.plane.ports.apiserver
+        if self.stubs is not None:
+            self.stubs.start()
         for index in range(self.count):
             name = f"kubelet-{index}"
             kubeconfig = self.plane.node_kubeconfig(name)
@@ -1248,6 +1414,7 @@ class Nodes:
                 (self.plane.pki / "kubelet.crt", self.plane.pki / "kubelet.key"),
                 (host, port),
                 self.plane.version,
+                self.stubs,
             )
             self.kubelets.append(kubelet.start())
         self.dns_thread = threading.Thread(target=self._dns_loop, name="pod-dns", daemon=True)
@@ -1263,6 +1430,8 @@ class Nodes:
         self.stop_flag.set()
         for kubelet in self.kubelets:
             kubelet.stop()
+        if self.stubs is not None:
+            self.stubs.stop()
 
     def check_alive(self) -> None:
         for kubelet in self.kubelets:
