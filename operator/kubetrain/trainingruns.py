@@ -344,7 +344,7 @@ class _Decision:
             return self.fail(
                 REASON_INVALID_SPEC, format_validation_error(e, f"TrainingRun {self.qualified}")
             )
-        waiting = self.wait_for_older(attempt)
+        waiting = self.wait_for_older(attempt, run)
         if waiting is not None:
             return waiting
         missing = self.missing_claims(run)
@@ -380,7 +380,7 @@ class _Decision:
             )
         ignored = self.spec_change_ignored(run, attempt)
         common = {"attempt": attempt, "restarts": self.status.restarts or 0}
-        waiting = self.wait_for_older(attempt, common)
+        waiting = self.wait_for_older(attempt, run, common)
         if waiting is not None:
             return waiting
         try:
@@ -543,7 +543,7 @@ class _Decision:
         return names, actions
 
     def wait_for_older(
-        self, attempt: int, changes: Mapping[str, Any] | None = None
+        self, attempt: int, run: TrainingRun, changes: Mapping[str, Any] | None = None
     ) -> TrainingRunPlan | None:
         """While older attempts' workloads exist: delete them and wait (None: none left)."""
         current = job_name(self.name, attempt)
@@ -563,7 +563,7 @@ class _Decision:
             "down. Delete them with `kubectl delete pod --force --grace-period=0`, or set "
             "spec.restartPolicy.forceDeleteAfterSeconds"
         )
-        force_after = _force_delete_after(self.spec)
+        force_after = run.spec.restart_policy.force_delete_after_seconds
         if force_after is not None:
             for pod in stuck:
                 if self.terminating_for(pod) >= force_after:
@@ -699,11 +699,6 @@ def _without_suspend(spec: TrainingRunSpec) -> dict[str, Any]:
     dumped = spec.model_dump(mode="json", by_alias=True)
     dumped.pop("suspend", None)
     return dumped
-
-
-def _force_delete_after(spec: Mapping[str, Any]) -> float | None:
-    value = (spec.get("restartPolicy") or {}).get("forceDeleteAfterSeconds")
-    return float(value) if value is not None else None
 
 
 def _missing_references(

@@ -1,0 +1,641 @@
+"""Table tests of `plan_trainingrun`: observed state in, actions and status out.
+
+Each case builds what the operator would have read from the API (the run, its workloads,
+pods, ConfigMap, Service, claims, rank 0's metrics, an apiserver refusal) and checks the
+plan: which actions, in which order, and the phase, reason and fields of the new status.
+In the style of Kubeflow's torch plugin tests: one table row per transition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from kubetrain.render import owner_reference, render_trainingrun
+from kubetrain.status import TrainerMetrics, rfc3339
+from kubetrain.trainingruns import (
+    STARTED_SPEC_ANNOTATION,
+    STUCK_TERMINATING_SECONDS,
+    Announce,
+    CreateChild,
+    DeleteWorkload,
+    ForceDeletePod,
+    Observed,
+    RecordStartedSpec,
+    Refusal,
+    TrainingRunPlan,
+    UpdateConfigMap,
+    plan_trainingrun,
+)
+
+NOW = 1_800_000_000.0
+UID = "uid-of-this-run"
+NAMESPACE = "team-a"
+NAME = "pretrain"
+
+SPEC: dict[str, Any] = {
+    "method": "from_scratch",
+    "model": {
+        "architecture": {
+            "modelType": "qwen2",
+            "vocabSize": 512,
+            "hiddenSize": 64,
+            "numHiddenLayers": 2,
+            "numAttentionHeads": 4,
+            "numKeyValueHeads": 2,
+            "intermediateSize": 128,
+            "maxPositionEmbeddings": 256,
+        }
+    },
+    "data": {"train": "pvc://datasets/pretrain.jsonl", "format": "text", "maxLength": 128},
+    "output": "pvc://models/pretrain",
+    "resources": {"nodes": 2},
+    "restartPolicy": {"maxRestarts": 2},
+}
+SHARED = {"spec": {"accessModes": ["ReadWriteMany"]}}
+CLAIMS = {"datasets": SHARED, "models": SHARED}
+
+
+def run_body(
+    status: dict[str, Any] | None = None, spec: dict[str, Any] | None = None, started: bool = True
+) -> dict[str, Any]:
+    spec = spec if spec is not None else SPEC
+    meta: dict[str, Any] = {
+        "name": NAME,
+        "namespace": NAMESPACE,
+        "uid": UID,
+        "generation": 1,
+        "creationTimestamp": rfc3339(NOW - 100),
+    }
+    if started:
+        meta["annotations"] = {STARTED_SPEC_ANNOTATION: json.dumps(spec)}
+    body = {"apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun", "metadata": meta}
+    body["spec"] = spec
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def children(attempt: int, spec: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """What the operator would have created for `attempt`, as the API serves it back."""
+    from kubetrain.api import TrainingRun
+
+    run = TrainingRun.model_validate(run_body(spec=spec))
+    return render_trainingrun(run, attempt, owner=owner_reference(run))
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == kind)
+
+
+def workload(attempt: int, **status: Any) -> dict[str, Any]:
+    job = by_kind(children(attempt), "Job")
+    if status:
+        job["status"] = status
+    return job
+
+
+def pod(
+    attempt: int,
+    index: int,
+    phase: str = "Running",
+    *,
+    exit_code: int | None = None,
+    message: str = "",
+    deleted_at: float | None = None,
+    waiting: tuple[str, str] | None = None,
+    node: str = "node-1",
+    finished_at: float | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": f"{NAME}-{attempt}-{index}-abcde",
+        "namespace": NAMESPACE,
+        "labels": {"kubetrain.dev/run": NAME, "kubetrain.dev/attempt": str(attempt)},
+        "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+    }
+    if deleted_at is not None:
+        meta["deletionTimestamp"] = rfc3339(deleted_at)
+    state: dict[str, Any] = {"running": {}}
+    if exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "message": message}}
+        if finished_at is not None:
+            state["terminated"]["finishedAt"] = rfc3339(finished_at)
+    if waiting is not None:
+        state = {"waiting": {"reason": waiting[0], "message": waiting[1]}}
+    return {
+        "metadata": meta,
+        "spec": {"nodeName": node},
+        "status": {
+            "phase": phase,
+            "podIP": f"10.0.0.{index}",
+            "containerStatuses": [{"state": state}],
+        },
+    }
+
+
+def running_status(attempt: int = 1, restarts: int = 0, phase: str = "Running") -> dict[str, Any]:
+    return {"phase": phase, "attempt": attempt, "restarts": restarts, "conditions": []}
+
+
+def observe(run: dict[str, Any], attempt: int | None = None, **fields: Any) -> Observed:
+    """An observation of `run` with attempt N's ConfigMap and Service in place."""
+    present = children(attempt) if attempt else []
+    defaults: dict[str, Any] = {
+        "claims": CLAIMS,
+        "config_map": next((o for o in present if o["kind"] == "ConfigMap"), None),
+        "service": next((o for o in present if o["kind"] == "Service"), None),
+    }
+    return Observed(run=run, now=NOW, **{**defaults, **fields})
+
+
+def kinds(plan: TrainingRunPlan) -> list[str]:
+    """The plan's actions as short strings: `Create Job`, `Delete pretrain-1`, ..."""
+    out = []
+    for action in plan.actions:
+        if isinstance(action, CreateChild):
+            out.append(f"Create {action.obj['kind']}")
+        elif isinstance(action, UpdateConfigMap):
+            out.append("Update ConfigMap")
+        elif isinstance(action, DeleteWorkload):
+            out.append(f"Delete {action.workload['metadata']['name']}")
+        elif isinstance(action, ForceDeletePod):
+            out.append(f"ForceDelete {action.name}")
+        elif isinstance(action, RecordStartedSpec):
+            out.append("RecordStartedSpec")
+    return out
+
+
+def announced(plan: TrainingRunPlan) -> list[str]:
+    return [a.reason for a in plan.actions if isinstance(a, Announce)]
+
+
+def ready(plan: TrainingRunPlan) -> tuple[str, str]:
+    (condition,) = [c for c in plan.status.conditions if c.type == "Ready"]
+    return condition.reason, condition.message
+
+
+# --- the table ----------------------------------------------------------------------------
+
+OLD_OWNER = {"apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun", "name": NAME}
+
+
+def _owned_by(obj: dict[str, Any], refs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**obj, "metadata": {**obj["metadata"], "ownerReferences": refs}}
+
+
+CASES: list[tuple[str, Observed, str, str, list[str]]] = [
+    # (case, observed, phase, Ready reason, actions)
+    (
+        "a new run starts attempt 1: spec recorded, then ConfigMap, Service, Job",
+        observe(run_body(started=False)),
+        "Pending",
+        "Created",
+        ["RecordStartedSpec", "Create ConfigMap", "Create Service", "Create Job"],
+    ),
+    (
+        "a missing claim waits, naming it",
+        observe(run_body(started=False), claims={"datasets": SHARED, "models": None}),
+        "Pending",
+        "WaitingForDependencies",
+        [],
+    ),
+    (
+        "a claim two nodes cannot share waits, naming it",
+        observe(
+            run_body(started=False),
+            claims={"datasets": SHARED, "models": {"spec": {"accessModes": ["ReadWriteOnce"]}}},
+        ),
+        "Pending",
+        "WaitingForDependencies",
+        [],
+    ),
+    (
+        "a ConfigMap of that name owned by another object: NameTaken",
+        observe(
+            run_body(started=False),
+            config_map=_owned_by(
+                by_kind(children(1), "ConfigMap"),
+                [{"kind": "Deployment", "name": "web", "uid": "other"}],
+            ),
+        ),
+        "Pending",
+        "NameTaken",
+        [],
+    ),
+    (
+        "a Service of that name owned by nobody: NameTaken",
+        observe(run_body(started=False), service=_owned_by(by_kind(children(1), "Service"), [])),
+        "Pending",
+        "NameTaken",
+        [],
+    ),
+    (
+        "a ConfigMap of a deleted run of the same name: wait for garbage collection",
+        observe(
+            run_body(started=False),
+            config_map=_owned_by(
+                by_kind(children(1), "ConfigMap"), [{**OLD_OWNER, "uid": "dead-uid"}]
+            ),
+        ),
+        "Pending",
+        "Restarting",
+        [],
+    ),
+    (
+        "following: all pods running",
+        observe(
+            run_body(running_status(phase="Pending")),
+            1,
+            workloads=[workload(1)],
+            pods=[pod(1, 0), pod(1, 1)],
+        ),
+        "Running",
+        "Training",
+        [],
+    ),
+    (
+        "following: a ConfigMap and Service deleted by hand are ensured again",
+        observe(
+            run_body(running_status()),
+            workloads=[workload(1)],
+            pods=[pod(1, 0), pod(1, 1)],
+        ),
+        "Running",
+        "Training",
+        ["Create ConfigMap", "Create Service"],
+    ),
+    (
+        "following: a ConfigMap whose data drifted is brought back",
+        observe(
+            run_body(running_status()),
+            1,
+            config_map={**by_kind(children(1), "ConfigMap"), "data": {"config.yaml": "x"}},
+            workloads=[workload(1)],
+            pods=[pod(1, 0), pod(1, 1)],
+        ),
+        "Running",
+        "Training",
+        ["Update ConfigMap"],
+    ),
+    (
+        "the Job completed: Succeeded",
+        observe(
+            run_body(running_status()),
+            1,
+            workloads=[workload(1, conditions=[{"type": "Complete", "status": "True"}])],
+            pods=[pod(1, 0, "Succeeded", exit_code=0), pod(1, 1, "Succeeded", exit_code=0)],
+        ),
+        "Succeeded",
+        "Completed",
+        [],
+    ),
+    (
+        "a retriable failure deletes the attempt and moves to the next",
+        observe(
+            run_body(running_status()),
+            1,
+            workloads=[workload(1)],
+            pods=[pod(1, 0), pod(1, 1, "Failed", exit_code=137)],
+        ),
+        "Pending",
+        "Restarting",
+        ["Delete pretrain-1"],
+    ),
+    (
+        "a failure after maxRestarts restarts fails the run",
+        observe(
+            run_body(running_status(attempt=3, restarts=2)),
+            3,
+            workloads=[workload(3)],
+            pods=[pod(3, 0), pod(3, 1, "Failed", exit_code=137)],
+        ),
+        "Failed",
+        "RestartsExhausted",
+        [],
+    ),
+    (
+        "a config error fails the run at once",
+        observe(
+            run_body(running_status()),
+            1,
+            workloads=[workload(1)],
+            pods=[pod(1, 0, "Failed", exit_code=78, message="config error: data.train: bad")],
+        ),
+        "Failed",
+        "ConfigError",
+        [],
+    ),
+    (
+        "attempt 2 waits while attempt 1's Job is being deleted",
+        observe(
+            run_body(running_status(attempt=2, restarts=1, phase="Pending")),
+            workloads=[
+                {
+                    **workload(1),
+                    "metadata": {**workload(1)["metadata"], "deletionTimestamp": rfc3339(NOW)},
+                }
+            ],
+            pods=[pod(1, 0, deleted_at=NOW)],
+        ),
+        "Pending",
+        "Restarting",
+        [],
+    ),
+    (
+        "attempt 2 starts once attempt 1 is gone",
+        observe(run_body(running_status(attempt=2, restarts=1, phase="Pending"))),
+        "Pending",
+        "Created",
+        ["Create ConfigMap", "Create Service", "Create Job"],
+    ),
+    (
+        "pods of the old attempt stuck terminating on a dead node are named",
+        observe(
+            run_body(running_status(attempt=2, restarts=1, phase="Pending")),
+            workloads=[
+                {
+                    **workload(1),
+                    "metadata": {**workload(1)["metadata"], "deletionTimestamp": rfc3339(NOW)},
+                }
+            ],
+            pods=[pod(1, 1, deleted_at=NOW - STUCK_TERMINATING_SECONDS - 1, node="node-7")],
+        ),
+        "Pending",
+        "PodsStuckTerminating",
+        [],
+    ),
+    (
+        "spec.suspend deletes the workload",
+        observe(
+            run_body(running_status(), spec={**SPEC, "suspend": True}),
+            1,
+            workloads=[workload(1)],
+            pods=[pod(1, 0), pod(1, 1)],
+        ),
+        "Suspended",
+        "Suspended",
+        ["Delete pretrain-1"],
+    ),
+    (
+        "resuming starts the next attempt with the current spec",
+        observe(run_body(running_status(phase="Suspended"), started=False)),
+        "Pending",
+        "Created",
+        ["RecordStartedSpec", "Create ConfigMap", "Create Service", "Create Job"],
+    ),
+    (
+        "a Job suspended by a queue (Kueue preemption) waits; its stopped pods are no failure",
+        observe(
+            run_body(running_status()),
+            1,
+            workloads=[{**workload(1), "spec": {**workload(1)["spec"], "suspend": True}}],
+            pods=[pod(1, 0, "Failed", exit_code=143), pod(1, 1, "Failed", exit_code=143)],
+        ),
+        "Pending",
+        "Queued",
+        [],
+    ),
+    (
+        "re-admitted by the queue: pods that ended before the Job's restart are not failures",
+        observe(
+            run_body(running_status(phase="Pending")),
+            1,
+            workloads=[workload(1, startTime=rfc3339(NOW - 10))],
+            pods=[pod(1, 0, "Failed", exit_code=143, finished_at=NOW - 60)],
+        ),
+        "Pending",
+        "PodsStarting",
+        [],
+    ),
+    (
+        "a pod waiting on a missing Secret names it and the field",
+        observe(
+            run_body(
+                running_status(phase="Pending"),
+                spec={
+                    **SPEC,
+                    "env": [
+                        {
+                            "name": "WANDB_API_KEY",
+                            "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}},
+                        },
+                    ],
+                },
+            ),
+            1,
+            workloads=[workload(1)],
+            pods=[
+                pod(
+                    1,
+                    0,
+                    "Pending",
+                    waiting=("CreateContainerConfigError", 'secret "wandb" not found'),
+                )
+            ],
+        ),
+        "Pending",
+        "WaitingForDependencies",
+        [],
+    ),
+    (
+        "a status that lost its attempt adopts the newest workload",
+        observe(run_body({}), 2, workloads=[workload(2)], pods=[pod(2, 0), pod(2, 1)]),
+        "Running",
+        "Training",
+        [],
+    ),
+    (
+        "a Job of an older run with the same name is not ours",
+        observe(
+            run_body(started=False),
+            workloads=[_owned_by(workload(1), [{**OLD_OWNER, "uid": "dead-uid"}])],
+        ),
+        "Pending",
+        "Created",
+        ["RecordStartedSpec", "Create ConfigMap", "Create Service", "Create Job"],
+    ),
+    (
+        "a Succeeded run whose children were deleted creates nothing again",
+        observe(run_body({**running_status(phase="Succeeded"), "conditions": []})),
+        "Succeeded",
+        "",
+        [],
+    ),
+    (
+        "a run Failed after its restarts creates nothing again",
+        observe(run_body({**running_status(attempt=3, restarts=2, phase="Failed")})),
+        "Failed",
+        "",
+        [],
+    ),
+    (
+        "the apiserver refused a child with 422: Failed InvalidSpec with its message",
+        observe(
+            run_body(started=False),
+            refusal=Refusal("Job team-a/pretrain-1", "batch/v1", 422, "denied by policy"),
+        ),
+        "Failed",
+        "InvalidSpec",
+        [],
+    ),
+    (
+        "the apiserver refused a child with 403 (quota): Pending Forbidden",
+        observe(
+            run_body(started=False),
+            refusal=Refusal("Job team-a/pretrain-1", "batch/v1", 403, "exceeded quota"),
+        ),
+        "Pending",
+        "Forbidden",
+        [],
+    ),
+    (
+        "404 on create: the kind is not installed",
+        observe(
+            run_body(started=False, spec={**SPEC, "backend": "jobset"}),
+            refusal=Refusal(
+                "JobSet team-a/pretrain-1", "jobset.x-k8s.io/v1alpha2", 404, "not found"
+            ),
+        ),
+        "Pending",
+        "APINotInstalled",
+        [],
+    ),
+    (
+        "an invalid spec fails naming the field",
+        observe(run_body(started=False, spec={**SPEC, "method": "dpo"})),
+        "Failed",
+        "InvalidSpec",
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("observed", "phase", "reason", "actions"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_plan(observed: Observed, phase: str, reason: str, actions: list[str]) -> None:
+    plan = plan_trainingrun(observed)
+    assert plan.status.phase == phase
+    if reason:
+        assert ready(plan)[0] == reason, ready(plan)
+    assert kinds(plan) == actions
+
+
+# --- what the rows above do not show ------------------------------------------------------
+
+
+def test_a_new_attempt_records_the_spec_before_creating_anything() -> None:
+    plan = plan_trainingrun(observe(run_body(started=False)))
+    assert isinstance(plan.actions[0], RecordStartedSpec)
+    assert json.loads(plan.actions[0].spec) == SPEC
+    assert plan.status.attempt == 1 and plan.status.restarts == 0
+
+
+def test_a_restart_counts_and_names_its_cause() -> None:
+    observed = observe(
+        run_body(running_status()),
+        1,
+        workloads=[workload(1)],
+        pods=[pod(1, 0), pod(1, 1, "Failed", exit_code=137)],
+    )
+    plan = plan_trainingrun(observed)
+    assert (plan.status.attempt, plan.status.restarts) == (2, 1)
+    assert plan.restart_cause == "Signalled"
+    assert "Restarting" in announced(plan)
+
+
+def test_progress_eta_and_checkpoint_come_from_the_metrics() -> None:
+    base = observe(
+        run_body(running_status()), 1, workloads=[workload(1)], pods=[pod(1, 0), pod(1, 1)]
+    )
+    metrics = TrainerMetrics(step=10, total_steps=110, loss=2.5, checkpoint_step=10)
+    first = plan_trainingrun(replace(base, metrics=metrics))
+    assert first.first_sample == (1, 10, NOW)
+    assert first.status.progress.step == 10 and first.status.progress.percent == 9
+    assert first.status.latest_checkpoint == "pvc://models/pretrain/checkpoint-10"
+    assert first.status.start_time == rfc3339(NOW)
+    later = replace(
+        base,
+        now=NOW + 10,
+        metrics=replace(metrics, step=20),
+        first_sample=first.first_sample,
+    )
+    plan = plan_trainingrun(later)
+    assert plan.status.progress.eta == "1m30s"  # 90 steps left at one step per second
+
+
+def test_a_missing_secret_is_named_with_the_field_that_references_it() -> None:
+    (case,) = [c for c in CASES if "missing Secret" in c[0]]
+    _, message = ready(plan_trainingrun(case[1]))
+    assert message.startswith("Secret team-a/wandb (spec.env WANDB_API_KEY) does not exist")
+
+
+def test_a_claim_that_cannot_be_shared_is_named_with_the_mode_it_needs() -> None:
+    (case,) = [c for c in CASES if "cannot share" in c[0]]
+    _, message = ready(plan_trainingrun(case[1]))
+    assert "PersistentVolumeClaim team-a/models (spec.output: pvc://models/pretrain)" in message
+    assert "ReadWriteOnce" in message and "ReadWriteMany" in message
+
+
+def test_name_taken_names_the_object_and_its_owner() -> None:
+    (case,) = [c for c in CASES if "another object" in c[0]]
+    _, message = ready(plan_trainingrun(case[1]))
+    assert message.startswith("ConfigMap team-a/pretrain-config already exists")
+    assert "Deployment web" in message
+
+
+def test_stuck_pods_are_named_with_their_node_and_force_deleted_when_asked() -> None:
+    (case,) = [c for c in CASES if "stuck terminating" in c[0]]
+    _, message = ready(plan_trainingrun(case[1]))
+    assert "pretrain-1-1-abcde" in message and "node-7" in message
+    spec = {**SPEC, "restartPolicy": {"maxRestarts": 2, "forceDeleteAfterSeconds": 60}}
+    body = run_body(running_status(attempt=2, restarts=1, phase="Pending"), spec=spec)
+    plan = plan_trainingrun(replace(case[1], run=body))
+    assert kinds(plan) == ["ForceDelete pretrain-1-1-abcde"]
+
+
+def test_refusals_name_the_object_and_the_apiservers_message() -> None:
+    for case in CASES:
+        if case[1].refusal is not None:
+            reason, message = ready(plan_trainingrun(case[1]))
+            assert case[1].refusal.object in message, (reason, message)
+    (quota,) = [c for c in CASES if "quota" in c[0]]
+    assert "exceeded quota" in ready(plan_trainingrun(quota[1]))[1]
+
+
+def test_a_waiting_reason_is_announced_once() -> None:
+    (case,) = [c for c in CASES if "missing claim" in c[0]]
+    first = plan_trainingrun(case[1])
+    assert announced(first) == ["WaitingForDependencies"]
+    again = replace(case[1], run={**case[1].run, "status": first.status.model_dump(by_alias=True)})
+    assert announced(plan_trainingrun(again)) == []
+
+
+def test_a_finished_run_keeps_its_budget_and_acknowledges_the_generation() -> None:
+    body = run_body({**running_status(attempt=3, restarts=2, phase="Failed")})
+    body["metadata"]["generation"] = 5
+    plan = plan_trainingrun(observe(body))
+    assert (plan.status.attempt, plan.status.restarts) == (3, 2)
+    assert plan.status.observed_generation == 5
+
+
+def test_an_edit_while_running_is_ignored_with_a_condition() -> None:
+    body = run_body(running_status())
+    body["spec"] = {**SPEC, "training": {"learningRate": 0.5}}
+    plan = plan_trainingrun(observe(body, 1, workloads=[workload(1)], pods=[pod(1, 0), pod(1, 1)]))
+    assert "SpecChangeIgnored" in [c.type for c in plan.status.conditions]
+    assert kinds(plan) == []  # the running gang keeps the spec it started with
+
+
+def test_fields_a_crd_upgrade_defaults_are_no_edit() -> None:
+    # The started spec was recorded before the CRD knew restartPolicy.startupTimeoutSeconds;
+    # the apiserver now serves the spec with the default filled in.
+    body = run_body(running_status())
+    body["spec"] = {**SPEC, "restartPolicy": {"maxRestarts": 2, "startupTimeoutSeconds": 3600}}
+    plan = plan_trainingrun(observe(body, 1, workloads=[workload(1)], pods=[pod(1, 0), pod(1, 1)]))
+    assert "SpecChangeIgnored" not in [c.type for c in plan.status.conditions]
