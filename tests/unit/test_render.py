@@ -138,7 +138,7 @@ def test_rendezvous_environment(nodes: int, backend: str) -> None:
     run = make_run(resources={"nodes": nodes, "procPerNode": 2})
     workload = by_kind(render_trainingrun(run, 3, backend=backend))
     obj = workload["JobSet" if backend == "jobset" else "Job"]
-    master = "run-3-node-0-0.run-3" if backend == "jobset" else "run-3-0.run"
+    master = "run-3-node-0-0.run" if backend == "jobset" else "run-3-0.run"
     env = env_of(obj)
     assert env["PET_NNODES"] == str(nodes)
     assert env["PET_NPROC_PER_NODE"] == "2"
@@ -152,6 +152,7 @@ def test_rendezvous_environment(nodes: int, backend: str) -> None:
     assert env["PET_MASTER_PORT"] == "29500"
     assert env["MASTER_PORT"] == "29500"
     assert env["WORLD_SIZE"] == str(nodes * 2)
+    assert env["PET_RDZV_CONF"] == "timeout=3600"  # restartPolicy.startupTimeoutSeconds
     assert "RANK" not in env
     assert "LOCAL_RANK" not in env
     job_spec = (
@@ -160,6 +161,13 @@ def test_rendezvous_environment(nodes: int, backend: str) -> None:
     assert job_spec["completionMode"] == "Indexed"
     assert job_spec["completions"] == job_spec["parallelism"] == nodes
     assert job_spec["backoffLimit"] == 0
+
+
+def test_startup_timeout_bounds_the_rendezvous() -> None:
+    # torchrun reads PET_RDZV_CONF as --rdzv-conf; tests/trainer/test_launch.py shows that
+    # its static rendezvous then waits exactly this long for the other nodes.
+    run = make_run(resources={"nodes": 2}, restartPolicy={"startupTimeoutSeconds": 7200})
+    assert env_of(by_kind(render_trainingrun(run, 0))["Job"])["PET_RDZV_CONF"] == "timeout=7200"
 
 
 def test_job_backend_objects_and_dns() -> None:
@@ -221,7 +229,8 @@ def test_jobset_backend_replaces_job_and_service() -> None:
     jobset = objects[1]
     assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
     assert jobset["metadata"]["name"] == "dpo-tiny-0"
-    assert jobset["spec"]["network"]["subdomain"] == "dpo-tiny-0"
+    # The run's own name, never `<run>-<attempt>`: that could be another run's Service.
+    assert jobset["spec"]["network"]["subdomain"] == "dpo-tiny"
     assert jobset["spec"]["failurePolicy"] == {"maxRestarts": 0}
     assert "subdomain" not in pod_spec_of(jobset)
     (replicated,) = jobset["spec"]["replicatedJobs"]
@@ -237,6 +246,9 @@ def test_pod_security_and_scratch_volumes() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 1000
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # fsGroup makes claims writable; only a mismatched root is chowned, not every file.
+    assert pod["securityContext"]["fsGroup"] == 1000
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     (container,) = pod["containers"]
     assert container["securityContext"] == {
         "allowPrivilegeEscalation": False,

@@ -83,7 +83,7 @@ def master_addr(run_name: str, attempt: int, backend: str) -> str:
     workload = job_name(run_name, attempt)
     if backend == "jobset":
         # JobSet names pods <jobset>-<replicatedJob>-<jobIndex>-<podIndex> in <subdomain>.
-        return f"{workload}-{JOBSET_REPLICATED_JOB}-0-0.{workload}"
+        return f"{workload}-{JOBSET_REPLICATED_JOB}-0-0.{service_name(run_name)}"
     return f"{workload}-0.{service_name(run_name)}"
 
 
@@ -261,7 +261,9 @@ def render_jobset(run: TrainingRun, attempt: int, pod_spec: dict[str, Any]) -> d
             "network": {
                 "enableDNSHostnames": True,
                 "publishNotReadyAddresses": True,
-                "subdomain": workload,
+                # The run's own name, as with backend job: `<run>-<attempt>` could be the
+                # Service of another run (run `llama` attempt 3 against run `llama-3`).
+                "subdomain": service_name(name),
             },
             # Restarts are the operator's (it counts them against maxRestarts and never
             # restarts after a config error), so the JobSet must not restart by itself.
@@ -301,6 +303,12 @@ def rendezvous_env(spec: TrainingRunSpec, master: str) -> list[dict[str, Any]]:
         },
         {"name": "PET_MASTER_ADDR", "value": master},
         {"name": "PET_MASTER_PORT", "value": str(C10D_PORT)},
+        # With PET_MASTER_ADDR torchrun uses the static rendezvous, whose deadline for every
+        # node to join is --rdzv-conf timeout= (c10d's join_timeout does not apply to it).
+        {
+            "name": "PET_RDZV_CONF",
+            "value": f"timeout={spec.restart_policy.startup_timeout_seconds}",
+        },
         {"name": "MASTER_ADDR", "value": master},
         {"name": "MASTER_PORT", "value": str(C10D_PORT)},
         # Processes in the whole gang; RANK is torchrun's to set per process, never ours.
@@ -367,6 +375,9 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
             "runAsGroup": RUN_AS_USER,
             # Makes freshly provisioned claims writable by the trainer's group.
             "fsGroup": RUN_AS_USER,
+            # Only when the volume's root differs: a recursive chown of a claim full of
+            # checkpoints would hold every start (and its peers at the rendezvous) for minutes.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
