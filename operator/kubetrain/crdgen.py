@@ -203,8 +203,11 @@ def _collapse_any_of(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, An
             "x-kubernetes-int-or-string": True,
             **rest,
         }
-        if "pattern" in string_arm:
-            merged["pattern"] = string_arm["pattern"]
+        # The string arm's bounds apply to the whole value; maxLength also lets the API
+        # server cost CEL rules that read it (it sizes an unbounded one as the request).
+        for key in ("pattern", "maxLength"):
+            if key in string_arm:
+                merged[key] = string_arm[key]
         return merged
     # A union of different shapes (e.g. lora.targetModules: a list or "all-linear") has
     # no structural form; the value is kept as given and the operator's pydantic

@@ -30,6 +30,12 @@ CRD = build_crd(CRD_KINDS[0])
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]
 CEL = celpy.Environment()
+# Kubernetes' CEL has cel-go's strings extension; cel-python lacks it. The rules use these.
+K8S_FUNCTIONS = {
+    "substring": lambda text, start, end: celpy.celtypes.StringType(
+        str(text)[int(start) : int(end)]
+    ),
+}
 
 
 def portable(expression: str) -> str:
@@ -105,7 +111,7 @@ def cel_errors(schema: dict[str, Any], obj: Any, path: str = "") -> list[str]:
     """Evaluate every CEL rule on the node it is attached to, as the API server does."""
     found = []
     for rule in schema.get("x-kubernetes-validations", []):
-        program = CEL.program(CEL.compile(rule["rule"]))
+        program = CEL.program(CEL.compile(rule["rule"]), functions=K8S_FUNCTIONS)
         try:
             ok = bool(program.evaluate({"self": celpy.json_to_cel(obj)}))
         except celpy.CELEvalError as e:
@@ -133,7 +139,7 @@ def rule_message(rule: dict[str, Any], obj: Any) -> str:
     """A failed rule's message: messageExpression's value when it evaluates, as on the API."""
     if "messageExpression" not in rule:
         return rule["message"]
-    program = CEL.program(CEL.compile(portable(rule["messageExpression"])))
+    program = CEL.program(CEL.compile(portable(rule["messageExpression"])), functions=K8S_FUNCTIONS)
     try:
         return str(program.evaluate({"self": celpy.json_to_cel(obj)}))
     except celpy.CELEvalError:
@@ -514,6 +520,84 @@ CROSS_FIELD_CASES: list[tuple[str, dict[str, Any], str | None]] = [
         "set exactly one of secretKeyRef",
     ),
     ("env-no-source", {"env": [{"name": "A", "valueFrom": {}}]}, "set exactly one of"),
+    # The API server's pod rules (requests, limits, tolerations), refused at apply time.
+    *[
+        (f"resources-{case_id}", {"resources": resources}, message)
+        for case_id, resources, message in [
+            ("gpu-request-only", {"requests": {"nvidia.com/gpu": 1}}, "needs the same value"),
+            (
+                "gpu-request-differs",
+                {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 2}},
+                "needs the same value",
+            ),
+            ("gpu-limit-only", {"limits": {"nvidia.com/gpu": 8}}, None),
+            (
+                "gpu-request-equals-limit",
+                {"requests": {"nvidia.com/gpu": "8"}, "limits": {"nvidia.com/gpu": 8}},
+                None,
+            ),
+            ("gpu-fraction", {"limits": {"nvidia.com/gpu": "500m"}}, "whole numbers"),
+            ("gpu-decimal", {"limits": {"amd.com/gpu": "0.5"}}, "whole numbers"),
+            ("cpu-above-limit", {"requests": {"cpu": 4}, "limits": {"cpu": "2"}}, "is above"),
+            (
+                "memory-binary-above-decimal",
+                {"requests": {"memory": "64Gi"}, "limits": {"memory": "64G"}},
+                "is above",
+            ),
+            (
+                "memory-below",
+                {"requests": {"memory": "500Mi"}, "limits": {"memory": "1Gi"}},
+                None,
+            ),
+            ("cpu-milli-below", {"requests": {"cpu": "500m"}, "limits": {"cpu": 1}}, None),
+            ("cpu-exponent", {"requests": {"cpu": "2e3"}, "limits": {"cpu": "1k"}}, "is above"),
+            ("request-without-limit", {"requests": {"cpu": 8, "memory": "64Gi"}}, None),
+            ("kubernetes-io-domain", {"requests": {"example.kubernetes.io/x": 1}}, None),
+            (
+                "toleration-exists-value",
+                {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]},
+                "operator Exists matches any taint value",
+            ),
+            (
+                "toleration-seconds-no-effect",
+                {"tolerations": [{"key": "gpu", "tolerationSeconds": 60}]},
+                "tolerationSeconds applies to NoExecute taints only",
+            ),
+            (
+                "toleration-no-key-equal",
+                {"tolerations": [{"operator": "Equal", "value": "x"}]},
+                "without key must use operator: Exists",
+            ),
+            ("toleration-match-all", {"tolerations": [{"operator": "Exists"}]}, None),
+            (
+                "toleration-ok",
+                {
+                    "tolerations": [
+                        {
+                            "key": "gpu",
+                            "operator": "Equal",
+                            "value": "true",
+                            "effect": "NoExecute",
+                            "tolerationSeconds": 60,
+                        }
+                    ]
+                },
+                None,
+            ),
+        ]
+    ],
+    # URI schemes: pvc://, s3://, hub ids and local paths; anything else is refused.
+    ("train-ftp", {"data": {"train": "ftp://host/t.jsonl"}}, "data.train: unsupported URI"),
+    ("eval-gs", {"data": {"train": "t", "eval": "gs://b/e"}}, "data.eval: unsupported URI"),
+    ("model-hf", {"model": {"name": "hf://Qwen/Qwen2.5-0.5B"}}, "model.name: unsupported"),
+    ("output-http", {"output": "http://host/out"}, "output: unsupported URI"),
+    (
+        "reference-ftp",
+        {"method": "dpo", "dpo": {"referenceModel": {"name": "ftp://m"}}},
+        "dpo.referenceModel.name: unsupported",
+    ),
+    ("train-s3", {"data": {"train": "s3://bucket/t.jsonl"}}, None),
+    ("train-local", {"data": {"train": "./data/t.jsonl"}}, None),
 ]
 
 

@@ -20,17 +20,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
-# Exit codes the trainer uses so a launcher (and the operator) can tell outcomes apart.
-# Values follow BSD sysexits.h, which nothing else in the stack uses.
-EXIT_OK = 0
-EXIT_CONFIG_ERROR = 78  # EX_CONFIG: bad spec or data; retrying cannot help
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint
+from kubetrain_trainer.contract import METRICS_PORT
 
 Method = Literal["from_scratch", "sft", "lora", "dpo"]
 DataFormat = Literal["auto", "text", "messages", "instruction", "preference"]
@@ -69,6 +67,15 @@ SchedulerType = Literal[
 ]
 
 
+# Longest data.maxLength accepted: a typo (10**9) would otherwise only fail when the
+# tokenizer or the attention mask tries to allocate it.
+MAX_SEQUENCE_LENGTH = 1_048_576
+
+
+# Integer and boolean fields are StrictInt / StrictBool: the CRD types them integer and
+# boolean, so the API server refuses `maxLength: "192"` or `bf16: "yes"`, and lax pydantic
+# would coerce them and pass a spec kubectl refuses. Floats stay lax on purpose: PyYAML reads
+# `1e-5` as a string where kubectl's YAML parser reads a number.
 class Spec(BaseModel):
     """Base for every config block: camelCase aliases, unknown keys are errors."""
 
@@ -85,26 +92,26 @@ class Architecture(Spec):
     model_type: Literal["qwen2", "llama"] = Field(
         "qwen2", description="Transformers model family to instantiate: qwen2 or llama."
     )
-    vocab_size: int = Field(
+    vocab_size: StrictInt = Field(
         32000,
         ge=64,
         description="Vocabulary size; also the size of the BPE tokenizer trained when no "
         "tokenizer is given.",
     )
-    hidden_size: int = Field(2048, ge=8, description="Width of the residual stream.")
-    num_hidden_layers: int = Field(24, ge=1, description="Number of decoder layers.")
-    num_attention_heads: int = Field(16, ge=1, description="Attention heads per layer.")
-    num_key_value_heads: int | None = Field(
+    hidden_size: StrictInt = Field(2048, ge=8, description="Width of the residual stream.")
+    num_hidden_layers: StrictInt = Field(24, ge=1, description="Number of decoder layers.")
+    num_attention_heads: StrictInt = Field(16, ge=1, description="Attention heads per layer.")
+    num_key_value_heads: StrictInt | None = Field(
         None,
         ge=1,
         description="Key/value heads for grouped-query attention; defaults to "
         "numAttentionHeads (plain multi-head attention).",
     )
-    intermediate_size: int = Field(8192, ge=8, description="Width of the MLP.")
-    max_position_embeddings: int = Field(
+    intermediate_size: StrictInt = Field(8192, ge=8, description="Width of the MLP.")
+    max_position_embeddings: StrictInt = Field(
         2048, ge=16, description="Longest sequence the position embedding supports."
     )
-    tie_word_embeddings: bool = Field(
+    tie_word_embeddings: StrictBool = Field(
         False, description="Share input embedding and LM head weights (saves memory)."
     )
 
@@ -145,7 +152,7 @@ class ModelSpec(Spec):
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the weights are loaded in."
     )
-    trust_remote_code: bool = Field(
+    trust_remote_code: StrictBool = Field(
         False,
         description="Run Python code shipped with the model repository. Off unless you "
         "trust the repository.",
@@ -168,8 +175,9 @@ class DataSpec(Spec):
     """Training and evaluation data."""
 
     train: str = Field(
+        min_length=1,
         description="Training data: a .jsonl/.json/.parquet file, a folder of them, or a "
-        "folder written by datasets.save_to_disk. Local path or pvc:// URI."
+        "folder written by datasets.save_to_disk. Local path or pvc:// URI.",
     )
     eval: str | None = Field(None, description="Evaluation data, same forms as `train`.")
     format: DataFormat = Field(
@@ -178,16 +186,20 @@ class DataSpec(Spec):
         "instruction {instruction,input,output}, preference {prompt,chosen,rejected}. "
         "auto detects it from the first rows.",
     )
-    max_length: int = Field(
-        2048, ge=8, description="Longest tokenized sequence; longer rows are truncated."
+    max_length: StrictInt = Field(
+        2048,
+        ge=8,
+        le=MAX_SEQUENCE_LENGTH,
+        description="Longest tokenized sequence; longer rows are truncated. At most "
+        f"{MAX_SEQUENCE_LENGTH} (1Mi tokens, beyond any model's context window).",
     )
-    packing: bool = Field(
+    packing: StrictBool = Field(
         False,
         description="Pack several short rows into one maxLength sequence (sft/lora; "
         "from_scratch always packs).",
     )
     dataset_text_field: str = Field("text", description="Column holding raw text for format text.")
-    max_prompt_length: int | None = Field(
+    max_prompt_length: StrictInt | None = Field(
         None,
         ge=1,
         description="DPO only: keep at most this many prompt tokens (the end of the "
@@ -215,17 +227,17 @@ class Training(Spec):
     """Optimisation, precision, evaluation and checkpoint cadence (TrainingArguments names)."""
 
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
-    max_steps: int = Field(
+    max_steps: StrictInt = Field(
         -1, description="Stop after this many optimizer steps; -1 uses numTrainEpochs."
     )
-    per_device_train_batch_size: int = Field(8, ge=1, description="Rows per device per step.")
-    per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per device in eval.")
-    gradient_accumulation_steps: int = Field(
+    per_device_train_batch_size: StrictInt = Field(8, ge=1, description="Rows per device per step.")
+    per_device_eval_batch_size: StrictInt = Field(8, ge=1, description="Rows per device in eval.")
+    gradient_accumulation_steps: StrictInt = Field(
         1, ge=1, description="Micro-batches summed before each optimizer step."
     )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
     lr_scheduler_type: SchedulerType = Field("cosine", description="Learning-rate schedule.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (wins over ratio).")
+    warmup_steps: StrictInt = Field(0, ge=0, description="Linear warmup steps (wins over ratio).")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup as a share of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
@@ -234,39 +246,41 @@ class Training(Spec):
         description="transformers optimizer name: adamw_torch_fused (the transformers 5 "
         "default, fastest), adamw_torch (the guide's), adafactor, paged_adamw_8bit, ...",
     )
-    bf16: bool = Field(False, description="bfloat16 mixed precision (Ampere GPUs and newer).")
-    fp16: bool = Field(False, description="float16 mixed precision with loss scaling.")
-    gradient_checkpointing: bool = Field(
+    bf16: StrictBool = Field(False, description="bfloat16 mixed precision (Ampere GPUs and newer).")
+    fp16: StrictBool = Field(False, description="float16 mixed precision with loss scaling.")
+    gradient_checkpointing: StrictBool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
-    torch_compile: bool = Field(False, description="Compile the model with torch.compile.")
+    torch_compile: StrictBool = Field(False, description="Compile the model with torch.compile.")
     torch_compile_backend: str | None = Field(
         None, description="torch.compile backend (inductor by default)."
     )
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="When to evaluate; steps uses evalSteps. Needs data.eval."
     )
-    eval_steps: int | None = Field(
+    eval_steps: StrictInt | None = Field(
         None, ge=1, description="Evaluate every N steps; defaults to loggingSteps."
     )
     save_strategy: Literal["no", "steps", "epoch"] = Field(
         "steps", description="When to checkpoint; steps uses saveSteps."
     )
-    save_steps: int = Field(500, ge=1, description="Checkpoint every N steps.")
-    save_total_limit: int | None = Field(
+    save_steps: StrictInt = Field(500, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: StrictInt | None = Field(
         None,
         ge=2,
         description="Keep only the newest N checkpoints (plus the best one). At least 2: "
         "transformers deletes old checkpoints before the new one is marked complete, so "
         "with 1 a crash at that moment would leave nothing to resume from.",
     )
-    logging_steps: int = Field(10, ge=1, description="Log (and update metrics) every N steps.")
-    load_best_model_at_end: bool = Field(
+    logging_steps: StrictInt = Field(
+        10, ge=1, description="Log (and update metrics) every N steps."
+    )
+    load_best_model_at_end: StrictBool = Field(
         False, description="Finish with the checkpoint that scored best on metricForBestModel."
     )
     metric_for_best_model: str = Field("eval_loss", description="Metric that ranks checkpoints.")
-    greater_is_better: bool = Field(False, description="Whether a larger metric is better.")
-    early_stopping_patience: int | None = Field(
+    greater_is_better: StrictBool = Field(False, description="Whether a larger metric is better.")
+    early_stopping_patience: StrictInt | None = Field(
         None,
         ge=1,
         description="Stop after N evaluations without improvement (needs evaluation and "
@@ -277,10 +291,10 @@ class Training(Spec):
         description="Experiment trackers besides Prometheus. Their credentials come from "
         "env (e.g. WANDB_API_KEY from a Secret), never from the spec.",
     )
-    seed: int = Field(42, description="Random seed for weights init, shuffling and dropout.")
-    dataloader_num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
-    dataloader_pin_memory: bool = Field(True, description="Pin host memory for GPU copies.")
-    remove_unused_columns: bool = Field(
+    seed: StrictInt = Field(42, description="Random seed for weights init, shuffling and dropout.")
+    dataloader_num_workers: StrictInt = Field(0, ge=0, description="Data loader worker processes.")
+    dataloader_pin_memory: StrictBool = Field(True, description="Pin host memory for GPU copies.")
+    remove_unused_columns: StrictBool = Field(
         False,
         description="Drop dataset columns the model's forward() does not take, after TRL "
         "has tokenized the rows (raw columns such as messages are always kept until then).",
@@ -317,8 +331,8 @@ class Training(Spec):
 class Lora(Spec):
     """LoRA / QLoRA adapter settings (PEFT LoraConfig names)."""
 
-    r: int = Field(16, ge=1, description="Adapter rank; higher trains more parameters.")
-    lora_alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
+    r: StrictInt = Field(16, ge=1, description="Adapter rank; higher trains more parameters.")
+    lora_alpha: StrictInt = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -332,12 +346,12 @@ class Lora(Spec):
     inference_mode: Literal[False] = Field(
         False, description="Must be false while training (true freezes the adapter)."
     )
-    load_in_4bit: bool = Field(
+    load_in_4bit: StrictBool = Field(
         False,
         description="QLoRA: load the base model 4-bit (NF4) with bitsandbytes. Needs a "
         "CUDA GPU; refused on CPU.",
     )
-    merge: bool = Field(
+    merge: StrictBool = Field(
         False,
         description="Also write the base model with the adapter merged in, under "
         "<output>/merged, for serving without PEFT.",
@@ -368,12 +382,12 @@ class Dpo(Spec):
     reference_model: ReferenceModel = Field(
         default_factory=ReferenceModel, description="The frozen reference model."
     )
-    precompute_ref_log_probs: bool = Field(
+    precompute_ref_log_probs: StrictBool = Field(
         False,
         description="Score the whole dataset with the reference once before training, so "
         "the reference need not stay in memory.",
     )
-    use_lora: bool = Field(
+    use_lora: StrictBool = Field(
         False,
         description="Train a LoRA adapter (settings from the `lora` block) instead of all "
         "weights; the reference is then the adapter-off base model.",
@@ -383,13 +397,13 @@ class Dpo(Spec):
 class FromScratch(Spec):
     """Extra settings for method from_scratch (the shape lives in model.architecture)."""
 
-    tokenizer_vocab_size: int | None = Field(
+    tokenizer_vocab_size: StrictInt | None = Field(
         None,
         ge=64,
         description="Vocabulary of the BPE tokenizer trained on the training text; "
         "defaults to architecture.vocabSize.",
     )
-    tokenizer_min_frequency: int = Field(
+    tokenizer_min_frequency: StrictInt = Field(
         2, ge=1, description="Minimum count for a merge when training the tokenizer."
     )
 
@@ -408,8 +422,11 @@ class TrainerConfig(Spec):
     )
     output_dir: str = Field(description="Where checkpoints, the final model and metrics go.")
     run_name: str = Field("kubetrain", description="Name shown in logs and trackers.")
-    metrics_port: int = Field(
-        9400, ge=0, le=65535, description="Rank 0 serves Prometheus /metrics here; 0 = off."
+    metrics_port: StrictInt = Field(
+        METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="Rank 0 serves Prometheus /metrics here; 0 = off.",
     )
 
     @model_validator(mode="after")
@@ -458,7 +475,7 @@ def check_method_blocks(cfg: TrainerConfig) -> None:
 
 
 class ConfigError(Exception):
-    """A config or data problem the user must fix; the trainer exits EXIT_CONFIG_ERROR."""
+    """A config or data problem the user must fix; the trainer exits ExitCode.CONFIG_ERROR."""
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -469,6 +486,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; fields are camelCase)"
+        elif e["type"] in ("int_type", "bool_type") and isinstance(e["input"], str):
+            # Strict fields: say why "192" is not 192 (the CRD types the field too).
+            unquoted = "true or false" if e["type"] == "bool_type" else "a number"
+            msg += f", got the string {e['input']!r}; write {unquoted} without quotes"
         lines.append(f"{source}: {where}: {msg}")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -54,15 +55,44 @@ def torch_dtype(spec: ModelSpec) -> torch.dtype | str:
     return _DTYPES.get(spec.torch_dtype, "auto")
 
 
+# Files that mark a folder as holding a model (a LoRA output holds only the adapter, which
+# transformers loads on top of its base) or a tokenizer (config.json names its class).
+MODEL_FILES = ("config.json", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
+
+
+def check_local_source(source: str | None, field: str, wants: tuple[str, ...]) -> None:
+    """Refuse a local path that is missing or holds none of `wants`, before transformers
+    answers with a hub-id error or pages about slow tokenizers."""
+    if source is None:
+        return
+    path = Path(source).expanduser()
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_local and not path.exists():
+        raise ConfigError(f"{field}: {source!r} does not exist; give a model folder or a hub id")
+    if path.is_dir() and not any((path / name).is_file() for name in wants):
+        raise ConfigError(
+            f"{field}: {source!r} is a folder without {' or '.join(wants)}, so it holds no "
+            "saved model; "
+            "point at a folder written by save_pretrained (a finished run's output)"
+        )
+
+
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """The model's tokenizer (or spec.tokenizer), with a pad token and a chat template."""
     source = spec.tokenizer or spec.name
+    field = "model.tokenizer" if spec.tokenizer else "model.name"
+    check_local_source(source, field, TOKENIZER_FILES)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
-    except OSError as e:
-        raise ConfigError(f"model.name: cannot load a tokenizer from {source!r}: {e}") from e
+    # transformers raises ValueError (not OSError) for a folder that holds no tokenizer.
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{field}: cannot load a tokenizer from {source!r} (give a hub id or a folder "
+            f"written by save_pretrained): {e}"
+        ) from e
     return ensure_chat_ready(tokenizer)
 
 
@@ -80,8 +110,11 @@ def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def load_model(spec: ModelSpec, *, quantization_config=None) -> PreTrainedModel:
-    """A pretrained causal LM from a hub id or a local folder."""
+def load_model(
+    spec: ModelSpec, *, quantization_config=None, field: str = "model.name"
+) -> PreTrainedModel:
+    """A pretrained causal LM from a hub id or a local folder; `field` names it in errors."""
+    check_local_source(spec.name, field, MODEL_FILES)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             spec.name,
@@ -91,8 +124,12 @@ def load_model(spec: ModelSpec, *, quantization_config=None) -> PreTrainedModel:
             attn_implementation=spec.attn_implementation,
             quantization_config=quantization_config,
         )
-    except OSError as e:
-        raise ConfigError(f"model.name: cannot load a model from {spec.name!r}: {e}") from e
+    # ValueError: a folder whose config.json names no causal LM, or holds no config at all.
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{field}: cannot load a model from {spec.name!r} (give a hub id or a folder "
+            f"written by save_pretrained): {e}"
+        ) from e
     return model
 
 

@@ -71,7 +71,11 @@ def load_documents(path: str | Path) -> list[Any]:
     """Every kubetrain object (TrainingRun, Pipeline) in a YAML file, in file order."""
     path = Path(path)
     try:
-        docs = list(yaml.safe_load_all(path.read_text()))
+        docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError as e:
+        raise ManifestError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a spec is a YAML file"
+        ) from e
     except (OSError, yaml.YAMLError) as e:
         raise ManifestError(f"{path}: cannot read: {e}") from e
     objects = []

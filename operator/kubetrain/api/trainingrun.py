@@ -21,6 +21,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -28,7 +30,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kubetrain.api.cel import flag, present, rule, value_or_default
-from kubetrain.api.uris import UriRef, check_uri, uri_refs
+from kubetrain.api.uris import UriRef, check_uri, scheme_rule, uri_refs
 from kubetrain_trainer.config import (
     Architecture,
     DataSpec,
@@ -37,11 +39,13 @@ from kubetrain_trainer.config import (
     Lora,
     Method,
     ModelSpec,
+    ReferenceModel,
     Spec,
     TrainerConfig,
     Training,
     check_method_blocks,
 )
+from kubetrain_trainer.contract import METRICS_PORT
 
 GROUP = "kubetrain.dev"
 VERSION = "v1alpha1"
@@ -54,7 +58,6 @@ CATEGORIES = ["kubetrain"]
 
 DEFAULT_IMAGE = "ghcr.io/kubetrain/trainer:0.1.0"
 C10D_PORT = 29500
-METRICS_PORT = 9400
 
 # Labels the operator puts on every child and pod, and the one Kueue reads from the CR.
 LABEL_RUN = "kubetrain.dev/run"
@@ -161,13 +164,64 @@ class RunModel(ModelSpec):
         "models; the pods get it as HF_TOKEN. Key defaults to `token`.",
     )
 
+    @field_validator("name", "tokenizer")
+    @classmethod
+    def _model_uri(cls, value: str | None) -> str | None:
+        return check_uri(value) if value is not None else None
+
+
+class RunReferenceModel(ReferenceModel):
+    """DPO's frozen reference model, with its URI checked like model.name."""
+
+    name: str | None = Field(
+        None, max_length=1024, description=ReferenceModel.model_fields["name"].description
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _model_uri(cls, value: str | None) -> str | None:
+        return check_uri(value) if value is not None else None
+
+
+class RunDpo(Dpo):
+    """DPO settings whose reference model URI is checked where it is written."""
+
+    reference_model: RunReferenceModel = Field(
+        default_factory=RunReferenceModel,
+        description=Dpo.model_fields["reference_model"].description,
+    )
+
+
+# Bounds the URI strings so the API server can cost the CEL rules that read them.
+MAX_URI_LENGTH = 4096
+
+
+class RunData(DataSpec):
+    """The trainer's data block, with train and eval checked as URIs where they are written."""
+
+    train: str = Field(
+        min_length=1,
+        max_length=MAX_URI_LENGTH,
+        description=DataSpec.model_fields["train"].description,
+    )
+    eval: str | None = Field(
+        None, max_length=MAX_URI_LENGTH, description=DataSpec.model_fields["eval"].description
+    )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _data_uri(cls, value: str | None) -> str | None:
+        if value is not None and value and not value.strip():
+            raise ValueError("is blank; give a data file or folder (pvc://claim/path or a path)")
+        return check_uri(value) if value is not None else None
+
 
 class ConfigMapKeySelector(K8sObject):
     """A key of a ConfigMap in the run's namespace."""
 
     name: str = Field(min_length=1, description="Name of the ConfigMap.")
     key: str = Field(min_length=1, description="Key inside the ConfigMap.")
-    optional: bool | None = Field(None, description="Start even if the key is missing.")
+    optional: StrictBool | None = Field(None, description="Start even if the key is missing.")
 
 
 class EnvSecretKeySelector(K8sObject):
@@ -175,7 +229,7 @@ class EnvSecretKeySelector(K8sObject):
 
     name: str = Field(min_length=1, description="Name of the Secret.")
     key: str = Field(min_length=1, description="Key inside the Secret.")
-    optional: bool | None = Field(None, description="Start even if the key is missing.")
+    optional: StrictBool | None = Field(None, description="Start even if the key is missing.")
 
 
 class ObjectFieldSelector(K8sObject):
@@ -192,6 +246,24 @@ QUANTITY_PATTERN = (
     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _QUANTITY = re.compile(QUANTITY_PATTERN)
+# Bounds quantity strings (and so the cost of the CEL rules that parse them).
+MAX_QUANTITY_LENGTH = 64
+MAX_RESOURCE_NAMES = 16
+# Quantity suffixes and their factors, for comparing a request with its limit. The pydantic
+# check (`quantity_value`) and the CEL one (`quantity_value_cel`) both read this table and do
+# the same float arithmetic, so they agree on every value. Exponents (`1e3`) need no entry:
+# both parsers read them as numbers. Binary suffixes all end in `i`, which no decimal one
+# does, so no suffix is the tail of another.
+QUANTITY_SUFFIXES: dict[str, float] = {
+    **{
+        suffix: 1024.0**power
+        for power, suffix in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"), 1)
+    },
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    **{suffix: 1000.0**power for power, suffix in enumerate(("k", "M", "G", "T", "P", "E"), 1)},
+}
 
 
 def check_quantity(quantity: Any) -> Any:
@@ -201,13 +273,55 @@ def check_quantity(quantity: Any) -> Any:
             f'{quantity!r}: write fractional quantities as strings ("500m" or "0.5"); '
             "the API accepts only integers and strings"
         )
-    if isinstance(quantity, str) and not _QUANTITY.match(quantity):
+    if isinstance(quantity, bool):
+        raise ValueError(f"{quantity!r} is not a quantity; write a number such as 8 or 64Gi")
+    if isinstance(quantity, str) and (
+        len(quantity) > MAX_QUANTITY_LENGTH or not _QUANTITY.match(quantity)
+    ):
         raise ValueError(f'{quantity!r} is not a Kubernetes quantity (e.g. 8, "500m", "64Gi")')
     return quantity
 
 
+def quantity_value(quantity: int | str) -> float:
+    """A quantity as a number (`64Gi` -> 68719476736.0), computed as `quantity_value_cel`."""
+    text = str(quantity)
+    for suffix, factor in QUANTITY_SUFFIXES.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def quantity_value_cel(expression: str) -> str:
+    """CEL for the number a quantity (int or string) at `expression` stands for.
+
+    The string branch reads the value itself, never `string(value)`: the API server costs a
+    conversion of an int-or-string as an unbounded string and refuses the CRD.
+    """
+    value = f"double({expression})"
+    for suffix, factor in reversed(QUANTITY_SUFFIXES.items()):
+        number = f"double({expression}.substring(0, {expression}.size() - {len(suffix)}))"
+        value = f"({expression}.endsWith('{suffix}') ? {number} * {factor!r} : {value})"
+    return f"(type({expression}) == int ? double({expression}) : {value})"
+
+
+def is_extended_resource(name: str) -> bool:
+    """Kubernetes' IsExtendedResourceName: a name in a domain other than kubernetes.io."""
+    return "/" in name and "kubernetes.io/" not in name
+
+
+def extended_resource_cel(key: str) -> str:
+    """CEL twin of `is_extended_resource` for the map key variable `key`."""
+    return f"({key}.contains('/') && !{key}.contains('kubernetes.io/'))"
+
+
 Quantity = Annotated[
-    int | Annotated[str, WithJsonSchema({"type": "string", "pattern": QUANTITY_PATTERN})],
+    int
+    | Annotated[
+        str,
+        WithJsonSchema(
+            {"type": "string", "pattern": QUANTITY_PATTERN, "maxLength": MAX_QUANTITY_LENGTH}
+        ),
+    ],
     BeforeValidator(check_quantity),
 ]
 
@@ -311,29 +425,131 @@ def check_env_not_reserved(env: list[EnvVar]) -> list[EnvVar]:
     return env
 
 
+# The API server's toleration rules (ValidateTolerations), refused here and in the CRD so a
+# bad toleration fails at `kubectl apply`, not when the operator creates the Job. Each entry:
+# (CEL on the toleration, fieldPath, message); `Toleration._api_server_rules` is its twin.
+TOLERATION_RULES = [
+    (
+        "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+        ".operator",
+        "a toleration without key must use operator: Exists (it then tolerates every taint)",
+    ),
+    (
+        "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        ".value",
+        "operator Exists matches any taint value; drop value (or use operator: Equal)",
+    ),
+    (
+        "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        ".tolerationSeconds",
+        "tolerationSeconds applies to NoExecute taints only; set effect: NoExecute or drop "
+        "tolerationSeconds",
+    ),
+]
+
+
 class Toleration(K8sObject):
     """A Kubernetes toleration, e.g. for the taint on GPU nodes."""
 
-    key: str | None = Field(None, description="Taint key; empty with Exists matches all.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                rule(expression, message, field_path=path)
+                for expression, path, message in TOLERATION_RULES
+            ]
+        }
+    )
+
+    key: str | None = Field(
+        None, max_length=316, description="Taint key; empty with Exists matches all."
+    )
     operator: Literal["Exists", "Equal"] | None = Field(
         None, description="Exists or Equal (the default)."
     )
-    value: str | None = Field(None, description="Taint value to match with Equal.")
+    value: str | None = Field(None, max_length=63, description="Taint value to match with Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to match; empty matches all effects."
     )
-    toleration_seconds: int | None = Field(
-        None, description="How long a NoExecute taint is tolerated before eviction."
+    toleration_seconds: StrictInt | None = Field(
+        None,
+        description="How long a NoExecute taint is tolerated before eviction (needs effect "
+        "NoExecute).",
     )
+
+    @model_validator(mode="after")
+    def _api_server_rules(self) -> Toleration:
+        broken = [
+            message
+            for ok, (_, _, message) in zip(
+                [
+                    bool(self.key) or self.operator == "Exists",
+                    self.operator != "Exists" or not self.value,
+                    self.toleration_seconds is None or self.effect == "NoExecute",
+                ],
+                TOLERATION_RULES,
+                strict=True,
+            )
+            if not ok
+        ]
+        if broken:
+            raise ValueError("; ".join(broken))
+        return self
+
+
+_WHOLE_NUMBER = r"^[0-9]+$"
+
+
+def resource_rules() -> list[dict[str, str]]:
+    """CEL twins of `Resources._api_server_rules`: the API server's rules for a container's
+    requests and limits, so that kubectl refuses what a Job would be refused for."""
+    req, lim = "self.requests[k]", "self.limits[k]"
+    ext = extended_resource_cel("k")
+    whole = " && ".join(
+        f"(!has(self.{m}) || self.{m}.all(k, !{ext} || type(self.{m}[k]) == int || "
+        f"self.{m}[k].matches('{_WHOLE_NUMBER}')))"
+        for m in ("requests", "limits")
+    )
+    return [
+        rule(whole, EXTENDED_WHOLE_MESSAGE),
+        rule(
+            f"!has(self.requests) || self.requests.all(k, !{ext} || (has(self.limits) && "
+            f"k in self.limits && {quantity_value_cel(req)} == {quantity_value_cel(lim)}))",
+            EXTENDED_LIMIT_MESSAGE,
+            field_path=".requests",
+        ),
+        rule(
+            "!has(self.requests) || !has(self.limits) || self.requests.all(k, "
+            f"!(k in self.limits) || {quantity_value_cel(req)} <= {quantity_value_cel(lim)})",
+            REQUEST_ABOVE_LIMIT_MESSAGE,
+            field_path=".requests",
+        ),
+    ]
+
+
+EXTENDED_WHOLE_MESSAGE = (
+    "extended resources (a name with a domain, e.g. nvidia.com/gpu) are counted in whole "
+    "units: write them as whole numbers (8, not 0.5 or 500m)"
+)
+EXTENDED_LIMIT_MESSAGE = (
+    "an extended resource (e.g. nvidia.com/gpu) in resources.requests needs the same value "
+    "in resources.limits, or Kubernetes refuses the pods; set GPUs in limits only (the "
+    "request defaults to the limit)"
+)
+REQUEST_ABOVE_LIMIT_MESSAGE = (
+    "a resources.requests value is above its resources.limits value; Kubernetes refuses "
+    "the pods, so lower the request or raise the limit"
+)
 
 
 class Resources(K8sObject):
     """How many pods the run uses and what each one asks of its node."""
 
-    nodes: int = Field(
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": resource_rules()})
+
+    nodes: StrictInt = Field(
         1, ge=1, le=MAX_NODES, description="Pods (one per node) that train together."
     )
-    proc_per_node: int = Field(
+    proc_per_node: StrictInt = Field(
         1,
         ge=1,
         le=64,
@@ -342,33 +558,86 @@ class Resources(K8sObject):
     )
     requests: dict[str, Quantity] = Field(
         default_factory=dict,
-        description="Per-pod resource requests, e.g. cpu: 8, memory: 64Gi, nvidia.com/gpu: 8.",
+        max_length=MAX_RESOURCE_NAMES,
+        description="Per-pod resource requests, e.g. cpu: 8, memory: 64Gi; each at most its "
+        "limit. GPUs and other extended resources go in limits (a request alone is refused).",
     )
     limits: dict[str, Quantity] = Field(
         default_factory=dict,
-        description="Per-pod resource limits; GPUs (nvidia.com/gpu) must be set here.",
+        max_length=MAX_RESOURCE_NAMES,
+        description="Per-pod resource limits, e.g. nvidia.com/gpu: 8, memory: 64Gi; GPUs and "
+        "other extended resources are set here, in whole numbers.",
     )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must land on."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Taints the pods tolerate (e.g. GPU node taints)."
+        default_factory=list,
+        max_length=64,
+        description="Taints the pods tolerate (e.g. GPU node taints).",
     )
     priority_class_name: str | None = Field(
         None, description="PriorityClass of the pods (preemption order)."
     )
 
+    @model_validator(mode="after")
+    def _api_server_rules(self) -> Resources:
+        problems = []
+        for kind in ("requests", "limits"):
+            problems += [
+                f"{kind}.{name}: {quantity!r}: {EXTENDED_WHOLE_MESSAGE}"
+                for name, quantity in getattr(self, kind).items()
+                if is_extended_resource(name) and not re.match(_WHOLE_NUMBER, str(quantity))
+            ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        for name, request in self.requests.items():
+            limit = self.limits.get(name)
+            if is_extended_resource(name) and (
+                limit is None or quantity_value(request) != quantity_value(limit)
+            ):
+                problems.append(
+                    f"requests.{name}: {request!r} "
+                    f"{'has no limit' if limit is None else f'differs from its limit {limit!r}'}"
+                    f": {EXTENDED_LIMIT_MESSAGE}"
+                )
+            elif limit is not None and quantity_value(request) > quantity_value(limit):
+                problems.append(
+                    f"requests.{name}: {request!r} is above limits.{name}: {limit!r}: "
+                    f"{REQUEST_ABOVE_LIMIT_MESSAGE}"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class RestartPolicy(K8sObject):
     """When the operator starts the whole gang again after a failure."""
 
-    max_restarts: int = Field(
+    max_restarts: StrictInt = Field(
         3,
         ge=0,
         le=MAX_RESTARTS,
         description="Restarts after retriable failures (node loss, preemption, crashes); "
         "never after a config error (exit 78). Each restart resumes from the newest "
         "checkpoint.",
+    )
+    startup_timeout_seconds: StrictInt = Field(
+        3600,
+        ge=1,
+        description="How long each pod waits at startup for rank 0's address to resolve and "
+        "for every node to join the rendezvous (torchrun's rendezvous timeout, 900 by "
+        "default): long enough to schedule the last pod and pull a large image. The attempt "
+        "fails after it, and is restarted like any retriable failure.",
+    )
+    force_delete_after_seconds: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=86400,
+        description="Force-delete (grace period 0) pods of a finished attempt that are still "
+        "terminating this long past their grace period, so the next attempt can start: their "
+        "node no longer answers. Unset: wait, and name the pods and their node in the status "
+        "after 300s. Force-deleting is safe only if the node is really gone (or fenced).",
     )
 
 
@@ -531,10 +800,36 @@ def spec_rules(model_name_rule: dict[str, str] = MODEL_NAME_RULE) -> list[dict[s
     ]
 
 
+# URI fields whose scheme the CRD checks (the CEL twin of `check_uri`'s scheme check); each
+# is length-bounded so the API server can cost the regex.
+SCHEME_CHECKED_FIELDS = (
+    "model.name",
+    "dpo.referenceModel.name",
+    "data.train",
+    "data.eval",
+    "output",
+)
+
+
+def scheme_rules() -> list[dict[str, str]]:
+    """One rule per URI field: no scheme but pvc:// and s3:// (`check_uri` refuses the rest)."""
+    return [
+        rule(
+            scheme_rule(path),
+            f"{path}: unsupported URI scheme; use pvc:// or s3:// URIs, a hub id (models) or "
+            "a local path",
+            field_path=f".{path}",
+        )
+        for path in SCHEME_CHECKED_FIELDS
+    ]
+
+
 class TrainingRunSpec(Spec):
     """What to train, on what data, with which resources, and where the model goes."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": spec_rules()})
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": spec_rules() + scheme_rules()}
+    )
 
     method: Method = Field(description="Training method: from_scratch, sft, lora or dpo.")
     model: RunModel = Field(
@@ -542,18 +837,19 @@ class TrainingRunSpec(Spec):
         description="The starting model: a hub id, pvc://claim/path, or (from_scratch) an "
         "architecture.",
     )
-    data: DataSpec = Field(description="Training and evaluation data (pvc:// URIs).")
+    data: RunData = Field(description="Training and evaluation data (pvc:// URIs).")
     training: Training = Field(
         default_factory=Training,
         description="Optimisation, precision, evaluation and checkpoint cadence.",
     )
     lora: Lora | None = Field(None, description="LoRA settings (method lora, or dpo.useLora).")
-    dpo: Dpo | None = Field(None, description="DPO settings (method dpo).")
+    dpo: RunDpo | None = Field(None, description="DPO settings (method dpo).")
     from_scratch: FromScratch | None = Field(
         None, description="Tokenizer settings for method from_scratch."
     )
     output: str = Field(
         min_length=1,
+        max_length=MAX_URI_LENGTH,
         description="Where checkpoints and the final model go: pvc://claim/sub/path on a "
         "cluster (the claim is mounted read-write), or a local path for `kubetrain run`. "
         "s3:// is reserved and not supported yet.",
@@ -571,7 +867,7 @@ class TrainingRunSpec(Spec):
         description="Extra environment for the trainer (e.g. WANDB_API_KEY from a Secret). "
         "Names the operator or torchrun set are refused.",
     )
-    suspend: bool = Field(
+    suspend: StrictBool = Field(
         False,
         description="Hold the run: no pods start (running pods are stopped; training "
         "resumes from the newest checkpoint when set back to false).",
@@ -599,8 +895,6 @@ class TrainingRunSpec(Spec):
     def _method_blocks(self) -> TrainingRunSpec:
         # Same attribute names as TrainerConfig, so the trainer's own rule applies as is.
         check_method_blocks(self)  # type: ignore[arg-type]
-        for ref in uri_refs(self):
-            check_uri(ref.uri)
         return self
 
 

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from kubetrain.api.cel import present
+
 if TYPE_CHECKING:
     from kubetrain.api.trainingrun import TrainingRunSpec
 
@@ -21,6 +23,11 @@ UriKind = Literal["hub", "pvc", "s3", "local"]
 
 PVC_SCHEME = "pvc://"
 S3_SCHEME = "s3://"
+SCHEMES = (PVC_SCHEME, S3_SCHEME)
+# Anything that starts like a URI (`ftp://`, `gs://`, `hf://`); read as a local path it would
+# fail only inside the pod, so it is refused here unless it is one of SCHEMES.
+URI_SCHEME_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+_URI_SCHEME = re.compile(URI_SCHEME_PATTERN)
 
 # A PVC name is a DNS-1123 subdomain; keeping to the label form also makes it a valid
 # volume name once prefixed, which the renderer relies on.
@@ -76,12 +83,28 @@ def parse_pvc_uri(uri: str) -> PvcUri:
 
 
 def check_uri(uri: str) -> str:
-    """Validate the syntax of a pvc:// or s3:// URI (other forms are free text)."""
+    """Validate the syntax of a pvc:// or s3:// URI; refuse other schemes (`ftp://`).
+
+    Hub ids and local paths are free text. `scheme_rule` is the CEL twin of the scheme check.
+    """
     if uri.startswith(PVC_SCHEME):
         parse_pvc_uri(uri)
-    elif uri.startswith(S3_SCHEME) and not uri[len(S3_SCHEME) :].split("/")[0]:
-        raise ValueError(f"{uri!r}: write s3://<bucket>/<prefix>")
+    elif uri.startswith(S3_SCHEME):
+        if not uri[len(S3_SCHEME) :].split("/")[0]:
+            raise ValueError(f"{uri!r}: write s3://<bucket>/<prefix>")
+    elif _URI_SCHEME.match(uri):
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(
+            f"{uri!r}: unsupported scheme {scheme}://; use {' or '.join(SCHEMES)} URIs, a hub "
+            "id (models) or a local path"
+        )
     return uri
+
+
+def scheme_rule(path: str) -> str:
+    """CEL that is true when the string at `self.<path>` is unset or uses no unknown scheme."""
+    known = " || ".join(f"self.{path}.startsWith('{scheme}')" for scheme in SCHEMES)
+    return f"!({present(path)}) || !self.{path}.matches('{URI_SCHEME_PATTERN}') || {known}"
 
 
 def uri_refs(spec: TrainingRunSpec) -> list[UriRef]:

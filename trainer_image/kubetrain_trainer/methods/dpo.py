@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 
-from kubetrain_trainer.config import Dpo, Lora, ModelSpec, TrainerConfig
+from kubetrain_trainer.config import ConfigError, Dpo, Lora, ModelSpec, TrainerConfig
 from kubetrain_trainer.data import load_data
 from kubetrain_trainer.methods.lora import peft_config
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
@@ -43,9 +43,30 @@ def clip_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, limit: in
     return dataset.map(clip, desc="clipping prompts to data.maxPromptLength")
 
 
+def check_rows_left(trainer: DPOTrainer, cfg: TrainerConfig) -> None:
+    """Fail before training when TRL's length handling left no pair to learn from."""
+    splits = [("data.train", cfg.data.train, trainer.train_dataset)]
+    if trainer.eval_dataset is not None and cfg.data.eval:
+        splits.append(("data.eval", cfg.data.eval, trainer.eval_dataset))
+    for field, source, rows in splits:
+        if len(rows) == 0:
+            raise ConfigError(
+                f"{field}: {source}: no preference pair is left to train on after "
+                f"data.maxLength={cfg.data.max_length}; raise maxLength (or lower "
+                "data.maxPromptLength) or check the rows"
+            )
+
+
 def train(cfg: TrainerConfig, session: Session) -> FitResult:
     dpo = cfg.dpo or Dpo()
     data = load_data(cfg.data)
+    if data.format != "preference":
+        # `format: auto` may find text or chats; DPO would fail later on a missing "prompt".
+        raise ConfigError(
+            f"data.train: {cfg.data.train} holds {data.format} rows; method dpo needs "
+            "preference pairs {prompt, chosen, rejected} (use method sft for "
+            f"{data.format} data)"
+        )
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows = data.train, data.eval
     if cfg.data.max_prompt_length:
@@ -62,7 +83,7 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
             torch_dtype=cfg.model.torch_dtype,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-        reference = load_model(reference_spec)
+        reference = load_model(reference_spec, field="dpo.referenceModel.name")
         fit_embeddings(reference, tokenizer)
 
     args = training_arguments(
@@ -84,6 +105,7 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
         peft_config=peft_config(cfg.lora or Lora()) if dpo.use_lora else None,
         callbacks=session.callbacks(),
     )
+    check_rows_left(trainer, cfg)
     log.info(
         "%s; %d preference pairs, beta %.3g", describe(trainer.model), len(train_rows), dpo.beta
     )
