@@ -46,7 +46,8 @@ from kubetrain.api import (
     Phase,
     Progress,
 )
-from kubetrain_trainer.config import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+from kubetrain_trainer import contract
+from kubetrain_trainer.contract import ExitCode, checkpoint_dir_name, is_config_error_message
 
 # Set while the spec differs from the one the current attempt runs: edits apply only to a
 # suspended run (they are rendered when it resumes), never to pods already training.
@@ -62,8 +63,6 @@ CAUSE_NETWORK = "NetworkError"
 CAUSE_NODE_LOST = "NodeLost"
 CAUSE_CRASHED = "Crashed"
 
-# The trainer's message for exit 78 starts with this (kubetrain_trainer.__main__).
-CONFIG_ERROR_PREFIX = "config error"
 # Lost peers and rendezvous trouble: the gang cannot go on, a fresh one can.
 _NETWORK_ERROR = re.compile(
     r"nccl|c10d|rendezvous|gloo|connection ?(reset|refused|closed|error|aborted)|"
@@ -133,12 +132,12 @@ def classify_pod_failure(pod: Mapping[str, Any]) -> tuple[str, bool, str]:
     for terminated in _terminated_containers(pod):
         code = terminated.get("exitCode")
         said = (terminated.get("message") or "").strip()
-        if code == EXIT_CONFIG_ERROR or said.lower().startswith(CONFIG_ERROR_PREFIX):
+        if code == ExitCode.CONFIG_ERROR or is_config_error_message(said):
             return REASON_CONFIG_ERROR, False, said or f"pod {name} exited {code}"
         if code == 0:
             continue
         detail = f"pod {name} exited {code}" + (f": {said}" if said else "")
-        if code == EXIT_PREEMPTED:
+        if code == ExitCode.PREEMPTED:
             return CAUSE_PREEMPTED, True, detail
         if terminated.get("reason") == "OOMKilled":
             return CAUSE_OOM_KILLED, True, f"pod {name} was OOM-killed (exit {code})"
@@ -210,7 +209,7 @@ def observe_attempt(
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
     if failed:
         said = failed.get("message") or failed.get("reason") or "the workload failed"
-        if f"exit code {EXIT_CONFIG_ERROR}" in said:
+        if f"exit code {int(ExitCode.CONFIG_ERROR)}" in said:
             return Observation("failed", REASON_CONFIG_ERROR, said, expected_pods=expected_pods)
         return Observation(
             "failed", CAUSE_CRASHED, said, retriable=True, expected_pods=expected_pods
@@ -276,13 +275,13 @@ class TrainerMetrics:
 
 
 _METRIC_FIELDS = {
-    "kubetrain_trainer_step": "step",
-    "kubetrain_trainer_total_steps": "total_steps",
-    "kubetrain_trainer_epoch": "epoch",
-    "kubetrain_trainer_loss": "loss",
-    "kubetrain_trainer_eval_loss": "eval_loss",
-    "kubetrain_trainer_tokens_per_second": "tokens_per_second",
-    "kubetrain_trainer_checkpoint_step": "checkpoint_step",
+    contract.STEP: "step",
+    contract.TOTAL_STEPS: "total_steps",
+    contract.EPOCH: "epoch",
+    contract.LOSS: "loss",
+    contract.EVAL_LOSS: "eval_loss",
+    contract.TOKENS_PER_SECOND: "tokens_per_second",
+    contract.CHECKPOINT_STEP: "checkpoint_step",
 }
 _INTEGER_FIELDS = {"step", "total_steps", "checkpoint_step"}
 
@@ -348,7 +347,7 @@ def checkpoint_uri(output: str, checkpoint_step: int | None) -> str | None:
     """URI of the checkpoint the trainer saved at `checkpoint_step` (HF's checkpoint-N)."""
     if not checkpoint_step:
         return None
-    return f"{output.rstrip('/')}/checkpoint-{checkpoint_step}"
+    return f"{output.rstrip('/')}/{checkpoint_dir_name(checkpoint_step)}"
 
 
 # Which condition is True in each phase; the others are False with the phase's reason.

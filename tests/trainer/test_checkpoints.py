@@ -24,10 +24,10 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kubetrain_trainer import checkpoints
 from kubetrain_trainer.checkpoints import (
-    MARKER_NAME,
     CompleteMarkerCallback,
     PreemptionCallback,
     install_sigterm_handler,
@@ -37,6 +37,7 @@ from kubetrain_trainer.checkpoints import (
     resume_checkpoint,
     write_json_atomic,
 )
+from kubetrain_trainer.contract import CHECKPOINT_DIR_PREFIX, CHECKPOINT_MARKER
 
 SEQ = 16
 
@@ -110,17 +111,22 @@ def sigterm_handler():
 
 
 @pytest.mark.slow
+def test_contract_names_the_folders_transformers_saves():
+    # The operator builds status.latestCheckpoint from the contract's name, without torch.
+    assert CHECKPOINT_DIR_PREFIX == PREFIX_CHECKPOINT_DIR
+
+
 def test_every_checkpoint_gets_a_marker(tmp_path):
     tiny_trainer(tmp_path, [CompleteMarkerCallback()]).train()
     folders = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert [p.name for p in folders] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     for folder in folders:
-        marker = json.loads((folder / MARKER_NAME).read_text())
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
         assert marker["step"] == int(folder.name.split("-")[1])
         assert marker["time"].endswith("+00:00")
         # The marker is the last word: the Trainer's own files were there before it.
         assert (folder / "trainer_state.json").stat().st_mtime <= (
-            folder / MARKER_NAME
+            folder / CHECKPOINT_MARKER
         ).stat().st_mtime
     assert resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
 
@@ -146,9 +152,9 @@ def test_resume_skips_incomplete_checkpoints(tmp_path, caplog):
 
 def test_marker_must_name_its_own_step(tmp_path):
     folder = make_checkpoint(tmp_path, 8, complete=False)
-    write_json_atomic(folder / MARKER_NAME, {"step": 4})
+    write_json_atomic(folder / CHECKPOINT_MARKER, {"step": 4})
     assert not is_complete(folder)
-    (folder / MARKER_NAME).write_text("{not json")
+    (folder / CHECKPOINT_MARKER).write_text("{not json")
     assert not is_complete(folder)
     assert resume_checkpoint(tmp_path) is None
 
@@ -260,5 +266,5 @@ def test_ranks_agree_to_stop_and_marker_waits_for_all(tmp_path):
     by_rank = dict((rank, (stop, files)) for rank, stop, files in (results.get() for _ in procs))
     assert by_rank[0][0] and by_rank[1][0], "rank 0 had no SIGTERM but must stop with rank 1"
     # Rank 0 wrote the marker after the barrier, so rank 1's file was already there.
-    assert by_rank[0][1] == [MARKER_NAME, "rng_state_0.pth", "rng_state_1.pth"]
+    assert by_rank[0][1] == [CHECKPOINT_MARKER, "rng_state_0.pth", "rng_state_1.pth"]
     assert is_complete(tmp_path / "checkpoint-7")

@@ -21,7 +21,8 @@ from kubetrain.api import parse_document, to_trainer_config
 from kubetrain.local import run_locally
 from kubetrain.local.runner import resolve_local_uri
 from kubetrain_trainer.checkpoints import is_complete, resume_checkpoint
-from kubetrain_trainer.config import EXIT_CONFIG_ERROR, EXIT_PREEMPTED, dump_trainer_config
+from kubetrain_trainer.config import dump_trainer_config
+from kubetrain_trainer.contract import ExitCode
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,7 @@ def test_metrics_served_during_run_then_sigterm_saves_and_restart_resumes(tmp_pa
         log = trainer.communicate(timeout=120)[0]
     finally:
         trainer.kill()
-    assert trainer.returncode == EXIT_PREEMPTED, log
+    assert trainer.returncode == ExitCode.PREEMPTED, log
     checkpoint = resume_checkpoint(tmp_path / "out")
     assert checkpoint is not None and is_complete(checkpoint), log
     stopped_at = int(Path(checkpoint).name.split("-")[1])
@@ -160,7 +161,7 @@ def test_malformed_dataset_line_fails_before_training_with_file_and_line(tmp_pat
         [sys.executable, "-m", "kubetrain_trainer", "--config", str(config)],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
-    assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr
+    assert proc.returncode == ExitCode.CONFIG_ERROR, proc.stderr
     assert f"{data}:4:" in proc.stderr
     message = (tmp_path / "termination-log").read_text()
     assert message.startswith("config error:") and f"{data}:4:" in message
@@ -176,5 +177,5 @@ def test_launcher_passes_config_error_through_torchrun(tmp_path: Path):
          "--nproc-per-node", "2", "--config", str(config)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr
+    assert proc.returncode == ExitCode.CONFIG_ERROR, proc.stderr
     assert "training.learningRate" in proc.stderr and "greater than 0" in proc.stderr

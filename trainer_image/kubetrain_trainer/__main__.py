@@ -3,7 +3,7 @@
 Run as: python -m kubetrain_trainer --config FILE
   (or under torchrun / kubetrain_trainer.launch for several processes)
 
-Exit codes (config.py): 0 done; 78 the config or data is wrong (the message says which
+Exit codes (contract.ExitCode): 0 done; 78 the config or data is wrong (the message says which
 field, file and line; retrying cannot help); 75 stopped by SIGTERM after saving a
 checkpoint (rerun to resume). The failure message also goes to the container's termination
 message file, where the operator reads it into the TrainingRun's conditions.
@@ -20,18 +20,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from kubetrain_trainer.config import (
-    EXIT_CONFIG_ERROR,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    ConfigError,
-    TrainerConfig,
-    load_trainer_config,
+from kubetrain_trainer.config import ConfigError, TrainerConfig, load_trainer_config
+from kubetrain_trainer.contract import (
+    TERMINATION_LOG,
+    ExitCode,
+    TrainerMetricsFile,
+    config_error_message,
+    preempted_message,
 )
 
 log = logging.getLogger("kubetrain_trainer")
-
-TERMINATION_LOG = "/dev/termination-log"
 
 
 def setup_logging() -> None:
@@ -64,22 +62,24 @@ def run(cfg: TrainerConfig) -> dict:
     session = Session(cfg)
     result = method.train(cfg, session)
     state = result.trainer.state
-    summary = summarize_run(
-        cfg.method,
-        state.log_history,
-        result.train_output,
-        session.runtime(),
-        state.num_input_tokens_seen,
-        tokens_at_start=session.tokens_at_start(),
+    summary = TrainerMetricsFile.model_validate(
+        summarize_run(
+            cfg.method,
+            state.log_history,
+            result.train_output,
+            session.runtime(),
+            state.num_input_tokens_seen,
+            tokens_at_start=session.tokens_at_start(),
+        )
     )
-    summary["replica_checksums"] = result.replica_checksums
+    summary.replica_checksums = result.replica_checksums
     if result.merged_dir:
-        summary["merged_dir"] = result.merged_dir
+        summary.merged_dir = result.merged_dir
     if session.is_main_process:
         # Written last: a metrics.json means the final model is complete.
         write_metrics_json(cfg.output_dir, summary)
     leave_process_group()
-    return summary
+    return summary.model_dump(mode="json", exclude_unset=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,20 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_trainer_config(args.config)
         summary = run(cfg)
     except ConfigError as e:
-        message = f"config error: {e}"
+        message = config_error_message(str(e))
         log.error("%s", message)
         write_termination_message(message)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
     except Preempted as e:
         log.warning("%s; checkpoint saved, rerun to resume", e)
-        write_termination_message(f"preempted: {e}")
-        return EXIT_PREEMPTED
+        write_termination_message(preempted_message(str(e)))
+        return ExitCode.PREEMPTED
     except Exception as e:
         # Anything else (OOM, lost peer, storage) is worth a retry: say what it was.
         write_termination_message(f"{type(e).__name__}: {e}")
         raise
     log.info("done: %s", json.dumps(summary, default=str))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """Checkpoints the trainer can trust: completion markers, resume, and saving on SIGTERM.
 
-Checkpoints are the `checkpoint-<step>` folders transformers' Trainer writes under the output
-dir. transformers 5 writes them in place: `Trainer._save_checkpoint` saves the model,
+Checkpoints are the `checkpoint-<step>` folders transformers' Trainer writes under the
+output dir. transformers 5 writes them in place: `Trainer._save_checkpoint` saves the model,
 optimizer, scheduler, RNG state (one file per rank) and `trainer_state.json` straight into
 the final folder, with no temporary folder and no rename, then rotates old folders
 (`save_total_limit`, oldest by mtime first, always keeping the newest and the best). A pod
 killed mid-save therefore leaves a folder that looks like a checkpoint but is not one. Only
 after `_save_checkpoint` has returned does the Trainer call `on_save`; there
 `CompleteMarkerCallback` waits for every rank (each writes its own files), flushes the
-folder to disk and atomically writes `kubetrain-complete.json`. A folder is complete only
-with that marker, so `resume_checkpoint` never picks a half-written one. (Rotation runs
-before `on_save`: with save_total_limit 1 a kill in that instant leaves no complete folder
-and the run restarts from scratch; a limit of 2 or more always keeps one.) On SIGTERM (pod
-deletion, preemption, node drain) `PreemptionCallback` saves the current step and stops;
-the caller then exits with config.EXIT_PREEMPTED so the operator restarts and resumes.
+folder to disk and atomically writes its marker (contract.CHECKPOINT_MARKER,
+`kubetrain-complete.json`). A folder is complete only with that marker, so
+`resume_checkpoint` never picks a half-written one. (Rotation runs before `on_save`: with
+save_total_limit 1 a kill in that instant leaves no complete folder and the run restarts
+from scratch; a limit of 2 or more always keeps one.) On SIGTERM (pod deletion, preemption,
+node drain) `PreemptionCallback` saves the current step and stops; the caller then exits
+with ExitCode.PREEMPTED so the operator restarts and resumes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import tempfile
 from datetime import datetime, timezone
@@ -29,12 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from kubetrain_trainer.contract import CHECKPOINT_MARKER, checkpoint_dir_name, checkpoint_dir_step
 
 log = logging.getLogger(__name__)
-
-MARKER_NAME = "kubetrain-complete.json"
-_CHECKPOINT_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
@@ -81,15 +79,14 @@ def _fsync_tree(folder: Path) -> None:
 
 def checkpoint_step(folder: str | Path) -> int | None:
     """The step in a `checkpoint-<step>` folder name, or None for any other name."""
-    match = _CHECKPOINT_DIR.match(Path(folder).name)
-    return int(match.group(1)) if match else None
+    return checkpoint_dir_step(Path(folder).name)
 
 
 def mark_complete(folder: str | Path, step: int, epoch: float | None = None) -> Path:
     """Flush a finished checkpoint folder to disk and write its completion marker."""
     folder = Path(folder)
     _fsync_tree(folder)
-    marker = folder / MARKER_NAME
+    marker = folder / CHECKPOINT_MARKER
     write_json_atomic(
         marker,
         {
@@ -109,7 +106,7 @@ def is_complete(folder: str | Path) -> bool:
     """
     folder = Path(folder)
     try:
-        marker = json.loads((folder / MARKER_NAME).read_text())
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(marker, dict) and marker.get("step") == checkpoint_step(folder)
@@ -141,7 +138,7 @@ def resume_checkpoint(output_dir: str | Path) -> str | None:
     if incomplete:
         log.warning(
             "ignoring incomplete checkpoints (no %s, the save was interrupted): %s",
-            MARKER_NAME,
+            CHECKPOINT_MARKER,
             ", ".join(incomplete),
         )
     return complete[-1] if complete else None
@@ -175,7 +172,7 @@ class CompleteMarkerCallback(TrainerCallback):
             dist.barrier()
         if not state.is_world_process_zero:
             return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = Path(args.output_dir) / checkpoint_dir_name(state.global_step)
         if not folder.is_dir():
             log.warning("no %s after a save; not marking it complete", folder)
             return
@@ -228,7 +225,7 @@ class PreemptionCallback(TrainerCallback):
     whatever `should_training_stop` says); tests/trainer/test_checkpoints.py checks it. The
     epoch-end save and evaluation that follow the break are cancelled: they would rewrite
     the folder just marked complete, or spend the grace period on evaluation.
-    `preempted` tells the caller to exit with EXIT_PREEMPTED instead of saving a final
+    `preempted` tells the caller to exit with ExitCode.PREEMPTED instead of saving a final
     model.
     """
 
@@ -257,7 +254,7 @@ class PreemptionCallback(TrainerCallback):
             return control
         self.preempted = True
         log.warning(
-            "SIGTERM received: saving %s-%d and stopping", PREFIX_CHECKPOINT_DIR, state.global_step
+            "SIGTERM received: saving %s and stopping", checkpoint_dir_name(state.global_step)
         )
         control.should_save = True
         control.should_training_stop = True

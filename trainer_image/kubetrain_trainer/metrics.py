@@ -1,15 +1,16 @@
 """Training metrics: Prometheus gauges on rank 0, a plain progress line, and metrics.json.
 
-`PrometheusCallback` turns the Trainer's events into the `kubetrain_trainer_*` gauges the
-design fixes; `serve_metrics` exposes them on :9400/metrics, where Prometheus scrapes them
-and the operator reads them into `status.progress` and `status.latestCheckpoint`. Gauges
-start at NaN where no value exists yet (no eval run, no checkpoint saved); method-specific
-gauges exist only for their methods (perplexity for language modelling, rewards for DPO).
-Tokens are the Trainer's own count (`include_num_input_tokens_seen="non_padding"`, summed
-over all ranks); tokens/s is measured over a sliding window of the most recent log events,
-so it tracks the current speed instead of an average dragged down by start-up. When stderr
-is not a terminal (a pod's log), `ConsoleProgressCallback` replaces tqdm with one line per
-logging step. At the end `summarize_run` + `write_metrics_json` leave `metrics.json`.
+`PrometheusCallback` turns the Trainer's events into the `kubetrain_trainer_*` gauges
+kubetrain_trainer.contract names; `serve_metrics` exposes them on :9400/metrics, where
+Prometheus scrapes them and the operator reads them into `status.progress` and
+`status.latestCheckpoint`. Gauges start at NaN where no value exists yet (no eval run, no
+checkpoint saved); method-specific gauges exist only for their methods (perplexity for
+language modelling, rewards for DPO). Tokens are the Trainer's own count
+(`include_num_input_tokens_seen="non_padding"`, summed over all ranks); tokens/s is measured
+over a sliding window of the most recent log events, so it tracks the current speed instead
+of an average dragged down by start-up. When stderr is not a terminal (a pod's log),
+`ConsoleProgressCallback` replaces tqdm with one line per logging step. At the end
+`summarize_run` + `write_metrics_json` leave `metrics.json`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from transformers import (
 )
 from transformers.trainer_utils import TrainOutput
 
+from kubetrain_trainer import contract
 from kubetrain_trainer.checkpoints import write_json_atomic
+from kubetrain_trainer.contract import METRICS_FILE, TrainerMetricsFile
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 # Methods whose loss is a next-token cross-entropy, so exp(loss) is a perplexity.
 # DPO's loss is a preference loss: its exponential means nothing.
 LANGUAGE_MODELLING_METHODS = frozenset({"from_scratch", "sft", "lora"})
@@ -123,54 +125,59 @@ class PrometheusCallback(TrainerCallback):
         self._evaluated = False
 
         def gauge(name: str, doc: str, initial: float = NAN) -> Gauge:
-            metric = Gauge(f"kubetrain_trainer_{name}", doc, registry=self.registry)
+            metric = Gauge(name, doc, registry=self.registry)
             metric.set(initial)
             return metric
 
         info = Gauge(
-            "kubetrain_trainer_info",
+            contract.INFO,
             "Always 1; labels name the run and its training method.",
             ["method", "run_name"],
             registry=self.registry,
         )
         info.labels(method=method, run_name=run_name).set(1)
-        self.start_time = gauge("start_time_seconds", "Unix time training started.")
-        self.step = gauge("step", "Optimizer steps done (global step).", 0)
-        self.total_steps = gauge("total_steps", "Optimizer steps the run will take.", 0)
-        self.epoch = gauge("epoch", "Epochs done, fractional.", 0)
-        self.loss = gauge("loss", "Training loss, mean over the last logging window.")
-        self.eval_loss = gauge("eval_loss", "Loss on the evaluation set at the last eval.")
-        self.learning_rate = gauge("learning_rate", "Learning rate at the last logged step.")
-        self.grad_norm = gauge("grad_norm", "Gradient norm before clipping, last logged step.")
+        self.start_time = gauge(contract.START_TIME_SECONDS, "Unix time training started.")
+        self.step = gauge(contract.STEP, "Optimizer steps done (global step).", 0)
+        self.total_steps = gauge(contract.TOTAL_STEPS, "Optimizer steps the run will take.", 0)
+        self.epoch = gauge(contract.EPOCH, "Epochs done, fractional.", 0)
+        self.loss = gauge(contract.LOSS, "Training loss, mean over the last logging window.")
+        self.eval_loss = gauge(contract.EVAL_LOSS, "Loss on the evaluation set at the last eval.")
+        self.learning_rate = gauge(contract.LEARNING_RATE, "Learning rate at the last logged step.")
+        self.grad_norm = gauge(
+            contract.GRAD_NORM, "Gradient norm before clipping, last logged step."
+        )
         self.tokens_total = gauge(
-            "tokens_total", "Non-padding input tokens trained on, all ranks together.", 0
+            contract.TOKENS_TOTAL, "Non-padding input tokens trained on, all ranks together.", 0
         )
         self.tokens_per_second = gauge(
-            "tokens_per_second",
+            contract.TOKENS_PER_SECOND,
             f"Training tokens per second, all ranks, over the last {THROUGHPUT_WINDOW} logs.",
         )
         self.checkpoint_step = gauge(
-            "checkpoint_step", "Step of the newest checkpoint saved (NaN: none yet)."
+            contract.CHECKPOINT_STEP, "Step of the newest checkpoint saved (NaN: none yet)."
         )
         self.perplexity = None
         if method in LANGUAGE_MODELLING_METHODS:
             self.perplexity = gauge(
-                "perplexity", "exp(eval loss), or exp(training loss) until an eval ran."
+                contract.PERPLEXITY, "exp(eval loss), or exp(training loss) until an eval ran."
             )
         self.rewards_accuracy = self.rewards_margin = None
         if method == "dpo":
             self.rewards_accuracy = gauge(
-                "rewards_accuracy",
+                contract.REWARDS_ACCURACY,
                 "DPO: share of pairs where the chosen answer out-scores the rejected one "
                 "(eval set once evaluated, else training batches).",
             )
             self.rewards_margin = gauge(
-                "rewards_margin", "DPO: mean reward of chosen minus rejected (eval set first)."
+                contract.REWARDS_MARGIN,
+                "DPO: mean reward of chosen minus rejected (eval set first).",
             )
         self.gpu_memory_bytes = None
         if _cuda_available():
             self.gpu_memory_bytes = gauge(
-                "gpu_memory_bytes", "Peak GPU memory allocated by tensors on rank 0's GPU.", 0
+                contract.GPU_MEMORY_BYTES,
+                "Peak GPU memory allocated by tensors on rank 0's GPU.",
+                0,
             )
 
     def on_train_begin(
@@ -411,12 +418,6 @@ def _last(log_history: list[dict[str, Any]], key: str) -> float | None:
     return None
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def summarize_run(
     method: str,
     log_history: list[dict[str, Any]],
@@ -435,36 +436,45 @@ def summarize_run(
     after a resume) by its train_runtime. runtime_seconds is `runtime_s`, the caller's wall
     clock (model loading included). Values that do not apply to the method are left out;
     values that apply but were never measured (eval_loss without eval data) are null.
+    The keys are contract.TrainerMetricsFile's fields.
     """
     train_runtime = train_output.metrics.get("train_runtime")
     last_loss = _last(log_history, "loss")
     train_loss = last_loss if last_loss is not None else train_output.training_loss
     eval_loss = _last(log_history, "eval_loss")
     seconds = train_runtime if train_runtime else runtime_s
-    summary: dict[str, Any] = {
-        "method": method,
-        "global_step": train_output.global_step,
-        "train_loss": train_loss,
-        "train_loss_mean": train_output.training_loss,
-        "eval_loss": eval_loss,
-        "tokens_total": tokens_total,
-        "tokens_per_second": (tokens_total - tokens_at_start) / seconds if seconds else None,
-        "runtime_seconds": runtime_s,
-        "train_runtime_seconds": train_runtime,
-    }
+    summary = TrainerMetricsFile(
+        method=method,
+        global_step=train_output.global_step,
+        train_loss=train_loss,
+        train_loss_mean=train_output.training_loss,
+        eval_loss=eval_loss,
+        tokens_total=tokens_total,
+        tokens_per_second=(tokens_total - tokens_at_start) / seconds if seconds else None,
+        runtime_seconds=runtime_s,
+        train_runtime_seconds=train_runtime,
+    )
     if method in LANGUAGE_MODELLING_METHODS:
-        summary["perplexity"] = perplexity(eval_loss if eval_loss is not None else train_loss)
+        summary.perplexity = perplexity(eval_loss if eval_loss is not None else train_loss)
     if method == "dpo":
-        for name, key in (("rewards_accuracy", "accuracies"), ("rewards_margin", "margins")):
-            value = _last(log_history, f"eval_rewards/{key}")
-            summary[name] = value if value is not None else _last(log_history, f"rewards/{key}")
-    return {key: _finite_or_none(value) for key, value in summary.items()}
+        summary.rewards_accuracy = _last_eval_else_training(log_history, "rewards/accuracies")
+        summary.rewards_margin = _last_eval_else_training(log_history, "rewards/margins")
+    return summary.model_dump(exclude_unset=True)
 
 
-def write_metrics_json(output_dir: str | Path, summary: dict[str, Any]) -> Path:
+def _last_eval_else_training(log_history: list[dict[str, Any]], key: str) -> float | None:
+    value = _last(log_history, f"eval_{key}")
+    return value if value is not None else _last(log_history, key)
+
+
+def write_metrics_json(
+    output_dir: str | Path, summary: dict[str, Any] | TrainerMetricsFile
+) -> Path:
     """Atomically write `<output_dir>/metrics.json` (call on world rank 0 only)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / METRICS_FILE
-    write_json_atomic(path, {key: _finite_or_none(value) for key, value in summary.items()})
+    if not isinstance(summary, TrainerMetricsFile):
+        summary = TrainerMetricsFile.model_validate(summary)
+    write_json_atomic(path, summary.model_dump(mode="json", exclude_unset=True))
     return path

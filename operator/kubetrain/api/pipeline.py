@@ -61,6 +61,7 @@ from kubetrain_trainer.config import (
     Spec,
     Training,
 )
+from kubetrain_trainer.contract import MERGED_DIR
 
 PIPELINE_KIND = "Pipeline"
 PIPELINE_PLURAL = "pipelines"
@@ -85,7 +86,7 @@ FAILURE_CONTINUE_INDEPENDENT = "continueIndependent"
 # Which files of a LoRA stage's output the next stage loads: the adapter folder itself
 # (transformers loads it on top of its base model) or `<output>/merged` (lora.merge: true).
 StageOutputKind = Literal["adapter", "merged"]
-MERGED_SUBDIR = "merged"
+MERGED_SUBDIR = MERGED_DIR  # where the trainer writes the merged model
 
 # A stage's phase: a TrainingRun's, or Skipped when it will not run because a stage it
 # depends on failed (or, with stopOnFailure, any stage failed).

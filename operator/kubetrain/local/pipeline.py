@@ -45,6 +45,7 @@ from kubetrain.local.runner import (
 from kubetrain.pipelines import NOT_RUN_PREFIX, plan_pipeline, stage_run, upstream_model_uris
 from kubetrain.status import format_duration
 from kubetrain_trainer.config import ConfigError
+from kubetrain_trainer.contract import CHECKPOINT_DIR_PREFIX, TrainerMetricsFile
 
 # How each stage of a local pipeline run ended.
 TRAINED = "trained"
@@ -99,7 +100,7 @@ def clear_previous_run(output_dir: Path) -> bool:
     Only the trainer's own artifacts go: checkpoint-N folders, metrics.json and the merged
     model. The final model files are overwritten by the new run.
     """
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_DIR_PREFIX}-*") if p.is_dir()]
     found += [p for p in (output_dir / METRICS_FILE, output_dir / MERGED_SUBDIR) if p.exists()]
     for path in found:
         if path.is_dir():
@@ -245,10 +246,11 @@ def _format_number(value: float | None) -> str:
 
 def eval_metric(method: str, metrics: dict) -> str:
     """The metric that says how a stage did: rewards accuracy for DPO, else eval loss."""
-    if method == "dpo" and metrics.get("rewards_accuracy") is not None:
-        return f"rewards acc {metrics['rewards_accuracy']:.3f}"
-    if metrics.get("eval_loss") is not None:
-        return f"eval loss {_format_number(metrics['eval_loss'])}"
+    summary = TrainerMetricsFile.model_validate(metrics)
+    if method == "dpo" and summary.rewards_accuracy is not None:
+        return f"rewards acc {summary.rewards_accuracy:.3f}"
+    if summary.eval_loss is not None:
+        return f"eval loss {_format_number(summary.eval_loss)}"
     return "-"
 
 
@@ -260,12 +262,13 @@ def summary_table(stages: list[StageOutcome]) -> str:
         status = f"{s.status} ({s.note})" if s.note else s.status
         if s.status == FAILED:
             status = f"failed (exit {s.exit_code})"
+        summary = TrainerMetricsFile.model_validate(s.metrics)
         rows.append(
             (
                 s.stage,
                 status,
-                _runtime(s.metrics.get("runtime_seconds")),
-                _format_number(s.metrics.get("train_loss")),
+                _runtime(summary.runtime_seconds),
+                _format_number(summary.train_loss),
                 eval_metric(s.method, s.metrics),
                 display_path(s.output_dir),
             )

@@ -9,30 +9,34 @@ image has none); the trainer's exit code comes back unchanged.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from kubetrain.api import TrainingRun, UriRef, to_trainer_config
 from kubetrain_trainer.config import ConfigError, dump_trainer_config
+from kubetrain_trainer.contract import METRICS_FILE, TrainerMetricsFile
 
 CONFIG_FILE = "kubetrain-trainer-config.yaml"
-# What the trainer writes last into a finished output (kubetrain_trainer.metrics, which
-# this side does not import: it pulls in transformers).
-METRICS_FILE = "metrics.json"
 
 
 def finished_metrics(output_dir: Path) -> dict | None:
-    """The metrics.json of a finished run in `output_dir`, or None when there is none."""
+    """The metrics.json of a finished run in `output_dir`, or None when there is none.
+
+    The trainer writes it last, so it means the final model is complete. The keys are the
+    ones the file holds (contract.TrainerMetricsFile's fields, absent ones left out).
+    """
     path = output_dir / METRICS_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = TrainerMetricsFile.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
         return None  # a torn or foreign file: the run is not known to be finished
+    return summary.model_dump(mode="json", exclude_unset=True)
 
 
 def resolve_local_uri(ref: UriRef) -> str:

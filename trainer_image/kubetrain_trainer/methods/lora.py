@@ -20,6 +20,7 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from trl import SFTTrainer
 
 from kubetrain_trainer.config import ConfigError, Lora, TrainerConfig
+from kubetrain_trainer.contract import MERGED_DIR
 from kubetrain_trainer.methods import sft
 from kubetrain_trainer.models import load_model, load_tokenizer
 from kubetrain_trainer.session import FitResult, Session
@@ -68,7 +69,7 @@ def save_merged(cfg: TrainerConfig, trainer: SFTTrainer) -> Path:
     """Fold the adapter into a fresh full-precision base and save it beside the adapter."""
     from peft import AutoPeftModelForCausalLM
 
-    merged_dir = Path(cfg.output_dir) / "merged"
+    merged_dir = Path(cfg.output_dir) / MERGED_DIR
     if trainer.is_world_process_zero():
         # Reload rather than merge the training copy: a 4-bit base cannot be merged exactly.
         model = AutoPeftModelForCausalLM.from_pretrained(cfg.output_dir, dtype=torch.float32)

@@ -1,0 +1,173 @@
+"""What the trainer and the operator both rely on, spelled once: names, files, exit codes.
+
+The trainer writes these and the operator (or `kubetrain run` on a laptop) reads them, so a
+name typed on both sides could drift apart silently; both import it from here instead, and
+tests/unit/test_contract.py fails when one of these strings or codes is spelled anywhere
+else. This module is imported by the operator, whose image has no torch: it imports the
+standard library and pydantic only.
+
+- Prometheus gauges rank 0 serves on METRICS_PORT (`kubetrain_trainer_*`), and how evaluation
+  metrics are named (`kubetrain_eval_<metric>{suite=...}`, `<suite>.<metric>` in metrics.json).
+- Files under the output dir: metrics.json (`TrainerMetricsFile`, written last, so it means
+  the final model is complete), `checkpoint-<step>` folders (transformers' names) with their
+  completion marker, and the merged model of a LoRA run.
+- Exit codes (`ExitCode`, BSD sysexits.h values, which nothing else in the stack uses) and
+  the termination message the trainer leaves in TERMINATION_LOG, which Kubernetes copies
+  into the pod's status and the operator reads into the run's conditions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from enum import IntEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+# -- Prometheus -------------------------------------------------------------------------------
+
+METRICS_PORT = 9400  # rank 0 serves /metrics here unless the config says otherwise
+
+# Gauges rank 0 serves. NaN until measured (no eval yet, no checkpoint saved yet).
+STEP = "kubetrain_trainer_step"
+TOTAL_STEPS = "kubetrain_trainer_total_steps"
+EPOCH = "kubetrain_trainer_epoch"
+LOSS = "kubetrain_trainer_loss"
+EVAL_LOSS = "kubetrain_trainer_eval_loss"
+LEARNING_RATE = "kubetrain_trainer_learning_rate"
+GRAD_NORM = "kubetrain_trainer_grad_norm"
+TOKENS_TOTAL = "kubetrain_trainer_tokens_total"
+TOKENS_PER_SECOND = "kubetrain_trainer_tokens_per_second"
+CHECKPOINT_STEP = "kubetrain_trainer_checkpoint_step"  # becomes status.latestCheckpoint
+START_TIME_SECONDS = "kubetrain_trainer_start_time_seconds"
+INFO = "kubetrain_trainer_info"  # always 1; labels name the run and its method
+PERPLEXITY = "kubetrain_trainer_perplexity"  # language-modelling methods only
+REWARDS_ACCURACY = "kubetrain_trainer_rewards_accuracy"  # DPO only
+REWARDS_MARGIN = "kubetrain_trainer_rewards_margin"  # DPO only
+GPU_MEMORY_BYTES = "kubetrain_trainer_gpu_memory_bytes"  # only where there is a GPU
+TRAINER_GAUGES = (
+    STEP, TOTAL_STEPS, EPOCH, LOSS, EVAL_LOSS, LEARNING_RATE, GRAD_NORM, TOKENS_TOTAL,
+    TOKENS_PER_SECOND, CHECKPOINT_STEP, START_TIME_SECONDS, INFO, PERPLEXITY,
+    REWARDS_ACCURACY, REWARDS_MARGIN, GPU_MEMORY_BYTES,
+)  # fmt: skip
+
+EVAL_GAUGE_PREFIX = "kubetrain_eval_"  # kubetrain_eval_<metric>{suite=...}
+
+
+def eval_metric_key(suite: str, metric: str) -> str:
+    """The metrics.json key of an evaluation metric, e.g. `qa.exact_match`."""
+    return f"{suite}.{metric}"
+
+
+# -- Files under the output dir ---------------------------------------------------------------
+
+METRICS_FILE = "metrics.json"
+CHECKPOINT_MARKER = "kubetrain-complete.json"  # a checkpoint folder is complete only with it
+MERGED_DIR = "merged"  # a LoRA run's adapter merged into its base model (merge: true)
+# transformers' PREFIX_CHECKPOINT_DIR, which names the folders its Trainer saves into (a
+# trainer test holds the two equal); the operator builds status.latestCheckpoint from it.
+CHECKPOINT_DIR_PREFIX = "checkpoint"
+_CHECKPOINT_DIR = re.compile(rf"^{CHECKPOINT_DIR_PREFIX}-(\d+)$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """`checkpoint-<step>`, the folder the checkpoint of optimizer step `step` lives in."""
+    return f"{CHECKPOINT_DIR_PREFIX}-{step}"
+
+
+def checkpoint_dir_step(name: str) -> int | None:
+    """The step in a `checkpoint-<step>` folder name, or None for any other name."""
+    match = _CHECKPOINT_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+class TrainerMetricsFile(BaseModel):
+    """metrics.json, the summary rank 0 writes last into the output dir of a finished run.
+
+    Values that do not apply to the method are absent (perplexity outside language
+    modelling, rewards outside DPO); values that apply but were never measured are null
+    (eval_loss without eval data). NaN and infinity are not JSON: they become null. Any
+    other key is an evaluation metric, named `<suite>.<metric>` (`eval_metric_key`).
+    Dump with `exclude_unset=True` to keep absent keys absent.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    method: str | None = None
+    global_step: int | None = None
+    train_loss: float | None = None  # last logged training loss: the model as saved
+    train_loss_mean: float | None = None  # mean over this train() call (TrainOutput's)
+    eval_loss: float | None = None  # at the last evaluation
+    tokens_total: int | None = None  # non-padding tokens, all ranks, resumes included
+    tokens_per_second: float | None = None  # this train() call's tokens over its runtime
+    runtime_seconds: float | None = None  # wall clock, model loading included
+    train_runtime_seconds: float | None = None  # the Trainer's own train() runtime
+    perplexity: float | None = None  # exp(eval loss, else train loss); language modelling
+    rewards_accuracy: float | None = None  # DPO, eval set first, else training batches
+    rewards_margin: float | None = None  # DPO, eval set first, else training batches
+    replica_checksums: list[float] | None = None  # one per data-parallel rank: equal weights
+    merged_dir: str | None = None  # where the merged model went (lora with merge: true)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _evaluation_metrics(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unknown = [k for k in data if k not in cls.model_fields and "." not in str(k)]
+        if unknown:
+            raise ValueError(
+                f"unknown metrics.json keys {sorted(unknown)}: evaluation metrics are named "
+                "<suite>.<metric>"
+            )
+        return {key: cls._finite(value) for key, value in data.items()}
+
+
+# -- Exit codes and the termination message -------------------------------------------------
+
+
+class ExitCode(IntEnum):
+    """How the trainer (and the torchrun launcher, which passes these through) exits."""
+
+    OK = 0
+    DEVICE_OUT_OF_MEMORY = 71  # caught CUDA OOM
+    TRAINING_UNSTABLE = 72  # NaN/inf loss, exploding gradients
+    PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume
+    CONFIG_ERROR = 78  # EX_CONFIG: bad spec or data; retrying cannot help, never retried
+
+
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "done: the final model and metrics.json are written",
+    ExitCode.DEVICE_OUT_OF_MEMORY: "the device ran out of memory (caught CUDA OOM)",
+    ExitCode.TRAINING_UNSTABLE: "training became unstable (NaN/inf loss, exploding gradients)",
+    ExitCode.PREEMPTED: "stopped by SIGTERM after saving a checkpoint; rerun to resume",
+    ExitCode.CONFIG_ERROR: "the configuration or data is wrong; retrying cannot help",
+}
+
+# Where Kubernetes reads a container's termination message (its terminationMessagePath
+# default); the trainer's env KUBETRAIN_TERMINATION_LOG overrides it outside a pod.
+TERMINATION_LOG = "/dev/termination-log"
+# The trainer's termination message for exit 78 starts with this; the operator also treats
+# a message starting with it as a configuration error, whatever the exit code.
+CONFIG_ERROR_PREFIX = "config error"
+PREEMPTED_PREFIX = "preempted"
+
+
+def config_error_message(detail: str) -> str:
+    """`config error: <detail>`, the termination message of a configuration error."""
+    return f"{CONFIG_ERROR_PREFIX}: {detail}"
+
+
+def preempted_message(detail: str) -> str:
+    """`preempted: <detail>`, the termination message after a SIGTERM and a checkpoint."""
+    return f"{PREEMPTED_PREFIX}: {detail}"
+
+
+def is_config_error_message(message: str) -> bool:
+    """Whether a termination message reports a configuration error (any case)."""
+    return message.strip().lower().startswith(CONFIG_ERROR_PREFIX)
