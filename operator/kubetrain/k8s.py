@@ -28,7 +28,6 @@ from kubetrain.api import (
     GROUP,
     KIND,
     LABEL_PIPELINE,
-    LABEL_RUN,
     METRICS_PORT,
     PIPELINE_PLURAL,
     PLURAL,
@@ -276,36 +275,6 @@ def update_config_map(obj: dict[str, Any]) -> None:
     )
 
 
-def list_workloads(namespace: str, run_name: str) -> list[dict[str, Any]]:
-    """Every Job and JobSet of a run (all attempts). A cluster without JobSets has none."""
-    selector = f"{LABEL_RUN}={run_name}"
-    jobs = _body(
-        _batch().list_namespaced_job(namespace, label_selector=selector, _preload_content=False)
-    )["items"]
-    for job in jobs:  # lists leave kind and apiVersion out of their items
-        job.setdefault("apiVersion", "batch/v1")
-        job.setdefault("kind", "Job")
-    try:
-        jobsets = _body(
-            _custom().list_namespaced_custom_object(
-                JOBSET_GROUP,
-                JOBSET_VERSION,
-                namespace,
-                JOBSET_PLURAL,
-                label_selector=selector,
-                _preload_content=False,
-            )
-        )["items"]
-    except ApiException as e:
-        if e.status != 404:
-            raise
-        jobsets = []
-    for jobset in jobsets:
-        jobset.setdefault("apiVersion", f"{JOBSET_GROUP}/{JOBSET_VERSION}")
-        jobset.setdefault("kind", "JobSet")
-    return jobs + jobsets
-
-
 def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> bool:
     """Delete a Job and (Foreground: first) its pods; False if it was already gone.
 
@@ -347,21 +316,6 @@ def delete_workload(workload: dict[str, Any], propagation: str = "Foreground") -
     if workload.get("kind") == "JobSet":
         return delete_jobset(meta["namespace"], meta["name"], propagation)
     return delete_job(meta["namespace"], meta["name"], propagation)
-
-
-def list_pods(namespace: str, selector: str) -> list[dict[str, Any]]:
-    """Pods matching a label selector, e.g. `kubetrain.dev/run=sft,kubetrain.dev/attempt=2`."""
-    return _body(
-        _core().list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
-    )["items"]
-
-
-def get_pvc(namespace: str, name: str) -> dict[str, Any] | None:
-    return _absent_on_404(
-        lambda: _core().read_namespaced_persistent_volume_claim(
-            name, namespace, _preload_content=False
-        )
-    )
 
 
 def get_config_map(namespace: str, name: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ generation it was computed from. Clocks are passed in, so every function here is
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -181,6 +182,13 @@ def _is_terminating(pod: Mapping[str, Any]) -> bool:
     return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
 
 
+def _ended_before(pod: Mapping[str, Any], moment: str | None) -> bool:
+    """Whether every container of the pod finished before `moment` (RFC 3339)."""
+    finished = [t.get("finishedAt") for t in _terminated_containers(pod)]
+    # RFC 3339 times in UTC compare as text.
+    return bool(moment and finished and all(f and f < moment for f in finished))
+
+
 def observe_attempt(
     workload: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], expected_pods: int
 ) -> Observation:
@@ -188,18 +196,31 @@ def observe_attempt(
 
     Any failed pod fails the whole attempt: the ranks of a torchrun gang cannot go on
     without it, and a fresh gang resumes from the newest checkpoint. A config error on
-    any pod wins over other failures, since no restart can fix it.
+    any pod wins over other failures, since no restart can fix it. A workload suspended by
+    a queue (Kueue preempts by suspending it, which stops its pods) is waiting, whatever its
+    pods say; once admitted again, pods that ended before the Job's (re)start are not its.
     """
     pods = list(pods)
     conditions = _conditions_true(workload)
+    complete = "Complete" in conditions or "Completed" in conditions
+    if not complete and ((workload.get("spec") or {}).get("suspend") or "Suspended" in conditions):
+        return Observation(
+            "pending",
+            REASON_QUEUED,
+            "the workload is suspended, waiting for a queue to admit it",
+            expected_pods=expected_pods,
+        )
+    admitted = (workload.get("status") or {}).get("startTime")
     failures = [
-        classify_pod_failure(p) for p in pods if (p.get("status") or {}).get("phase") == "Failed"
+        classify_pod_failure(p)
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Failed" and not _ended_before(p, admitted)
     ]
     config_errors = [f for f in failures if not f[1]]
     if config_errors:
         cause, _, message = config_errors[0]
         return Observation("failed", cause, message, retriable=False, expected_pods=expected_pods)
-    if "Complete" in conditions or "Completed" in conditions:
+    if complete:
         return Observation(
             "succeeded", REASON_COMPLETED, "all pods finished", expected_pods=expected_pods
         )
@@ -213,13 +234,6 @@ def observe_attempt(
             return Observation("failed", REASON_CONFIG_ERROR, said, expected_pods=expected_pods)
         return Observation(
             "failed", CAUSE_CRASHED, said, retriable=True, expected_pods=expected_pods
-        )
-    if (workload.get("spec") or {}).get("suspend"):
-        return Observation(
-            "pending",
-            REASON_QUEUED,
-            "the workload is suspended, waiting for a queue to admit it",
-            expected_pods=expected_pods,
         )
     live = [p for p in pods if not _is_terminating(p)]
     running = sum(
@@ -476,3 +490,15 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
         elif old[key] != value:
             patch[key] = value
     return patch
+
+
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # RFC 3339 in UTC, as the API server writes it
+
+
+def rfc3339(moment: float) -> str:
+    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_rfc3339(text: str) -> float:
+    moment = datetime.datetime.strptime(text, TIMESTAMP_FORMAT)
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()

@@ -155,8 +155,17 @@ class TestCluster:
             }
         )
 
-    def create_claim(self, namespace: str, name: str, size: str = "1Gi") -> Path:
-        """A PersistentVolumeClaim and the folder-backed PersistentVolume it binds to."""
+    def create_claim(
+        self,
+        namespace: str,
+        name: str,
+        size: str = "1Gi",
+        access_modes: tuple[str, ...] = ("ReadWriteMany",),
+    ) -> Path:
+        """A PersistentVolumeClaim and the folder-backed PersistentVolume it binds to.
+
+        A folder on this one machine is shared by every node, so ReadWriteMany by default.
+        """
         folder = self.volumes / f"{namespace}-{name}"
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o777)
@@ -169,7 +178,7 @@ class TestCluster:
                     "metadata": {"name": volume},
                     "spec": {
                         "capacity": {"storage": size},
-                        "accessModes": ["ReadWriteMany"],
+                        "accessModes": list(access_modes),
                         "persistentVolumeReclaimPolicy": "Retain",
                         "storageClassName": "",
                         "hostPath": {"path": str(folder), "type": "Directory"},
@@ -181,7 +190,7 @@ class TestCluster:
                     "kind": "PersistentVolumeClaim",
                     "metadata": {"name": name, "namespace": namespace},
                     "spec": {
-                        "accessModes": ["ReadWriteMany"],
+                        "accessModes": list(access_modes),
                         "storageClassName": "",
                         "volumeName": volume,
                         "resources": {"requests": {"storage": size}},

@@ -113,30 +113,31 @@ the code and fails when the two differ, in either direction.
   resources: [pipelines/status]
   verbs: [patch]
 # Each attempt's children: a ConfigMap with the trainer's config (brought up to date when
-# it differs), a headless Service, and an Indexed Job or a JobSet, deleted on restart. The
-# ConfigMap and Service are read by name to check whose they are before taking them.
+# it differs), a headless Service, and an Indexed Job or a JobSet, deleted on restart. They
+# and the pods are watched (kopf indexes, one watch per kind for all runs); a ConfigMap or
+# Service whose name is taken is read by name to learn who holds it.
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, create]
+  verbs: [get, list, watch, create]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, create, delete]
+  verbs: [list, watch, create, delete]
 - apiGroups: [jobset.x-k8s.io]
   resources: [jobsets]
-  verbs: [list, create, delete]
+  verbs: [list, watch, create, delete]
 # Follow the pods of an attempt (rank 0's /metrics is read over HTTP, no extra rights);
 # force-delete an old attempt's pods stuck on a dead node when restartPolicy says so.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, delete]
+  verbs: [list, watch, delete]
 # Wait until the claims a run mounts exist and can be shared by its nodes. No Secrets: a
 # missing one is learnt from the pods' status (CreateContainerConfigError).
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get]
+  verbs: [list, watch]
 # kopf posts the run's events (kubectl describe tr).
 - apiGroups: [""]
   resources: [events]

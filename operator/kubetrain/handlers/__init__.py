@@ -26,6 +26,7 @@ import kopf
 from kubetrain import k8s, opmetrics
 from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
 from kubetrain.handlers import pipeline
+from kubetrain.handlers.children import Children, register_indexes
 from kubetrain.handlers.trainingrun import (
     MetricsAddress,
     forget,
@@ -84,6 +85,9 @@ def register(
             return kopf.ConnectionInfo(server=server, insecure=True)
         return kopf.login_via_client(**kwargs)
 
+    # The children of runs and the claims, watched once for all runs.
+    register_indexes(registry)
+
     @kopf.on.create(
         GROUP, VERSION, PLURAL, id="start", backoff=reconcile_interval, registry=registry
     )
@@ -99,8 +103,8 @@ def register(
         backoff=reconcile_interval,
         registry=registry,
     )
-    def react(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        reconcile(namespace, name, memo)
+    def react(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+        reconcile(namespace, name, memo, Children.from_kwargs(kwargs))
 
     @kopf.timer(
         GROUP,
@@ -111,8 +115,8 @@ def register(
         when=is_unfinished,
         registry=registry,
     )
-    def follow(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        reconcile(namespace, name, memo)
+    def follow(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+        reconcile(namespace, name, memo, Children.from_kwargs(kwargs))
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
     def deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:

@@ -6,8 +6,11 @@ and rank 0's metrics, asks `plan_trainingrun` what to do and does it, then write
 status the plan computed. Nothing depends on remembering an earlier call: the attempt lives
 in `status.attempt`, attempt N's workload is found by its name `<run>-<N>`, and children
 are created "if absent", so an operator restarted at any point picks up where the last one
-stopped. What the apiserver refuses goes back into the plan as a `Refusal` and ends in a
-condition; a create that meets an object that appeared meanwhile (409) is observed again.
+stopped. Children and claims are read from kopf indexes (`kubetrain.handlers.children`),
+so following a run costs no API reads but the run itself. What the apiserver refuses goes
+back into the plan as a `Refusal` and ends in a condition; a create that meets an object
+the indexes do not show (409: not labelled as ours, or just created) is read and planned
+again.
 The lifecycle itself is in `kubetrain.trainingruns`' docstring.
 """
 
@@ -24,7 +27,8 @@ import kopf
 from pydantic import ValidationError
 
 from kubetrain import k8s, opmetrics
-from kubetrain.api import LABEL_ATTEMPT, LABEL_RUN, TrainingRunSpec, parse_pvc_uri, uri_refs
+from kubetrain.api import LABEL_ATTEMPT, TrainingRunSpec, parse_pvc_uri, uri_refs
+from kubetrain.handlers.children import Children
 from kubetrain.handlers.passes import ObjectPass
 from kubetrain.render import config_map_name, service_name
 from kubetrain.status import (
@@ -72,21 +76,33 @@ def _memory(memo: kopf.Memo, namespace: str, name: str) -> RunMemory:
         return runs.setdefault((namespace, name), RunMemory())
 
 
-def reconcile(namespace: str, name: str, memo: kopf.Memo) -> None:
+def reconcile(namespace: str, name: str, memo: kopf.Memo, children: Children) -> None:
     """Bring one TrainingRun one step closer to its spec; safe to call any time, any often."""
     memory = _memory(memo, namespace, name)
     with memory.lock, opmetrics.RECONCILE_DURATION.time():
         refusal: Refusal | None = None
+        found: dict[str, dict[str, Any] | None] = {}  # read after a 409: an unlabelled holder
         for _ in range(MAX_PASSES):
             body = k8s.get_trainingrun(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
-            observed = observe(body, memo, memory, refusal)
+            observed = observe(body, memo, memory, children, refusal, found)
             plan = plan_trainingrun(observed)
             executor = Executor(body)
-            refusal = executor.act(plan)
-            if refusal is not None:
-                continue  # the next plan puts the apiserver's answer in the status
+            outcome = executor.act(plan)
+            if isinstance(outcome, Refusal):
+                refusal = outcome  # the next plan puts the apiserver's answer in the status
+                continue
+            if outcome is not None:
+                # Created since the indexes last heard: whose is it? Ask the API.
+                kind = outcome
+                if kind == "ConfigMap":
+                    found[kind] = k8s.get_config_map(namespace, config_map_name(name))
+                elif kind == "Service":
+                    found[kind] = k8s.get_service(namespace, service_name(name))
+                else:
+                    return  # a workload: the next pass finds it in the index
+                continue
             executor.write(plan, observed)
             memory.first_sample = plan.first_sample
             if not executor.look_again:
@@ -94,24 +110,32 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo) -> None:
 
 
 def observe(
-    body: dict[str, Any], memo: kopf.Memo, memory: RunMemory, refusal: Refusal | None
+    body: dict[str, Any],
+    memo: kopf.Memo,
+    memory: RunMemory,
+    children: Children,
+    refusal: Refusal | None = None,
+    found: Mapping[str, dict[str, Any] | None] | None = None,
 ) -> Observed:
-    """Read what `plan_trainingrun` needs; a finished run needs nothing but itself."""
+    """What `plan_trainingrun` needs, from the indexes; a finished run needs only itself."""
     now = time.time()
     status = body.get("status") or {}
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     if refusal is not None or status.get("phase") in TERMINAL_PHASES:
         return Observed(run=body, now=now, refusal=refusal, first_sample=memory.first_sample)
-    pods = k8s.list_pods(namespace, f"{LABEL_RUN}={name}")
+    found = found or {}
+    pods = children.pods(namespace, name)
     attempt = str(status.get("attempt") or "")
+    config_map = children.named("run_config_maps", namespace, name, config_map_name(name))
+    service = children.named("run_services", namespace, name, service_name(name))
     return Observed(
         run=body,
         now=now,
-        workloads=k8s.list_workloads(namespace, name),
+        workloads=children.workloads(namespace, name),
         pods=pods,
-        config_map=k8s.get_config_map(namespace, config_map_name(name)),
-        service=k8s.get_service(namespace, service_name(name)),
-        claims=_claims(body),
+        config_map=found.get("ConfigMap", config_map),
+        service=found.get("Service", service),
+        claims=_claims(body, children),
         metrics=_rank0_metrics(body, memo, [p for p in pods if _attempt(p) == attempt]),
         first_sample=memory.first_sample,
     )
@@ -121,7 +145,7 @@ def _attempt(pod: Mapping[str, Any]) -> str:
     return ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT, "")
 
 
-def _claims(body: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
+def _claims(body: Mapping[str, Any], children: Children) -> dict[str, dict[str, Any] | None]:
     """The PVCs the current spec mounts, as they exist (None: missing)."""
     try:
         spec = TrainingRunSpec.model_validate(body.get("spec") or {})
@@ -129,7 +153,7 @@ def _claims(body: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
         return {}  # the plan fails the run naming the field
     claims = {parse_pvc_uri(ref.uri).claim for ref in uri_refs(spec) if ref.kind == "pvc"}
     namespace = body["metadata"]["namespace"]
-    return {claim: k8s.get_pvc(namespace, claim) for claim in sorted(claims)}
+    return {claim: children.claim(namespace, claim) for claim in sorted(claims)}
 
 
 def _rank0_metrics(
@@ -163,8 +187,11 @@ class Executor(ObjectPass):
         super().__init__(body)
         self.look_again = False
 
-    def act(self, plan: TrainingRunPlan) -> Refusal | None:
-        """Do the plan's actions in order; the apiserver's refusal of a creation stops them."""
+    def act(self, plan: TrainingRunPlan) -> Refusal | str | None:
+        """Do the plan's actions in order; a refusal or a conflict (409) stops them.
+
+        Returns the refusal, or the kind of a creation that met an existing object.
+        """
         for action in plan.actions:
             if isinstance(action, Announce):
                 self.announce(action.reason, action.message, warning=action.warning)
@@ -177,11 +204,9 @@ class Executor(ObjectPass):
                     created = k8s.create(action.obj)
                 except k8s.Refused as e:
                     return Refusal(e.object, e.api_version, e.code, e.message)
-                if created:
-                    self.announce("Created", f"Created {k8s.describe(action.obj)}")
-                else:
-                    self.look_again = True  # it appeared since the observation: whose is it?
-                    return None
+                if not created:
+                    return action.obj["kind"]
+                self.announce("Created", f"Created {k8s.describe(action.obj)}")
             elif isinstance(action, UpdateConfigMap):
                 k8s.update_config_map(action.obj)
             elif isinstance(action, DeleteWorkload):

@@ -1,0 +1,124 @@
+"""What the operator watches besides its own kinds: the children of runs, and claims.
+
+kopf indexes (in-memory, fed by one watch per resource kind) replace per-run list calls:
+with a thousand runs, following each one every interval would cost several API requests
+per run (list Jobs, JobSets and pods; get its ConfigMap, Service and claims); from the
+indexes it costs none. kopf starts no handler before every index holds its initial list,
+so a freshly started operator never mistakes an existing child for a missing one.
+Only the fields the plans read are kept, to bound the operator's memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from kubetrain.api import LABEL_RUN
+
+JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"
+
+# index id -> (group, version, plural) of the children indexed by (namespace, run name).
+CHILD_KINDS = {
+    "run_jobs": ("batch", "v1", "jobs"),
+    "run_jobsets": (JOBSET_GROUP, JOBSET_VERSION, "jobsets"),
+    "run_pods": ("", "v1", "pods"),
+    "run_config_maps": ("", "v1", "configmaps"),
+    "run_services": ("", "v1", "services"),
+}
+CLAIMS_INDEX = "claims"
+INDEX_IDS = (*CHILD_KINDS, CLAIMS_INDEX)
+_KIND = {"jobs": "Job", "jobsets": "JobSet", "pods": "Pod", "configmaps": "ConfigMap"}
+_KIND["services"] = "Service"
+_METADATA_KEPT = (
+    "name",
+    "namespace",
+    "uid",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "deletionTimestamp",
+    "resourceVersion",
+)
+_POD_STATUS_KEPT = ("phase", "reason", "message", "podIP", "conditions", "containerStatuses")
+
+
+def _plain(value: Any) -> Any:
+    """kopf's views as plain dicts and lists (they outlive the event that carried them)."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def trimmed(plural: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a child the plans read (pods carry the most; keep what matters)."""
+    group_version = body.get("apiVersion", "")
+    meta = body.get("metadata") or {}
+    out: dict[str, Any] = {
+        "apiVersion": group_version,
+        "kind": body.get("kind") or _KIND[plural],
+        "metadata": {k: _plain(meta[k]) for k in _METADATA_KEPT if k in meta},
+    }
+    if plural == "pods":
+        spec, status = body.get("spec") or {}, body.get("status") or {}
+        out["spec"] = {k: spec[k] for k in ("nodeName", "hostname", "subdomain") if k in spec}
+        out["status"] = {k: _plain(status[k]) for k in _POD_STATUS_KEPT if k in status}
+    elif plural == "configmaps":
+        out["data"] = _plain(body.get("data") or {})
+    elif plural in ("jobs", "jobsets"):
+        out["spec"] = {"suspend": (body.get("spec") or {}).get("suspend")}
+        out["status"] = _plain(body.get("status") or {})
+    return out
+
+
+def register_indexes(registry: kopf.OperatorRegistry) -> None:
+    """Index every child labelled with a run, and every claim, in `registry`."""
+    for index_id, (group, version, plural) in CHILD_KINDS.items():
+
+        def index_child(
+            namespace: str, labels: Mapping[str, str], body: kopf.Body, plural=plural, **_: Any
+        ) -> dict[tuple[str, str], dict[str, Any]]:
+            return {(namespace, labels[LABEL_RUN]): trimmed(plural, body)}
+
+        kopf.index(
+            group, version, plural, id=index_id, labels={LABEL_RUN: kopf.PRESENT}, registry=registry
+        )(index_child)
+
+    @kopf.index("", "v1", "persistentvolumeclaims", id=CLAIMS_INDEX, registry=registry)
+    def index_claim(
+        namespace: str, name: str, spec: kopf.Spec, **_: Any
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace, name): {"spec": {"accessModes": list(spec.get("accessModes") or [])}}}
+
+
+@dataclass(frozen=True)
+class Children:
+    """The indexes as kopf hands them to a handler, read for one run."""
+
+    indexes: Mapping[str, kopf.Index]
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Children:
+        return cls({index_id: kwargs[index_id] for index_id in INDEX_IDS})
+
+    def _of(self, index_id: str, namespace: str, run: str) -> list[dict[str, Any]]:
+        return list(self.indexes[index_id].get((namespace, run), ()))
+
+    def workloads(self, namespace: str, run: str) -> list[dict[str, Any]]:
+        return self._of("run_jobs", namespace, run) + self._of("run_jobsets", namespace, run)
+
+    def pods(self, namespace: str, run: str) -> list[dict[str, Any]]:
+        return self._of("run_pods", namespace, run)
+
+    def named(self, index_id: str, namespace: str, run: str, name: str) -> dict[str, Any] | None:
+        """The labelled child of that name (an unlabelled one shows up as a 409 on create)."""
+        found = [c for c in self._of(index_id, namespace, run) if c["metadata"]["name"] == name]
+        return found[0] if found else None
+
+    def claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = list(self.indexes[CLAIMS_INDEX].get((namespace, name), ()))
+        return found[0] if found else None
