@@ -288,6 +288,7 @@ class Window:
     seconds: float
     by_replica: dict[str, collections.Counter[str]]
     reconcile: dict[str, tuple[float | None, float | None]]
+    reconciles_per_second: dict[str, float]
     scrapes_per_second: float
     load: float
 
@@ -462,6 +463,11 @@ class Scenario:
             end - start,
             {r.name: self.audit.window(start, end, r.jti) for r in self.replicas},
             {r.name: quantiles(before[r.name], after[r.name]) for r in self.replicas},
+            {
+                r.name: (after[r.name].get(float("inf"), 0) - before[r.name].get(float("inf"), 0))
+                / (end - start)
+                for r in self.replicas
+            },
             (self.cluster.stubs.metrics.requests - scrapes) / (end - start),
             os.getloadavg()[0],
         )
@@ -484,7 +490,7 @@ class Scenario:
         self.wait(
             lambda: self.phases().get("Succeeded", 0) >= half, f"{half} runs Succeeded", 600, 2
         )
-        self.measure(f"{RUNS - half} Running, {half} done")
+        self.measure("half done")
         self.finish(self.runs[half:])
         self.wait(
             lambda: self.phases().get("Succeeded", 0) >= RUNS, f"{RUNS} runs Succeeded", 600, 2
@@ -526,7 +532,7 @@ def report(results: list[Result]) -> str:
         f"interval {INTERVAL:g}s, {WINDOW:g}s windows ({os.cpu_count()} cores, shared)",
         "",
     ]
-    header = f"{'scenario':<26}{'replica':<20}{'figure':<42}value"
+    header = f"{'scenario':<26}{'replica':<24}{'figure':<38}value"
     lines += [header, "-" * len(header)]
     for result in results:
         scenario = "1 replica" if result.replicas == 1 else f"{result.replicas} replicas, peering"
@@ -534,7 +540,7 @@ def report(results: list[Result]) -> str:
         def row(
             replica: str, figure: str, value: str, scenario: str = scenario, lines=lines
         ) -> None:
-            lines.append(f"{scenario:<26}{replica:<20}{figure:<42}{value}")
+            lines.append(f"{scenario:<26}{replica:<24}{figure:<38}{value}")
 
         row("", "all Jobs exist after", fmt(result.jobs_seconds))
         row("", "all runs Running after", fmt(result.running_seconds))
@@ -548,6 +554,11 @@ def report(results: list[Result]) -> str:
                 rate = sum(count.values()) / window.seconds
                 row(label, f"req/s, {window.name}", f"{rate:.1f}")
                 row(label, f"reconcile p50 / p99, {window.name}", f"{fmt(p50)} / {fmt(p99)}")
+                row(
+                    label,
+                    f"reconciles/s, {window.name}",
+                    f"{window.reconciles_per_second[name]:.1f}",
+                )
             row(label, "peak RSS", f"{result.peak_rss.get(name, 0) / 2**20:.0f} MiB")
         for window in result.windows:
             row("", f"metric scrapes/s, {window.name}", f"{window.scrapes_per_second:.1f}")
@@ -559,7 +570,7 @@ def report(results: list[Result]) -> str:
                 if not count:
                     continue
                 top = ", ".join(
-                    f"{what} {n / window.seconds:.1f}" for what, n in count.most_common(8)
+                    f"{what} {n / window.seconds:.2f}" for what, n in count.most_common(8)
                 )
                 lines.append(f"  {scenario}, {name}, {window.name}: {top} (req/s)")
         lines += [f"  {note}" for note in result.notes]
