@@ -45,7 +45,10 @@ test: lint cluster-tools
 e2e: cluster-tools
 	$(BIN)/pytest -m e2e --durations=0
 
-bench: $(STAMP)
+# Benchmarks, printed as tables: kubetrain run vs plain TRL (tests/bench/test_bench_sft.py), and
+# the operator with 1000 TrainingRuns on the real control plane (test_bench_operator.py, root;
+# KUBETRAIN_BENCH_RUNS=100 for a quicker pass; -k operator alone).
+bench: cluster-tools
 	$(BIN)/pytest -m bench -s tests/bench
 
 crds: $(STAMP)
