@@ -552,24 +552,34 @@ class _Decision:
             return None
         deleting, actions = self.delete(older, f"attempt {attempt} replaces it")
         message = f"waiting for {', '.join(deleting)} to be deleted before attempt {attempt} starts"
-        stuck = [p for p in self.observed.pods if self.stuck_terminating(p, attempt)]
+        changes = changes or {}
+        # Past this long, a pod's node is not answering for it (force-delete, or say so).
+        force_after = run.spec.restart_policy.force_delete_after_seconds
+        patience = STUCK_TERMINATING_SECONDS if force_after is None else force_after
+        stuck = [
+            p
+            for p in self.observed.pods
+            if _attempt_of(p) != str(attempt) and self.terminating_for(p) > patience
+        ]
         if not stuck:
-            return self.done(PHASE_PENDING, REASON_RESTARTING, message, actions, **(changes or {}))
+            return self.done(PHASE_PENDING, REASON_RESTARTING, message, actions, **changes)
         nodes = sorted({(p.get("spec") or {}).get("nodeName") or "no node" for p in stuck})
         names = ", ".join(p["metadata"]["name"] for p in stuck)
         message = (
             f"{message}: pod(s) {names} on node(s) {', '.join(nodes)} are still terminating "
-            f"more than {STUCK_TERMINATING_SECONDS}s past their grace period; the node may be "
-            "down. Delete them with `kubectl delete pod --force --grace-period=0`, or set "
-            "spec.restartPolicy.forceDeleteAfterSeconds"
+            f"more than {int(patience)}s past their grace period; the node may be down. "
         )
-        force_after = run.spec.restart_policy.force_delete_after_seconds
-        if force_after is not None:
+        if force_after is None:
+            message += (
+                "Delete them with `kubectl delete pod --force --grace-period=0` once the node "
+                "is known to be gone, or set spec.restartPolicy.forceDeleteAfterSeconds"
+            )
+        else:
+            message += "Force-deleting them (spec.restartPolicy.forceDeleteAfterSeconds)"
             for pod in stuck:
-                if self.terminating_for(pod) >= force_after:
-                    meta = pod["metadata"]
-                    why = f"terminating {int(self.terminating_for(pod))}s past its grace period"
-                    actions.append(ForceDeletePod(meta["namespace"], meta["name"], why))
+                meta = pod["metadata"]
+                why = f"terminating {int(self.terminating_for(pod))}s past its grace period"
+                actions.append(ForceDeletePod(meta["namespace"], meta["name"], why))
         self.announce_once(REASON_PODS_STUCK_TERMINATING, message)
         return self.done(PHASE_PENDING, REASON_PODS_STUCK_TERMINATING, message, actions, **changes)
 
@@ -577,11 +587,6 @@ class _Decision:
         """Seconds since a deleted pod's grace period ended (deletionTimestamp is its end)."""
         deadline = (pod.get("metadata") or {}).get("deletionTimestamp")
         return self.observed.now - parse_rfc3339(deadline) if deadline else 0.0
-
-    def stuck_terminating(self, pod: Mapping[str, Any], attempt: int) -> bool:
-        if _attempt_of(pod) == str(attempt):
-            return False
-        return self.terminating_for(pod) > STUCK_TERMINATING_SECONDS
 
     def missing_claims(self, run: TrainingRun) -> list[str]:
         """Claims the pods would mount that are missing or that its nodes cannot share."""

@@ -593,10 +593,17 @@ def test_stuck_pods_are_named_with_their_node_and_force_deleted_when_asked() -> 
     (case,) = [c for c in CASES if "stuck terminating" in c[0]]
     _, message = ready(plan_trainingrun(case[1]))
     assert "pretrain-1-1-abcde" in message and "node-7" in message
+    assert kinds(plan_trainingrun(case[1])) == []  # a person decides, unless told to
     spec = {**SPEC, "restartPolicy": {"maxRestarts": 2, "forceDeleteAfterSeconds": 60}}
     body = run_body(running_status(attempt=2, restarts=1, phase="Pending"), spec=spec)
     plan = plan_trainingrun(replace(case[1], run=body))
     assert kinds(plan) == ["ForceDelete pretrain-1-1-abcde"]
+    # forceDeleteAfterSeconds also sets the patience: 60 s past the grace period is enough.
+    recent = [pod(1, 1, deleted_at=NOW - 61, node="node-7")]
+    plan = plan_trainingrun(replace(case[1], run=body, pods=recent))
+    assert kinds(plan) == ["ForceDelete pretrain-1-1-abcde"]
+    waiting = plan_trainingrun(replace(case[1], run=body, pods=[pod(1, 1, deleted_at=NOW - 30)]))
+    assert kinds(waiting) == [] and ready(waiting)[0] == "Restarting"
 
 
 def test_refusals_name_the_object_and_the_apiservers_message() -> None:
