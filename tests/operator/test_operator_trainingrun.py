@@ -142,7 +142,10 @@ def test_create_makes_owned_children_and_follows_pods_to_running(
     assert status["phase"] == "Pending"
     assert status["restarts"] == 0
     assert runs.condition("Ready")["reason"] == "Created"
-    wait_for(lambda: "Created Job team-a/sft-demo-1" in runs.events(), "a Created event")
+    created = (
+        "Created ConfigMap team-a/sft-demo-config, Service team-a/sft-demo, Job team-a/sft-demo-1"
+    )
+    wait_for(lambda: created in runs.events(), "one Created event naming the children")
 
     jobs.start_pods("sft-demo-1")
     wait_for(phase_is(runs, "Running"), "phase Running")
@@ -363,7 +366,8 @@ def test_operator_restart_mid_run_makes_no_duplicates(
     assert (status["attempt"], status["restarts"], status["phase"]) == (1, 0, "Running")
     assert len(k8s_api.core.list_namespaced_pod(NAMESPACE).items) == 2
     assert len(k8s_api.core.list_namespaced_config_map(NAMESPACE).items) == 1
-    assert sum(m.startswith("Created") for m in runs.events()) == 3  # ConfigMap, Service, Job
+    # One Created event (ConfigMap, Service, Job), none from the new operator.
+    assert sum(m.startswith("Created") for m in runs.events()) == 1
 
     # ... and it still follows the run.
     jobs.succeed("sft-demo-1")
@@ -374,6 +378,8 @@ CLAIM = {
     "metadata": {"name": "scratch"},
     "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
 }
+
+
 # A missing Secret is learnt from the pods' CreateContainerConfigError, which only a
 # kubelet reports: tests/e2e/test_e2e_operator.py shows it on the real control plane.
 def test_a_missing_claim_waits_with_a_condition_naming_it(

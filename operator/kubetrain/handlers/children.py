@@ -45,12 +45,12 @@ _METADATA_KEPT = (
 _POD_STATUS_KEPT = ("phase", "reason", "message", "podIP", "conditions", "containerStatuses")
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """kopf's views as plain dicts and lists (they outlive the event that carried them)."""
     if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     return value
 
 
@@ -61,17 +61,17 @@ def trimmed(plural: str, body: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "apiVersion": group_version,
         "kind": body.get("kind") or _KIND[plural],
-        "metadata": {k: _plain(meta[k]) for k in _METADATA_KEPT if k in meta},
+        "metadata": {k: plain(meta[k]) for k in _METADATA_KEPT if k in meta},
     }
     if plural == "pods":
         spec, status = body.get("spec") or {}, body.get("status") or {}
         out["spec"] = {k: spec[k] for k in ("nodeName", "hostname", "subdomain") if k in spec}
-        out["status"] = {k: _plain(status[k]) for k in _POD_STATUS_KEPT if k in status}
+        out["status"] = {k: plain(status[k]) for k in _POD_STATUS_KEPT if k in status}
     elif plural == "configmaps":
-        out["data"] = _plain(body.get("data") or {})
+        out["data"] = plain(body.get("data") or {})
     elif plural in ("jobs", "jobsets"):
         out["spec"] = {"suspend": (body.get("spec") or {}).get("suspend")}
-        out["status"] = _plain(body.get("status") or {})
+        out["status"] = plain(body.get("status") or {})
     return out
 
 

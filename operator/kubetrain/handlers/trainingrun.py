@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from kubetrain import k8s, opmetrics
 from kubetrain.api import LABEL_ATTEMPT, TrainingRunSpec, parse_pvc_uri, uri_refs
-from kubetrain.handlers.children import Children
+from kubetrain.handlers.children import Children, plain
 from kubetrain.handlers.passes import ObjectPass
 from kubetrain.render import config_map_name, service_name
 from kubetrain.status import (
@@ -64,10 +64,12 @@ MAX_PASSES = 3
 
 @dataclass
 class RunMemory:
-    """What the operator keeps per run between reconciles: its lock and the ETA's sample."""
+    """What the operator keeps per run between reconciles: its lock, the ETA's sample, and
+    the newest resourceVersion it knows to hold its own last status write."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     first_sample: tuple[int, int, float] | None = None
+    known_version: str | None = None
 
 
 def _memory(memo: kopf.Memo, namespace: str, name: str) -> RunMemory:
@@ -76,14 +78,27 @@ def _memory(memo: kopf.Memo, namespace: str, name: str) -> RunMemory:
         return runs.setdefault((namespace, name), RunMemory())
 
 
-def reconcile(namespace: str, name: str, memo: kopf.Memo, children: Children) -> None:
-    """Bring one TrainingRun one step closer to its spec; safe to call any time, any often."""
+def reconcile(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    children: Children,
+    seen: Mapping[str, Any] | None = None,
+) -> None:
+    """Bring one TrainingRun one step closer to its spec; safe to call any time, any often.
+
+    `seen` is the run as kopf's watch last delivered it: when it carries this operator's
+    own last status write (same resourceVersion), it is as fresh as a GET would be, and
+    following a running run costs no read at all.
+    """
     memory = _memory(memo, namespace, name)
     with memory.lock, opmetrics.RECONCILE_DURATION.time():
         refusal: Refusal | None = None
         found: dict[str, dict[str, Any] | None] = {}  # read after a 409: an unlabelled holder
-        for _ in range(MAX_PASSES):
-            body = k8s.get_trainingrun(namespace, name)
+        for pass_number in range(MAX_PASSES):
+            version = (seen or {}).get("metadata", {}).get("resourceVersion")
+            fresh = pass_number == 0 and version is not None and version == memory.known_version
+            body = plain(seen) if fresh else k8s.get_trainingrun(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             observed = observe(body, memo, memory, children, refusal, found)
@@ -103,7 +118,9 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo, children: Children) ->
                 else:
                     return  # a workload: the next pass finds it in the index
                 continue
-            executor.write(plan, observed)
+            written = executor.write(plan, observed)
+            unchanged = None if executor.annotated else body["metadata"].get("resourceVersion")
+            memory.known_version = written or unchanged
             memory.first_sample = plan.first_sample
             if not executor.look_again:
                 return
@@ -186,27 +203,37 @@ class Executor(ObjectPass):
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__(body)
         self.look_again = False
+        self.annotated = False  # the run itself was patched: its resourceVersion moved
 
     def act(self, plan: TrainingRunPlan) -> Refusal | str | None:
         """Do the plan's actions in order; a refusal or a conflict (409) stops them.
 
-        Returns the refusal, or the kind of a creation that met an existing object.
+        Returns the refusal, or the kind of a creation that met an existing object. What was
+        created is announced in one event (one API call, not one per child).
         """
+        created: list[str] = []
+        try:
+            return self._act(plan, created)
+        finally:
+            if created:
+                self.announce("Created", f"Created {', '.join(created)}")
+
+    def _act(self, plan: TrainingRunPlan, created: list[str]) -> Refusal | str | None:
         for action in plan.actions:
             if isinstance(action, Announce):
                 self.announce(action.reason, action.message, warning=action.warning)
             elif isinstance(action, RecordStartedSpec):
+                self.annotated = True
                 k8s.annotate_trainingrun(
                     self.namespace, self.name, {STARTED_SPEC_ANNOTATION: action.spec}
                 )
             elif isinstance(action, CreateChild):
                 try:
-                    created = k8s.create(action.obj)
+                    if not k8s.create(action.obj):
+                        return action.obj["kind"]
                 except k8s.Refused as e:
                     return Refusal(e.object, e.api_version, e.code, e.message)
-                if not created:
-                    return action.obj["kind"]
-                self.announce("Created", f"Created {k8s.describe(action.obj)}")
+                created.append(k8s.describe(action.obj))
             elif isinstance(action, UpdateConfigMap):
                 k8s.update_config_map(action.obj)
             elif isinstance(action, DeleteWorkload):
@@ -224,12 +251,17 @@ class Executor(ObjectPass):
                     )
         return None
 
-    def write(self, plan: TrainingRunPlan, observed: Observed) -> None:
-        """Patch the status to the plan's (only what changed); keep the metrics current."""
+    def write(self, plan: TrainingRunPlan, observed: Observed) -> str | None:
+        """Patch the status to the plan's (only what changed); keep the metrics current.
+
+        Returns the run's resourceVersion after the write (None when nothing was written).
+        """
         new = status_body(plan.status)
         patch = merge_patch(self.status, new)
+        version = None
         if patch:
-            k8s.patch_trainingrun_status(self.namespace, self.name, patch)
+            written = k8s.patch_trainingrun_status(self.namespace, self.name, patch)
+            version = written["metadata"].get("resourceVersion")
         status = plan.status
         if status.phase is not None:
             opmetrics.observe_phase(self.namespace, self.name, status.phase)
@@ -246,6 +278,7 @@ class Executor(ObjectPass):
         if since_created is not None and step and not previous_step:
             opmetrics.TIME_TO_FIRST_STEP.observe(max(0.0, since_created))
         self.status = new
+        return version
 
 
 def forget(namespace: str, name: str, memo: kopf.Memo | None = None) -> None:
