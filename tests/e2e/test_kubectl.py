@@ -197,7 +197,9 @@ def test_crd_upgrade_from_0_1_0_keeps_runs_readable_and_running(tmp_path: Path) 
     """A cluster of its own: the 0.1.0 CRDs, a run created under them, then this chart."""
     upgraded = TestCluster(tmp_path / "cluster").start()
     try:
-        # As `helm install` of chart 0.1.0 left them: Helm's ownership marks on each CRD.
+        # As `helm install` of chart 0.1.0 left them: Helm's ownership marks on each CRD, and
+        # its field manager (Helm 4 applies server-side as "helm"; the upgrade applies as the
+        # same manager, so the fields it changes are its own).
         for path in sorted((REPO / "tests" / "e2e" / "crds-0.1.0").glob("*trainingruns.yaml")):
             crd = yaml.safe_load(path.read_text())
             crd["metadata"].setdefault("labels", {})["app.kubernetes.io/managed-by"] = "Helm"
@@ -207,7 +209,9 @@ def test_crd_upgrade_from_0_1_0_keeps_runs_readable_and_running(tmp_path: Path) 
                     "meta.helm.sh/release-namespace": OPERATOR_NAMESPACE,
                 }
             )
-            upgraded.apply(crd)
+            upgraded.kubectl(
+                "apply", "--server-side", "--field-manager=helm", "-f", "-", input=json.dumps(crd)
+            )
         upgraded.kubectl("wait", "--for=condition=Established", "crd/trainingruns.kubetrain.dev")
         upgraded.create_namespace("team-a")
         fill_examples_claim(upgraded, "team-a")
