@@ -26,7 +26,7 @@ import kopf
 from kubetrain import k8s, opmetrics
 from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
 from kubetrain.handlers import pipeline
-from kubetrain.handlers.children import Children, register_indexes
+from kubetrain.handlers.children import Children, register_indexes, watch_only_children
 from kubetrain.handlers.trainingrun import (
     MetricsAddress,
     forget,
@@ -37,7 +37,7 @@ from kubetrain.handlers.trainingrun import (
 DEFAULT_RECONCILE_INTERVAL = 10.0
 DEFAULT_METRICS_PORT = 8080
 DEFAULT_LIVENESS_PORT = 8081
-RECONCILE_WORKERS = 32
+RECONCILE_WORKERS = 16
 RECONCILE_INTERVAL_ENV = "KUBETRAIN_RECONCILE_INTERVAL"
 METRICS_PORT_ENV = "KUBETRAIN_METRICS_PORT"
 
@@ -61,6 +61,8 @@ def register(
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"
         )
+        # Watch only the children of runs, not every pod and ConfigMap of the cluster.
+        watch_only_children(settings)
         # Events are for transitions the handlers announce, not kopf's own log lines.
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "kubetrain-operator"

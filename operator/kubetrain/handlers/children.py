@@ -95,6 +95,12 @@ def register_indexes(registry: kopf.OperatorRegistry) -> None:
         return {(namespace, name): {"spec": {"accessModes": list(spec.get("accessModes") or [])}}}
 
 
+def watch_only_children(settings: kopf.OperatorSettings) -> None:
+    """Ask the API server for labelled children only (kopf filters on its side otherwise)."""
+    for group, version, plural in CHILD_KINDS.values():
+        settings.watching.label_selectors[group, version, plural] = LABEL_RUN
+
+
 @dataclass(frozen=True)
 class Children:
     """The indexes as kopf hands them to a handler, read for one run."""
