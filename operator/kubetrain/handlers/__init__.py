@@ -107,7 +107,7 @@ def register(
         registry=registry,
     )
     def react(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
-        reconcile(namespace, name, memo, Children.from_kwargs(kwargs), kwargs["body"])
+        reconcile(namespace, name, memo, Children.from_kwargs(kwargs))
 
     @kopf.timer(
         GROUP,
@@ -119,7 +119,7 @@ def register(
         registry=registry,
     )
     def follow(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
-        reconcile(namespace, name, memo, Children.from_kwargs(kwargs), kwargs["body"])
+        reconcile(namespace, name, memo, Children.from_kwargs(kwargs))
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
     def deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from kubetrain import k8s, opmetrics
 from kubetrain.api import LABEL_ATTEMPT, TrainingRunSpec, parse_pvc_uri, uri_refs
-from kubetrain.handlers.children import Children, plain
+from kubetrain.handlers.children import Children
 from kubetrain.handlers.passes import ObjectPass
 from kubetrain.render import config_map_name, service_name
 from kubetrain.status import (
@@ -64,12 +64,10 @@ MAX_PASSES = 3
 
 @dataclass
 class RunMemory:
-    """What the operator keeps per run between reconciles: its lock, the ETA's sample, and
-    the newest resourceVersion it knows to hold its own last status write."""
+    """What the operator keeps per run between reconciles: its lock and the ETA's sample."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     first_sample: tuple[int, int, float] | None = None
-    known_version: str | None = None
 
 
 def _memory(memo: kopf.Memo, namespace: str, name: str) -> RunMemory:
@@ -78,27 +76,18 @@ def _memory(memo: kopf.Memo, namespace: str, name: str) -> RunMemory:
         return runs.setdefault((namespace, name), RunMemory())
 
 
-def reconcile(
-    namespace: str,
-    name: str,
-    memo: kopf.Memo,
-    children: Children,
-    seen: Mapping[str, Any] | None = None,
-) -> None:
+def reconcile(namespace: str, name: str, memo: kopf.Memo, children: Children) -> None:
     """Bring one TrainingRun one step closer to its spec; safe to call any time, any often.
 
-    `seen` is the run as kopf's watch last delivered it: when it carries this operator's
-    own last status write (same resourceVersion), it is as fresh as a GET would be, and
-    following a running run costs no read at all.
+    The run itself is read fresh every pass: kopf's copy may not have a spec edit yet (a
+    suspend a moment ago), and acting on it would undo what the user asked.
     """
     memory = _memory(memo, namespace, name)
     with memory.lock, opmetrics.RECONCILE_DURATION.time():
         refusal: Refusal | None = None
         found: dict[str, dict[str, Any] | None] = {}  # read after a 409: an unlabelled holder
-        for pass_number in range(MAX_PASSES):
-            version = (seen or {}).get("metadata", {}).get("resourceVersion")
-            fresh = pass_number == 0 and version is not None and version == memory.known_version
-            body = plain(seen) if fresh else k8s.get_trainingrun(namespace, name)
+        for _ in range(MAX_PASSES):
+            body = k8s.get_trainingrun(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             observed = observe(body, memo, memory, children, refusal, found)
@@ -118,9 +107,7 @@ def reconcile(
                 else:
                     return  # a workload: the next pass finds it in the index
                 continue
-            written = executor.write(plan, observed)
-            unchanged = None if executor.annotated else body["metadata"].get("resourceVersion")
-            memory.known_version = written or unchanged
+            executor.write(plan, observed)
             memory.first_sample = plan.first_sample
             if not executor.look_again:
                 return
@@ -203,7 +190,6 @@ class Executor(ObjectPass):
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__(body)
         self.look_again = False
-        self.annotated = False  # the run itself was patched: its resourceVersion moved
 
     def act(self, plan: TrainingRunPlan) -> Refusal | str | None:
         """Do the plan's actions in order; a refusal or a conflict (409) stops them.
@@ -223,7 +209,6 @@ class Executor(ObjectPass):
             if isinstance(action, Announce):
                 self.announce(action.reason, action.message, warning=action.warning)
             elif isinstance(action, RecordStartedSpec):
-                self.annotated = True
                 k8s.annotate_trainingrun(
                     self.namespace, self.name, {STARTED_SPEC_ANNOTATION: action.spec}
                 )
@@ -251,17 +236,12 @@ class Executor(ObjectPass):
                     )
         return None
 
-    def write(self, plan: TrainingRunPlan, observed: Observed) -> str | None:
-        """Patch the status to the plan's (only what changed); keep the metrics current.
-
-        Returns the run's resourceVersion after the write (None when nothing was written).
-        """
+    def write(self, plan: TrainingRunPlan, observed: Observed) -> None:
+        """Patch the status to the plan's (only what changed); keep the metrics current."""
         new = status_body(plan.status)
         patch = merge_patch(self.status, new)
-        version = None
         if patch:
-            written = k8s.patch_trainingrun_status(self.namespace, self.name, patch)
-            version = written["metadata"].get("resourceVersion")
+            k8s.patch_trainingrun_status(self.namespace, self.name, patch)
         status = plan.status
         if status.phase is not None:
             opmetrics.observe_phase(self.namespace, self.name, status.phase)
@@ -278,7 +258,6 @@ class Executor(ObjectPass):
         if since_created is not None and step and not previous_step:
             opmetrics.TIME_TO_FIRST_STEP.observe(max(0.0, since_created))
         self.status = new
-        return version
 
 
 def forget(namespace: str, name: str, memo: kopf.Memo | None = None) -> None:
