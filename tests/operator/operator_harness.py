@@ -246,9 +246,15 @@ class JobController:
         )
 
     def _set_job_status(self, job_name: str, status: dict[str, Any]) -> None:
-        self.batch.patch_namespaced_job_status(
-            job_name, self.namespace, {"status": status}, _preload_content=False
-        )
+        """Set the Job's status, as the Job controller would; a Job the operator has
+        deleted meanwhile (it reacts to the pod's failure first) has none to set."""
+        try:
+            self.batch.patch_namespaced_job_status(
+                job_name, self.namespace, {"status": status}, _preload_content=False
+            )
+        except k8s_client.exceptions.ApiException as e:
+            if e.status != 404:
+                raise
 
 
 class TrainerMetricsStub:
