@@ -125,13 +125,10 @@ def get_trainingrun(namespace: str, name: str) -> dict[str, Any] | None:
     )
 
 
-def patch_trainingrun_status(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-    """JSON-merge-patch the status subresource with `patch` (the status, not {status: ...});
-    returns the run as written."""
-    return _body(
-        _custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _preload_content=False
-        )
+def patch_trainingrun_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON-merge-patch the status subresource with `patch` (the status, not {status: ...})."""
+    _custom().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _preload_content=False
     )
 
 

@@ -30,8 +30,13 @@ CHILD_KINDS = {
 }
 CLAIMS_INDEX = "claims"
 INDEX_IDS = (*CHILD_KINDS, CLAIMS_INDEX)
-_KIND = {"jobs": "Job", "jobsets": "JobSet", "pods": "Pod", "configmaps": "ConfigMap"}
-_KIND["services"] = "Service"
+_KIND = {
+    "jobs": "Job",
+    "jobsets": "JobSet",
+    "pods": "Pod",
+    "configmaps": "ConfigMap",
+    "services": "Service",
+}
 _METADATA_KEPT = (
     "name",
     "namespace",
@@ -40,7 +45,6 @@ _METADATA_KEPT = (
     "annotations",
     "ownerReferences",
     "deletionTimestamp",
-    "resourceVersion",
 )
 _POD_STATUS_KEPT = ("phase", "reason", "message", "podIP", "conditions", "containerStatuses")
 
@@ -56,10 +60,9 @@ def plain(value: Any) -> Any:
 
 def trimmed(plural: str, body: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a child the plans read (pods carry the most; keep what matters)."""
-    group_version = body.get("apiVersion", "")
     meta = body.get("metadata") or {}
     out: dict[str, Any] = {
-        "apiVersion": group_version,
+        "apiVersion": body.get("apiVersion", ""),
         "kind": body.get("kind") or _KIND[plural],
         "metadata": {k: plain(meta[k]) for k in _METADATA_KEPT if k in meta},
     }
@@ -125,6 +128,25 @@ class Children:
         found = [c for c in self._of(index_id, namespace, run) if c["metadata"]["name"] == name]
         return found[0] if found else None
 
-    def claim(self, namespace: str, name: str) -> dict[str, Any] | None:
-        found = list(self.indexes[CLAIMS_INDEX].get((namespace, name), ()))
-        return found[0] if found else None
+    def claims(self, namespace: str) -> Mapping[str, dict[str, Any] | None]:
+        """The namespace's claims by name, looked up in the index only when asked (a run
+        that is not starting asks for none)."""
+        return _Claims(self.indexes[CLAIMS_INDEX], namespace)
+
+
+@dataclass(frozen=True)
+class _Claims(Mapping[str, Any]):
+    index: kopf.Index
+    namespace: str
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        found = list(self.index.get((self.namespace, name), ()))
+        if not found:
+            raise KeyError(name)
+        return found[0]
+
+    def __iter__(self) -> Any:
+        return (name for namespace, name in self.index if namespace == self.namespace)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
 from kubetrain import k8s, opmetrics
-from kubetrain.api import LABEL_ATTEMPT, TrainingRunSpec, parse_pvc_uri, uri_refs
+from kubetrain.api import LABEL_ATTEMPT
 from kubetrain.handlers.children import Children
 from kubetrain.handlers.passes import ObjectPass
 from kubetrain.render import config_map_name, service_name
@@ -99,11 +98,10 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo, children: Children) ->
                 continue
             if outcome is not None:
                 # Created since the indexes last heard: whose is it? Ask the API.
-                kind = outcome
-                if kind == "ConfigMap":
-                    found[kind] = k8s.get_config_map(namespace, config_map_name(name))
-                elif kind == "Service":
-                    found[kind] = k8s.get_service(namespace, service_name(name))
+                if outcome == "ConfigMap":
+                    found[outcome] = k8s.get_config_map(namespace, config_map_name(name))
+                elif outcome == "Service":
+                    found[outcome] = k8s.get_service(namespace, service_name(name))
                 else:
                     return  # a workload: the next pass finds it in the index
                 continue
@@ -139,7 +137,7 @@ def observe(
         pods=pods,
         config_map=found.get("ConfigMap", config_map),
         service=found.get("Service", service),
-        claims=_claims(body, children),
+        claims=children.claims(namespace),
         metrics=_rank0_metrics(body, memo, [p for p in pods if _attempt(p) == attempt]),
         first_sample=memory.first_sample,
     )
@@ -147,17 +145,6 @@ def observe(
 
 def _attempt(pod: Mapping[str, Any]) -> str:
     return ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT, "")
-
-
-def _claims(body: Mapping[str, Any], children: Children) -> dict[str, dict[str, Any] | None]:
-    """The PVCs the current spec mounts, as they exist (None: missing)."""
-    try:
-        spec = TrainingRunSpec.model_validate(body.get("spec") or {})
-    except ValidationError:
-        return {}  # the plan fails the run naming the field
-    claims = {parse_pvc_uri(ref.uri).claim for ref in uri_refs(spec) if ref.kind == "pvc"}
-    namespace = body["metadata"]["namespace"]
-    return {claim: children.claim(namespace, claim) for claim in sorted(claims)}
 
 
 def _rank0_metrics(
