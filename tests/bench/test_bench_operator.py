@@ -22,7 +22,12 @@ and the standby apart). It asserts nothing about speed; it fails when the setup 
 Environment: KUBETRAIN_BENCH_RUNS (1000), KUBETRAIN_BENCH_NAMESPACES (10),
 KUBETRAIN_BENCH_INTERVAL (the operator's --reconcile-interval, 10 as in production),
 KUBETRAIN_BENCH_WINDOW (seconds per measured window, 60), KUBETRAIN_BENCH_REPLICAS
-(scenarios, "1,2"). The machine is shared: the load average is printed with the figures.
+(scenarios, "1,2"), KUBETRAIN_BENCH_PROFILE ("tracemalloc": each replica traces its
+allocations from when it is up, and writes the live ones by traceback, and a census of
+objects by type, when all runs are Running and after each window: replica-N.profile.K.txt
+in the scenario's folder, see tests/bench/profiling; "memstats": glibc's and pymalloc's
+figures and the RSS after malloc_trim(0) at the same points, untraced). The machine is
+shared: the load average is printed with the figures.
 """
 
 from __future__ import annotations
@@ -65,11 +70,14 @@ NAMESPACES = int(os.environ.get("KUBETRAIN_BENCH_NAMESPACES", "10"))
 INTERVAL = float(os.environ.get("KUBETRAIN_BENCH_INTERVAL", "10"))
 WINDOW = float(os.environ.get("KUBETRAIN_BENCH_WINDOW", "60"))
 REPLICAS = [int(r) for r in os.environ.get("KUBETRAIN_BENCH_REPLICAS", "1,2").split(",")]
+PROFILE = os.environ.get("KUBETRAIN_BENCH_PROFILE", "")
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_RELEASE}"
 CREDENTIAL_ID = "authentication.kubernetes.io/credential-id"
 CLAIM = "data"
 # Generous: the point is to measure, but a broken setup must not hang for an hour.
-START_TIMEOUT = max(300.0, RUNS * 1.0)
+START_TIMEOUT = max(300.0, RUNS * 1.0) * (
+    4 if PROFILE == "tracemalloc" else 1
+)  # traced: several times slower
 
 
 def run_spec(name: str) -> dict[str, Any]:
@@ -107,6 +115,15 @@ class Replica:
     @property
     def log(self) -> Path:
         return self.folder / f"{self.name}.log"
+
+    @property
+    def profile(self) -> Path:
+        return self.folder / f"{self.name}.profile"
+
+    def signal_profile(self) -> None:
+        """Start tracing (first time) or write the live allocations (see tests/bench/profiling)."""
+        if PROFILE:
+            Path(f"{self.profile}.go").touch()
 
     def start(self, cluster: TestCluster, peering: str | None) -> None:
         token = cluster.kubectl(
@@ -148,6 +165,10 @@ class Replica:
             argv.append(f"--peering={peering}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         env["KUBECONFIG"] = str(kubeconfig)
+        if PROFILE:
+            env["KUBETRAIN_PROFILE_MODE"] = PROFILE
+            env["PYTHONPATH"] = str(Path(__file__).parent / "profiling")
+            env["KUBETRAIN_PROFILE_OUT"] = str(self.profile)
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 ["setpriv", "--pdeathsig", "KILL", *argv],
@@ -194,6 +215,12 @@ class Replica:
         return buckets
 
     def stop(self) -> None:
+        if PROFILE and self.process is not None and self.process.poll() is None:
+            self.signal_profile()  # the last profile, also when the scenario failed
+            deadline = time.monotonic() + 300
+            while Path(f"{self.profile}.go").exists() and time.monotonic() < deadline:
+                time.sleep(1)
+            time.sleep(30)  # written after the trigger is taken (a census takes a while)
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -355,9 +382,11 @@ class Scenario:
             self.wait(replica.healthy, f"operator {replica.name} /healthz", 120)
         if peering:
             time.sleep(10)  # kopf peering: the replicas meet and all but one pause
+        for replica in self.replicas:
+            replica.signal_profile()
         self.audit = Audit(self.cluster.plane.audit_log)
         print(f"\n[bench] {len(self.replicas)} replica(s): cluster and operator up in "
-              f"{time.monotonic() - started:.0f}s", flush=True)  # fmt: skip
+              f"{time.monotonic() - started:.0f}s; {self.rss()}", flush=True)  # fmt: skip
 
     def stop(self) -> None:
         for replica in self.replicas:
@@ -399,6 +428,14 @@ class Scenario:
         for replica in self.replicas:
             replica.sample_rss()
 
+    def rss(self) -> str:
+        """Each replica's RSS now and its peak so far (where the memory grew)."""
+        return ", ".join(
+            f"{r.name} RSS {r.proc_status('VmRSS') / 2**20:.0f} MiB "
+            f"(peak {r.proc_status('VmHWM') / 2**20:.0f})"
+            for r in self.replicas
+        )
+
     def histograms(self) -> dict[str, dict[float, float]]:
         return {r.name: r.reconcile_histogram() for r in self.replicas}
 
@@ -422,7 +459,7 @@ class Scenario:
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(create, self.runs))
         created = time.monotonic() - t0
-        print(f"[bench] created {RUNS} TrainingRuns in {created:.1f}s", flush=True)
+        print(f"[bench] created {RUNS} TrainingRuns in {created:.1f}s; {self.rss()}", flush=True)
 
         def all_jobs() -> bool:
             self.sample_rss()
@@ -430,7 +467,8 @@ class Scenario:
 
         self.wait(all_jobs, f"{RUNS} Jobs", START_TIMEOUT)
         self.result.jobs_seconds = time.monotonic() - t0
-        print(f"[bench] all {RUNS} Jobs after {self.result.jobs_seconds:.1f}s", flush=True)
+        print(f"[bench] all {RUNS} Jobs after {self.result.jobs_seconds:.1f}s; {self.rss()}",
+              flush=True)  # fmt: skip
 
         def all_running() -> bool:
             self.sample_rss()
@@ -438,8 +476,10 @@ class Scenario:
 
         self.wait(all_running, f"{RUNS} runs Running", START_TIMEOUT, every=2)
         self.result.running_seconds = time.monotonic() - t0
-        print(f"[bench] all {RUNS} runs Running after {self.result.running_seconds:.1f}s",
-              flush=True)  # fmt: skip
+        print(f"[bench] all {RUNS} runs Running after {self.result.running_seconds:.1f}s; "
+              f"{self.rss()}", flush=True)  # fmt: skip
+        for replica in self.replicas:
+            replica.signal_profile()
         after = self.histograms()
         self.result.start_reconcile = {name: quantiles(before[name], after[name]) for name in after}
 
@@ -476,7 +516,9 @@ class Scenario:
             f"{r}: {sum(c.values()) / window.seconds:.1f} req/s"
             for r, c in window.by_replica.items()
         )
-        print(f"[bench] window {name}: {rates}; load {window.load:.1f}", flush=True)
+        print(f"[bench] window {name}: {rates}; load {window.load:.1f}; {self.rss()}", flush=True)
+        for replica in self.replicas:
+            replica.signal_profile()
 
     def finish(self, runs: list[tuple[str, str]]) -> None:
         for namespace, name in runs:
