@@ -45,7 +45,7 @@ test: lint cluster-tools
 e2e: cluster-tools
 	$(BIN)/pytest -m e2e --durations=0
 
-# Benchmarks, printed as tables: kubetrain run vs plain TRL (tests/bench/test_bench_sft.py), and
+# Benchmarks, printed as tables: kubetrain sft, lora and dpo against TRL (tests/bench/test_bench_throughput.py), and
 # the operator with 1000 TrainingRuns on the real control plane (test_bench_operator.py, root;
 # KUBETRAIN_BENCH_RUNS=100 for a quicker pass; -k operator alone).
 bench: cluster-tools

@@ -40,6 +40,11 @@ class Preempted(Exception):
     """Training stopped on SIGTERM after saving a checkpoint."""
 
 
+def sampling_strategy(cfg: TrainerConfig) -> str:
+    """transformers' name for the order of training rows (see throughput.py)."""
+    return "group_by_length" if cfg.data.group_by_length else "random"
+
+
 def training_arguments(
     cfg: TrainerConfig, args_class: type[TrainingArguments], **method_args: Any
 ) -> TrainingArguments:

@@ -18,17 +18,23 @@ from __future__ import annotations
 
 import logging
 
+import trl
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
 from kubetrain_trainer.config import ConfigError, Dpo, Lora, ModelSpec, TrainerConfig
 from kubetrain_trainer.data import load_data
 from kubetrain_trainer.methods.lora import peft_config
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
-from kubetrain_trainer.session import FitResult, Session, training_arguments
+from kubetrain_trainer.session import FitResult, Session, sampling_strategy, training_arguments
+from kubetrain_trainer.throughput import ThroughputLevers
 
 log = logging.getLogger(__name__)
+
+
+class DPOTrainer(ThroughputLevers, trl.DPOTrainer):
+    """TRL's DPOTrainer with length-grouped pairs and the LM head on completion tokens."""
 
 
 def clip_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, limit: int) -> Dataset:
@@ -94,6 +100,7 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
         label_smoothing=dpo.label_smoothing,
         precompute_ref_log_probs=dpo.precompute_ref_log_probs,
         max_length=cfg.data.max_length,
+        train_sampling_strategy=sampling_strategy(cfg),
     )
     trainer = DPOTrainer(
         model=model,

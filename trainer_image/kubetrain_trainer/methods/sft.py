@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import logging
 
+import trl
 from peft import PeftConfig
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from kubetrain_trainer.config import ConfigError, TrainerConfig
 from kubetrain_trainer.data import load_data
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
-from kubetrain_trainer.session import FitResult, Session, training_arguments
+from kubetrain_trainer.session import FitResult, Session, sampling_strategy, training_arguments
+from kubetrain_trainer.throughput import ThroughputLevers, truncated
 
 log = logging.getLogger(__name__)
+
+
+class SFTTrainer(ThroughputLevers, trl.SFTTrainer):
+    """TRL's SFTTrainer with length-grouped batches and the LM head on labelled tokens."""
 
 
 def build_trainer(
@@ -45,11 +51,14 @@ def build_trainer(
     args = training_arguments(
         cfg,
         SFTConfig,
-        max_length=cfg.data.max_length,
-        packing=cfg.data.packing,
+        # Padding-free batches are truncated here, after TRL tokenized them (TRL refuses a
+        # max_length it would not enforce without packing rows into blocks).
+        max_length=None if cfg.data.packing else cfg.data.max_length,
+        padding_free=cfg.data.packing,
         dataset_text_field="text",
         assistant_only_loss=data.format == "messages",
         completion_only_loss=data.format == "instruction",
+        train_sampling_strategy=sampling_strategy(cfg),
     )
     trainer = SFTTrainer(
         model=model,
@@ -60,12 +69,16 @@ def build_trainer(
         peft_config=peft_config,
         callbacks=session.callbacks(),
     )
-    check_loss_mask(trainer, data.format, cfg.data.train)
+    if cfg.data.packing:
+        trainer.train_dataset = truncated(trainer.train_dataset, cfg.data.max_length)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = truncated(trainer.eval_dataset, cfg.data.max_length)
+    check_loss_mask(trainer, data.format, cfg.data.train, cfg.data.max_length)
     log.info("%s; %d training rows (%s)", describe(trainer.model), len(data.train), data.format)
     return trainer
 
 
-def check_loss_mask(trainer: SFTTrainer, fmt: str, source: str) -> None:
+def check_loss_mask(trainer: SFTTrainer, fmt: str, source: str, max_length: int) -> None:
     """Fail when no row has a token to learn from; warn when some rows have none.
 
     TRL turns the assistant/completion masks into `labels` (-100 = ignored) and truncates
@@ -74,7 +87,6 @@ def check_loss_mask(trainer: SFTTrainer, fmt: str, source: str) -> None:
     if fmt not in ("messages", "instruction"):
         return
     what = "assistant" if fmt == "messages" else "output"
-    max_length = trainer.args.max_length
     labels = trainer.train_dataset["labels"]
     empty = sum(1 for row in labels if all(token == -100 for token in row))
     if empty == len(labels):
