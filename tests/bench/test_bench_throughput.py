@@ -13,6 +13,8 @@ throughput/data.py) for one epoch at batch 8 and maxLength 1024, measured the sa
 - steps: the trainer's optimizer steps (equal batch sizes must mean equal steps);
 - eval loss (sft, lora) or rewards accuracy (dpo) from one evaluator run here on each
   side's saved model (throughput/evaluate_child.py);
+- CPU ratio: the baseline's CPU seconds over this row's (whole process, from rusage), a
+  check on the wall-clock ratios that a busy shared machine cannot skew much;
 - peak RSS from the child's rusage;
 - achieved model FLOP/s (6 x parameters x tokens, plus attention) against this machine's
   matmul peak measured here.
@@ -92,21 +94,25 @@ class Row:
     side: str  # kubetrain or trl
     output: Path
     wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
     peak_rss: int = 0
     train_runtime: float = 0.0
     steps: int = 0
     quality: dict | None = None
 
 
-def run_measured(command: list[str], log: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process; its output goes to `log`."""
+def run_measured(command: list[str], log: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system, all threads) and peak RSS (bytes) of one
+    child process; its output goes to `log`. CPU seconds hardly depend on what else runs on
+    a shared machine, so their ratios check the wall-clock ones."""
     started = time.monotonic()
     with log.open("w") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     assert code == 0, f"{command} exited {code}:\n{log.read_text()[-4000:]}"
-    return time.monotonic() - started, usage.ru_maxrss * 1024  # KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime
+    return time.monotonic() - started, cpu, usage.ru_maxrss * 1024  # KiB on Linux
 
 
 def matmul_peak_flops() -> float:
@@ -144,7 +150,7 @@ def kubetrain_row(name: str, method: str, spec: dict, tmp: Path, *flags: str) ->
     config = tmp / f"{name}.yaml"
     config.write_text(dump_trainer_config(cfg))
     row = Row(name, method, "kubetrain", output)
-    row.wall_seconds, row.peak_rss = run_measured(
+    row.wall_seconds, row.cpu_seconds, row.peak_rss = run_measured(
         [sys.executable, str(HERE / "kubetrain_child.py"), str(config), *flags], tmp / f"{name}.log"
     )
     metrics = json.loads((output / "metrics.json").read_text())
@@ -156,7 +162,7 @@ def trl_row(name: str, method: str, settings: dict, tmp: Path) -> Row:
     output = tmp / name
     output.mkdir()
     row = Row(name, method, "trl", output)
-    row.wall_seconds, row.peak_rss = run_measured(
+    row.wall_seconds, row.cpu_seconds, row.peak_rss = run_measured(
         [
             sys.executable,
             str(HERE / "trl_child.py"),
@@ -320,7 +326,8 @@ def test_bench_throughput_against_trl(tmp_path: Path):
         f"{tokens['dpo']:,} tokens; batch {BATCH}, maxLength {MAX_LENGTH}, {EPOCHS} epoch; "
         f"CPU matmul peak {peak / 1e9:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}"
     )
-    columns = [("tok/s", 8), ("ratio", 7), ("tok/s wall", 11), ("steps", 6), ("eval", 13)]
+    columns = [("tok/s", 8), ("ratio", 7), ("tok/s wall", 11), ("CPU ratio", 10)]
+    columns += [("steps", 6), ("eval", 13)]
     columns += [("RSS MiB", 8), ("RSS x", 6), ("GFLOP/s", 8), ("of peak", 8)]
     print(f"{'':32}" + "".join(f"{title:>{width}}" for title, width in columns))
     baseline = {m: row for row in rows for m, name in BASELINES.items() if row.name == name}
@@ -337,6 +344,7 @@ def test_bench_throughput_against_trl(tmp_path: Path):
             f"{rate:8.0f}",
             f"{rate * against.train_runtime / count:7.2f}",
             f"{count / row.wall_seconds:11.0f}",
+            f"{against.cpu_seconds / row.cpu_seconds:10.2f}",
             f"{row.steps:6d}",
             f"{figure:>13}",
             f"{row.peak_rss / 2**20:8.0f}",

@@ -18,6 +18,12 @@ them), both on by default:
   large vocabulary go through TRL's own chunked kernel on the same labelled rows, so the
   logits never take more than LOGITS_BUDGET elements.
 
+A third mode is opt-in: padding-free batches (`data.packing`, sft/lora): TRL's collator
+joins a batch's rows into one row with positions restarting per row, and transformers
+builds the block-diagonal mask from them (flash attention's varlen kernel on GPUs), so no
+row attends to another. TRL refuses a max_length it would not enforce there, so `truncated`
+cuts the tokenized rows instead. The steps stay as configured in every mode.
+
 TRL's trainers call the head as `model(..., labels=..., fused_lm_head=True)`; this module
 replaces that forward after TRL installed it, and hands every case it does not cover
 (softcapped or scaled logits, an adapted or sharded LM head, sequence parallelism) back to
