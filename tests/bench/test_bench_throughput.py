@@ -21,7 +21,8 @@ throughput/data.py) for one epoch at batch 8 and maxLength 1024, measured the sa
 "Same settings" means TRL with kubetrain's precision and memory settings (fp32, no gradient
 checkpointing). For context: TRL's own defaults (bf16 autocast and gradient checkpointing,
 meant for GPUs), TRL's inexact `wrapped` packing (sequences attend to each other and it
-takes fewer steps), TRL's `bfd` padding-free packing, and kubetrain with each lever off.
+takes fewer steps), TRL's `bfd` padding-free packing, kubetrain with each lever off, and
+kubetrain's padding-free mode (data.packing: the block-diagonal mask's cost on a CPU).
 It prints a table and asserts only that every side trained; speed is reported, not tested.
 The machine is shared: the load average is printed with the figures.
 """
@@ -45,7 +46,7 @@ from kubetrain.local.runner import resolve_local_uri
 from kubetrain_trainer.config import Architecture, dump_trainer_config
 from kubetrain_trainer.models import build_model, train_bpe_tokenizer
 
-# Eleven training runs and their evaluations take 10-20 minutes on 2 cores.
+# Twelve training runs and their evaluations take 10-20 minutes on 2 cores.
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
 
 HERE = Path(__file__).parent / "throughput"
@@ -80,6 +81,7 @@ ROWS = [
     ("trl-sft-bfd", "trl", "sft", BFD),
     ("kubetrain-sft-no-grouping", "kubetrain", "sft", {"groupByLength": False}),
     ("kubetrain-sft-no-labelled-head", "kubetrain", "sft", {"flags": ("no-labelled-head",)}),
+    ("kubetrain-sft-padding-free", "kubetrain", "sft", {"packing": True}),
     ("kubetrain-lora", "kubetrain", "lora", {}),
     ("trl-lora", "trl", "lora", SAME_SETTINGS),
     ("kubetrain-dpo", "kubetrain", "dpo", {}),
