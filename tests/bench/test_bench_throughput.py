@@ -93,7 +93,6 @@ ROWS = [
 class Row:
     name: str
     method: str  # sft, lora, dpo
-    side: str  # kubetrain or trl
     output: Path
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -151,7 +150,7 @@ def kubetrain_row(name: str, method: str, spec: dict, tmp: Path, *flags: str) ->
     cfg = to_trainer_config(run.metadata.name, run.spec, resolve_local_uri, metrics_port=0)
     config = tmp / f"{name}.yaml"
     config.write_text(dump_trainer_config(cfg))
-    row = Row(name, method, "kubetrain", output)
+    row = Row(name, method, output)
     row.wall_seconds, row.cpu_seconds, row.peak_rss = run_measured(
         [sys.executable, str(HERE / "kubetrain_child.py"), str(config), *flags], tmp / f"{name}.log"
     )
@@ -163,7 +162,7 @@ def kubetrain_row(name: str, method: str, spec: dict, tmp: Path, *flags: str) ->
 def trl_row(name: str, method: str, settings: dict, tmp: Path) -> Row:
     output = tmp / name
     output.mkdir()
-    row = Row(name, method, "trl", output)
+    row = Row(name, method, output)
     row.wall_seconds, row.cpu_seconds, row.peak_rss = run_measured(
         [
             sys.executable,
