@@ -99,9 +99,35 @@ class TestCluster:
             logging.getLogger("kubelet").removeHandler(self.log_handler)
             self.log_handler.close()
 
-    def kubelet_log(self, lines: int = 60) -> str:
+    def kubelet_log(self, lines: int = 60, mentioning: str | None = None) -> str:
+        """The kubelets' last `lines` log lines, or only those that name `mentioning`."""
         path = self.root / "kubelet.log"
-        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
+        if not path.exists():
+            return ""
+        found = path.read_text().splitlines()
+        if mentioning is not None:
+            found = [line for line in found if mentioning in line]
+        return "\n".join(found[-lines:])
+
+    def failure_report(self, namespace: str, operator_log: str = "") -> str:
+        """What a failed test in `namespace` prints: its objects as kubectl lists them, the
+        pods' logs, what the kubelets and the operator said of it, and where its processes
+        still running are waiting."""
+        listed = self.kubectl(
+            "get", "trainingruns,pipelines,jobs,jobsets,pods", "-n", namespace, "-o", "wide",
+            check=False,
+        )  # fmt: skip
+        assert self.nodes is not None
+        operator_lines = [line for line in operator_log.splitlines() if namespace in line]
+        return "\n".join(
+            [
+                f"--- kubectl get -n {namespace}\n{listed.stdout}{listed.stderr}",
+                self.nodes.namespace_logs(namespace),
+                "--- kubelets\n" + self.kubelet_log(200, mentioning=namespace),
+                "--- operator\n" + "\n".join(operator_lines[-80:]),
+                "--- processes still running\n" + self.nodes.stacks(namespace),
+            ]
+        )
 
     def check_alive(self) -> None:
         """Fail naming the component or kubelet that died."""

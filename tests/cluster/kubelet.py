@@ -55,6 +55,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import ssl
 import subprocess
@@ -1180,6 +1181,20 @@ class Kubelet:
             self.core.create_namespaced_event(meta["namespace"], body)
 
 
+def py_spy_dump(pid: int) -> str:
+    """py-spy's dump of a live Python process (a dev dependency), or why there is none."""
+    spy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
+    if spy is None:
+        return "(py-spy is not installed)"
+    try:
+        done = subprocess.run(
+            [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        return "(py-spy timed out)"
+    return (done.stdout + done.stderr).strip()
+
+
 def pod_folder_name(meta: dict[str, Any]) -> str:
     return f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
 
@@ -1470,6 +1485,26 @@ class Nodes:
         for path in sorted(self.root.glob(f"*/pods/{namespace}_*/container.log")):
             tail = path.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {path.parent.name}\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def stacks(self, namespace: str) -> str:
+        """The Python stacks of a namespace's pod processes still running (py-spy), so that a
+        test that timed out shows where the trainer or torchrun was waiting."""
+        out = []
+        for kubelet in self.kubelets:
+            with kubelet.lock:
+                running = [
+                    r for (ns, _), r in kubelet.pods.items() if ns == namespace and r.running()
+                ]
+            for runtime in running:
+                assert runtime.popen is not None
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    main = psutil.Process(runtime.popen.pid)
+                    for process in [main, *main.children(recursive=True)]:
+                        out.append(
+                            f"--- {runtime.name} pid {process.pid}: {' '.join(process.cmdline())}"
+                        )
+                        out.append(py_spy_dump(process.pid))
         return "\n".join(out)
 
     def find(self, namespace: str, pod: str) -> Kubelet:

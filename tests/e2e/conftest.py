@@ -63,11 +63,18 @@ def namespace(
     yield name
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        # Shown with the failure: the pods' logs, then what the kubelets said.
-        print(cluster.nodes.namespace_logs(name))
-        print("--- kubelets\n" + cluster.kubelet_log())
+        # Shown with the failure: the objects, the pods' logs, what the kubelets and the
+        # operator said of this namespace, and the stacks of processes that still run.
+        print(cluster.failure_report(name, operator_log=operator_log(operator)))
     Runs(cluster, name).delete_everything()
     cluster.check_alive()
+
+
+def operator_log(operator: Operator) -> str:
+    try:
+        return "\n".join(operator.log(pod.metadata.name) for pod in operator.pods())
+    except (LookupError, OSError) as e:  # the operator's pod is gone (a test scaled it)
+        return f"(no operator log: {e})"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -26,6 +26,7 @@ from kubetrain_trainer.checkpoints import (
     resume_checkpoint,
 )
 from kubetrain_trainer.config import ConfigError, TrainerConfig
+from kubetrain_trainer.contract import TRAINER_STATE_FILE
 from kubetrain_trainer.metrics import (
     PrometheusCallback,
     drop_printer_callback,
@@ -148,7 +149,8 @@ class Session:
     def fit(self, trainer: Trainer) -> FitResult:
         """Train (resuming if a complete checkpoint exists), save the model, evaluate.
 
-        The final evaluation lands in trainer.state.log_history, where metrics.json reads it.
+        The final evaluation lands in trainer.state.log_history, where metrics.json reads it;
+        rank 0 also saves that history as the output's trainer_state.json for the report.
         """
         drop_printer_callback(trainer)
         checkpoint = resume_checkpoint(self.cfg.output_dir)
@@ -161,6 +163,10 @@ class Session:
         checksums = replica_checksums(trainer.model)
         if trainer.eval_dataset is not None:
             trainer.evaluate()
+        if trainer.is_world_process_zero():
+            # transformers saves its state only into checkpoints, which miss the last steps
+            # and the final evaluation (and may be pruned); the report plots this copy.
+            trainer.state.save_to_json(os.path.join(self.cfg.output_dir, TRAINER_STATE_FILE))
         return FitResult(trainer, output, checksums)
 
     def runtime(self) -> float:
@@ -190,12 +196,13 @@ def replica_checksums(model: torch.nn.Module) -> list[float]:
 
 
 def leave_process_group() -> None:
-    """Wait for every rank, then tear the process group down before the process exits.
+    """Wait for every rank at a last barrier; the process then leaves without a teardown.
 
-    Left to interpreter exit, a rank can outlive its peers and the rendezvous store that
-    node 0's torchrun hosts, and abort ("terminate called without an active exception"),
-    failing a run whose model was already saved.
+    destroy_process_group() can hang once a peer has gone (pytorch/pytorch#75097; seen here
+    as rank 1 stuck after rank 0 finished, its torchrun then waiting out the 300 s exit
+    barrier), and a gloo group left to interpreter exit can abort ("terminate called without
+    an active exception"), failing a run whose model was already saved. So no rank tears the
+    group down: all meet here, and `__main__` ends the process with os._exit.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
