@@ -4,6 +4,8 @@
     kubetrain run examples/pipeline-tiny.yaml [--rerun]    run a pipeline's stages here
     kubetrain validate examples/*.yaml                     check files without running them
     kubetrain render examples/trainingrun-sft-tiny.yaml    the objects the operator creates
+    kubetrain report outputs/pipeline-tiny                 a run's or pipeline's summary
+    kubetrain generate outputs/sft-tiny --chat             talk to a trained model or adapter
     kubetrain crds                                         regenerate crds/ from the API types
     kubetrain operator                                     run the operator (in a cluster)
 
@@ -15,6 +17,7 @@ preempted after a checkpoint).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from kubetrain.api import (
     stage_output_uri,
 )
 from kubetrain_trainer.config import ConfigError
+from kubetrain_trainer.contract import REPORT_FILE
 
 EXIT_USAGE = 2
 
@@ -68,6 +72,8 @@ def _run_trainingrun(run: TrainingRun, args: argparse.Namespace) -> int:
         )
         return result.exit_code
     print(f"==> {run.metadata.name} done: model in {result.output_dir}", flush=True)
+    if (result.output_dir / REPORT_FILE).is_file():
+        print(f"report: {result.output_dir / REPORT_FILE}", flush=True)
     return 0
 
 
@@ -83,6 +89,8 @@ def _run_pipeline(pipeline: Pipeline, args: argparse.Namespace) -> int:
             f"(exit {stage.exit_code}); output kept in {stage.output_dir}",
             file=sys.stderr,
         )
+    if result.report is not None:
+        print(f"report: {result.report}", flush=True)
     return result.exit_code
 
 
@@ -119,6 +127,59 @@ def pipeline_stage_runs(pipeline: Pipeline) -> list[TrainingRun]:
 
 def _as_manifest(run: TrainingRun) -> dict:
     return run.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from kubetrain_trainer.report import ReportError, ensure_report
+
+    try:
+        report = ensure_report(args.output_dir)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    # Text cells, never markup: run and stage names are the user's and may hold "[...]".
+    table = Table(title=Text(report.title))
+    for column in report.table.columns:
+        table.add_column(Text(column))
+    for row in report.table.rows:
+        table.add_row(Text(row.label), *(Text(cell) for cell in row.cells))
+    Console().print(table)
+    # Plain print: rich would wrap a long path at the terminal's width.
+    print(f"report: {report.path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt is None and not args.chat:
+        raise ConfigError("generate: give a PROMPT to continue, or --chat to talk to the model")
+    from kubetrain_trainer.generate import (
+        Sampling,
+        chat,
+        complete,
+        cued_lines,
+        load_for_generation,
+        resolve_sources,
+    )
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.seed)
+    sources = resolve_sources(args.model, adapter=args.adapter, base=args.base)
+    try:
+        model, tokenizer = load_for_generation(sources, chat=args.chat)
+        if not args.chat:
+            complete(model, tokenizer, args.prompt, sampling)
+            return 0
+        # A person at a terminal gets a cue before each turn; piped input does not.
+        lines = cued_lines(sys.stdin) if sys.stdin.isatty() else sys.stdin
+        turns = itertools.chain([args.prompt] if args.prompt else [], lines)
+        chat(model, tokenizer, turns, sampling)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130  # the shell's code for Ctrl-C
+    return 0
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
@@ -176,6 +237,53 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--attempt", type=int, default=1, help="attempt number (default 1)")
     render.set_defaults(func=cmd_render)
 
+    report = sub.add_parser(
+        "report",
+        help="summarize a finished run or pipeline and print where its HTML report is",
+        description="Print the summary table of the run (or pipeline) whose output is "
+        "OUTPUT_DIR and the path of its HTML report, writing the report first if the output "
+        "has none (an older one). A pipeline's folder is its outputRoot.",
+    )
+    report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    report.set_defaults(func=cmd_report)
+
+    generate = sub.add_parser(
+        "generate",
+        help="generate from a trained model, a LoRA adapter or a merged model",
+        description="Load MODEL (a run's output: a model folder, a LoRA adapter folder or "
+        "its merged/ folder; or a hub id) and continue PROMPT, or with --chat answer one "
+        "user turn per stdin line; tokens stream to stdout as they are decoded.",
+    )
+    generate.add_argument("model", metavar="MODEL")
+    generate.add_argument(
+        "prompt", nargs="?", metavar="PROMPT",
+        help="text to continue as it is (no chat template); with --chat, the first user turn",
+    )  # fmt: skip
+    generate.add_argument(
+        "--adapter", metavar="DIR", help="put this LoRA adapter on MODEL, MODEL being its base"
+    )
+    generate.add_argument(
+        "--base", metavar="MODEL",
+        help="when MODEL is a LoRA adapter folder, load it on this base instead of the one "
+        "its adapter_config.json names",
+    )  # fmt: skip
+    generate.add_argument(
+        "--chat", action="store_true",
+        help="talk: each stdin line is a user turn, the conversation is kept and rendered "
+        "with the tokenizer's chat template (ChatML when it has none)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=64, metavar="N", help="longest reply (default 64)"
+    )
+    generate.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T",
+        help="0 (the default) decodes greedily, the same reply every time; above 0 samples",
+    )  # fmt: skip
+    generate.add_argument(
+        "--seed", type=int, default=None, metavar="N", help="seed sampling, to replay it"
+    )
+    generate.set_defaults(func=cmd_generate)
+
     crds = sub.add_parser("crds", help="write the CRDs generated from the API types")
     crds.add_argument("--out", type=Path, default=Path("crds"))
     crds.set_defaults(func=cmd_crds)
@@ -199,7 +307,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extras = p.parse_known_args(argv)
+    # argparse fills generate's optional PROMPT with nothing when an option stands between
+    # MODEL and it (`generate MODEL --adapter DIR "prompt"`), then calls the prompt
+    # unrecognized; take it from there.
+    prompt_after_options = (
+        args.command == "generate"
+        and args.prompt is None
+        and len(extras) == 1
+        and not extras[0].startswith("-")
+    )
+    if prompt_after_options:
+        args.prompt, extras = extras[0], []
+    if extras:
+        p.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.func(args)
     except ConfigError as e:

@@ -82,6 +82,12 @@ TRAININGRUN_COLUMNS: list[dict[str, Any]] = [
         "type": "string",
         "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
     },
+    {
+        "name": "Metric",
+        "type": "string",
+        "jsonPath": ".status.outputs.headline",
+        "description": "Method evaluate: the first suite's headline metric.",
+    },
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
     {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

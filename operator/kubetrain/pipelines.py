@@ -35,6 +35,7 @@ from kubetrain.api import (
     PHASE_SUSPENDED,
     PIPELINE_KIND,
     REASON_COMPLETED,
+    REASON_GATE_FAILED,
     REASON_INVALID_SPEC,
     REASON_STAGE_FAILED,
     REASON_STAGES_PENDING,
@@ -149,10 +150,12 @@ def _run_message(run_status: Mapping[str, Any]) -> str:
 def _observed_stage(pipeline: Pipeline, name: str, run_status: Mapping[str, Any]) -> StageStatus:
     """A stage whose TrainingRun exists, as that run's status shows it."""
     phase = run_status.get("phase") or PHASE_PENDING
-    model_uri = None
+    model_uri = metrics = None
     if phase == PHASE_SUCCEEDED:
         outputs = run_status.get("outputs") or {}
-        model_uri = outputs.get("modelUri") or stage_output_uri(pipeline.spec, name)
+        metrics = outputs.get("metrics")
+        if pipeline.spec.stage(name).spec.method != "evaluate":
+            model_uri = outputs.get("modelUri") or stage_output_uri(pipeline.spec, name)
     return StageStatus(
         name=name,
         phase=phase,
@@ -160,6 +163,7 @@ def _observed_stage(pipeline: Pipeline, name: str, run_status: Mapping[str, Any]
         start_time=run_status.get("startTime"),
         completion_time=run_status.get("completionTime"),
         model_uri=model_uri,
+        metrics=metrics,
         message=_run_message(run_status) or None,
     )
 
@@ -167,10 +171,13 @@ def _observed_stage(pipeline: Pipeline, name: str, run_status: Mapping[str, Any]
 def _unstarted_stage(
     pipeline: Pipeline, name: str, stages: Mapping[str, StageStatus], failed: list[str]
 ) -> tuple[StageStatus, bool]:
-    """(status, ready) for a stage without a TrainingRun; `stages` holds those before it."""
-    depends_on = pipeline.spec.stage(name).depends_on
-    blocked = [d for d in depends_on if stages[d].phase in (PHASE_FAILED, STAGE_SKIPPED)]
-    waiting = [d for d in depends_on if stages[d].phase != PHASE_SUCCEEDED]
+    """(status, ready) for a stage without a TrainingRun; `stages` holds those before it.
+
+    `failed` names the stages that failed or were held back by a gate so far.
+    """
+    stage = pipeline.spec.stage(name)
+    blocked = [d for d in stage.depends_on if stages[d].phase in (PHASE_FAILED, STAGE_SKIPPED)]
+    waiting = [d for d in stage.depends_on if stages[d].phase != PHASE_SUCCEEDED]
     skipped = StageStatus(name=name, phase=STAGE_SKIPPED)
     if blocked:
         skipped.message = f"{NOT_RUN_PREFIX}it needs {', '.join(blocked)}, which did not succeed"
@@ -185,6 +192,15 @@ def _unstarted_stage(
     if waiting:
         pending.message = f"waiting for {', '.join(waiting)}"
         return pending, False
+    held = [
+        why
+        for gate in stage.gate
+        if (why := gate.verdict((stages[gate.stage].metrics or {}).get(gate.metric)))
+    ]
+    if held:
+        skipped.reason = REASON_GATE_FAILED
+        skipped.message = f"{NOT_RUN_PREFIX}gate failed: {'; '.join(held)}"
+        return skipped, False
     if pipeline.spec.suspend:
         pending.message = "ready; the pipeline is suspended"
         return pending, False
@@ -219,6 +235,8 @@ def plan_pipeline(
             stages[name], is_ready = _unstarted_stage(pipeline, name, stages, failed)
             if is_ready:
                 ready.append(name)
+            elif stages[name].reason == REASON_GATE_FAILED:
+                failed.append(name)
     listed = [stages[n] for n in order]
 
     in_flight = [
@@ -267,15 +285,19 @@ def _pipeline_phase(
     active = ", ".join(in_flight + ready) or None
     if succeeded == total:
         return PHASE_SUCCEEDED, REASON_COMPLETED, f"all {total} stages succeeded", None
-    if failed:
+    gated = [s for s in stages if s.reason == REASON_GATE_FAILED]
+    if failed or gated:
         detail = "; ".join(
-            f"stage {s.name} failed" + (f": {s.message}" if s.message else "") for s in failed
+            [f"stage {s.name} failed" + (f": {s.message}" if s.message else "") for s in failed]
+            + [f"stage {s.name}: {(s.message or '').removeprefix(NOT_RUN_PREFIX)}" for s in gated]
         )
+        reason = REASON_STAGE_FAILED if failed else REASON_GATE_FAILED
         if active is None:
-            not_run = f"; not run: {', '.join(skipped)}" if skipped else ""
-            failed_names = ", ".join(s.name for s in failed)
-            return PHASE_FAILED, REASON_STAGE_FAILED, detail + not_run, failed_names
-        return PHASE_RUNNING, REASON_STAGE_FAILED, f"{detail}; still running: {active}", active
+            others = [name for name in skipped if name not in {s.name for s in gated}]
+            not_run = f"; not run: {', '.join(others)}" if others else ""
+            failed_names = ", ".join(s.name for s in failed + gated)
+            return PHASE_FAILED, reason, detail + not_run, failed_names
+        return PHASE_RUNNING, reason, f"{detail}; still running: {active}", active
     if pipeline.spec.suspend:
         return PHASE_SUSPENDED, REASON_SUSPENDED, "spec.suspend is true", active
     if succeeded or any(s.phase == PHASE_RUNNING for s in stages):

@@ -48,7 +48,14 @@ from kubetrain.api import (
     Progress,
 )
 from kubetrain_trainer import contract
-from kubetrain_trainer.contract import ExitCode, checkpoint_dir_name, is_config_error_message
+from kubetrain_trainer.contract import (
+    EVAL_SUITE_METRICS,
+    ExitCode,
+    checkpoint_dir_name,
+    eval_metric_key,
+    is_config_error_message,
+    parse_outputs_message,
+)
 
 # Set while the spec differs from the one the current attempt runs: edits apply only to a
 # suspended run (they are rendered when it resumes), never to pods already training.
@@ -263,16 +270,43 @@ def observe_attempt(
     )
 
 
+def _completion_index(pod: Mapping[str, Any]) -> str | None:
+    meta = pod.get("metadata") or {}
+    return (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(
+        COMPLETION_INDEX
+    )
+
+
 def rank0_pod(pods: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The running pod of node rank 0 (completion index 0), which serves the metrics."""
     for pod in pods:
-        meta = pod.get("metadata") or {}
-        index = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (
-            meta.get("labels") or {}
-        ).get(COMPLETION_INDEX)
-        if index == "0" and (pod.get("status") or {}).get("phase") == "Running":
+        if _completion_index(pod) == "0" and (pod.get("status") or {}).get("phase") == "Running":
             return pod
     return None
+
+
+def finished_metrics(pods: Iterable[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The metrics rank 0 left in its termination message when it succeeded, if any.
+
+    The trainer's last words (`outputs: {...}`, contract.outputs_message) are the only way
+    its metrics.json reaches the operator, which does not mount the run's output.
+    """
+    for pod in pods:
+        if _completion_index(pod) != "0" or (pod.get("status") or {}).get("phase") != "Succeeded":
+            continue
+        for terminated in _terminated_containers(pod):
+            metrics = parse_outputs_message(terminated.get("message") or "")
+            if metrics is not None:
+                return metrics
+    return None
+
+
+def headline_metric(suite: str, metrics: Mapping[str, float] | None) -> str | None:
+    """`<suite>.<metric>=<value>` of `suite`'s headline metric (an evaluate run's first
+    suite), None when the run did not report it."""
+    key = eval_metric_key(suite, EVAL_SUITE_METRICS[suite][0])
+    value = (metrics or {}).get(key)
+    return f"{key}={value:.4g}" if value is not None else None
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,8 @@ from kubetrain.status import (
     TrainerMetrics,
     checkpoint_uri,
     eta_seconds,
+    finished_metrics,
+    headline_metric,
     next_status,
     observe_attempt,
     parse_rfc3339,
@@ -408,7 +410,11 @@ class _Decision:
         pods = self.attempt_pods(attempt)
         observation = observe_attempt(workload, pods, run.spec.resources.nodes)
         if observation.state == "succeeded":
-            message = f"attempt {attempt} completed; the model is in {run.spec.output}"
+            outputs = finished_outputs(run, pods)
+            what = "results are" if run.spec.method == "evaluate" else "model is"
+            message = f"attempt {attempt} completed; the {what} in {run.spec.output}"
+            if outputs.headline:
+                message += f" ({outputs.headline})"
             self.announce(REASON_COMPLETED, f"Succeeded: {message}")
             return self.done(
                 PHASE_SUCCEEDED,
@@ -417,7 +423,7 @@ class _Decision:
                 ensure,
                 spec_change_ignored=ignored,
                 completion_time=self.now_text,
-                outputs=Outputs(model_uri=run.spec.output),
+                outputs=outputs,
                 **common,
             )
         if observation.state == "failed":
@@ -683,6 +689,15 @@ class _Decision:
 
 
 # --- Small pure helpers -----------------------------------------------------------------
+
+
+def finished_outputs(run: TrainingRun, pods: Sequence[Mapping[str, Any]]) -> Outputs:
+    """What a succeeded run leaves: its model (evaluate runs write none) and metrics."""
+    metrics = finished_metrics(pods)
+    if run.spec.evaluate is None:
+        return Outputs(model_uri=run.spec.output, metrics=metrics)
+    headline = headline_metric(run.spec.evaluate.suites[0].name, metrics)
+    return Outputs(metrics=metrics, headline=headline)
 
 
 def describe(obj: Mapping[str, Any]) -> str:

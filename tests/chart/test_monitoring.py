@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from kubetrain import opmetrics
+from kubetrain_trainer.contract import EVAL_SUITE_METRICS, eval_gauge_name, eval_metric_key
 
 # Labels prometheus-operator puts on every scraped target (besides relabelings).
 TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "instance", "job"}
@@ -50,9 +51,17 @@ def _trainer_metrics(monkeypatch, scrape_labels: set[str]) -> dict[str, set[str]
 
     monkeypatch.setattr(metrics, "_cuda_available", lambda: True)
     exported: dict[str, set[str]] = {}
-    for method in ("sft", "dpo"):
-        registry = metrics.PrometheusCallback(method, run_name="r").registry
-        for family in registry.collect():
+    evaluation = metrics.PrometheusCallback("evaluate", run_name="r")
+    evaluation.record_evaluation(
+        {
+            eval_metric_key(suite, metric): 0.5
+            for suite, names in EVAL_SUITE_METRICS.items()
+            for metric in names
+        }
+    )
+    callbacks = [metrics.PrometheusCallback(m, run_name="r") for m in ("sft", "dpo")]
+    for callback in [*callbacks, evaluation]:
+        for family in callback.registry.collect():
             for sample in family.samples:
                 exported.setdefault(sample.name, set()).update(sample.labels)
     return {name: labels | TARGET_LABELS | scrape_labels for name, labels in exported.items()}
@@ -128,7 +137,10 @@ def test_dashboard_queries_exported_metrics_and_labels(exported):
         check_expr(query, exported, f"variable {variable['name']}")
         assert label in exported[metric], f"variable {variable['name']}: {metric} has no {label}"
     # What the dashboard is for: runs by phase, loss and eval loss per run, tokens/s,
-    # restarts, queue wait.
+    # restarts, queue wait, and every evaluation metric.
+    assert {
+        eval_gauge_name(metric) for names in EVAL_SUITE_METRICS.values() for metric in names
+    } <= queried
     assert {
         "kubetrain_trainingruns",
         "kubetrain_trainer_loss",

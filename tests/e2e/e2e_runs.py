@@ -88,6 +88,11 @@ class Runs:
         plural = PLURAL if kind == "TrainingRun" else PIPELINE_PLURAL
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
 
+    def list(self, plural: str = PLURAL) -> list[dict[str, Any]]:
+        """Every object of `plural` in the namespace."""
+        found = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural)
+        return found["items"]
+
     def get(self, name: str, plural: str = PLURAL) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(
             GROUP, VERSION, self.namespace, plural, name

@@ -1,8 +1,9 @@
 """Every method trains for real on a tiny model, on CPU, through `kubetrain run`'s runner.
 
-One session-scoped from_scratch run provides the base model the other methods start from,
-as in `make demo`. Each test asserts what the method is for: the loss went down, the
-adapter loads in PEFT, DPO logged its rewards, the chat mask covered assistant tokens only.
+One session-scoped from_scratch run (`base_model`, in conftest.py) provides the base model
+the other methods start from, as in `make demo`. Each test asserts what the method is for:
+the loss went down, the adapter loads in PEFT, DPO logged its rewards, the chat mask covered
+assistant tokens only.
 """
 
 from __future__ import annotations
@@ -36,14 +37,6 @@ def logged_losses(output: Path, key: str = "loss") -> list[float]:
     newest = max(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     history = json.loads((newest / "trainer_state.json").read_text())["log_history"]
     return [entry[key] for entry in history if key in entry]
-
-
-@pytest.fixture(scope="session")
-def base_model(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("from-scratch") / "model"
-    metrics = train(example("trainingrun-from-scratch-tiny.yaml"), output)
-    assert metrics["global_step"] == 99
-    return output
 
 
 def test_from_scratch_learns_and_saves_tokenizer_and_model(base_model: Path):

@@ -418,3 +418,63 @@ def test_resolver_errors_propagate() -> None:
 
     with pytest.raises(ValueError, match=r"spec\.model\.name: no"):
         to_trainer_config("x", spec(), refuse)
+
+
+def evaluate_run(**evaluate: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "eval"},
+        "spec": {
+            "method": "evaluate",
+            "model": {"name": "pvc://models/sft"},
+            "evaluate": {"suites": [{"name": "qa", "data": "pvc://d/qa.jsonl"}], **evaluate},
+            "output": "pvc://models/eval",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("suites", "problem"),
+    [
+        (
+            [{"name": "qa", "data": "pvc://d/a"}, {"name": "qa", "data": "pvc://d/b"}],
+            "suite qa is listed more than once",
+        ),
+        ([{"name": "qa", "data": "pvc://d/a", "format": "text"}], "suite qa reads auto or"),
+        ([{"name": "preference", "data": "pvc://d/a", "format": "messages"}], "not messages"),
+        (
+            [{"name": "qa", "data": "pvc://d/a", "refusalPatterns": ["no"]}],
+            "apply to suite safety only",
+        ),
+        ([{"name": "safety", "data": "pvc://d/a", "refusalPatterns": ["("]}], "is not a regex"),
+        ([{"name": "qa", "data": "ftp://host/qa.jsonl"}], "unsupported scheme ftp://"),
+        ([{"name": "rouge", "data": "pvc://d/a"}], "Input should be 'perplexity'"),
+        ([], "at least 1 item"),
+    ],
+)
+def test_bad_evaluation_suites_are_refused(suites: list[dict[str, Any]], problem: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(problem)):
+        TrainingRun.model_validate(evaluate_run(suites=suites))
+
+
+def test_an_evaluation_reads_its_suites_from_their_claims() -> None:
+    run = TrainingRun.model_validate(
+        evaluate_run(
+            suites=[
+                {"name": "qa", "data": "pvc://eval-data/qa.jsonl"},
+                {"name": "safety", "data": "pvc://eval-data/safety.jsonl"},
+            ],
+            referenceModel={"name": "pvc://models/base"},
+        )
+    )
+    fields = {ref.field: ref.uri for ref in uri_refs(run.spec)}
+    assert fields["spec.evaluate.suites[1].data"] == "pvc://eval-data/safety.jsonl"
+    assert fields["spec.evaluate.referenceModel.name"] == "pvc://models/base"
+    config = to_trainer_config("eval", run.spec, lambda ref: ref.uri.replace("pvc://", "/mnt/"))
+    assert config.data is None and config.evaluate is not None
+    assert [s.data for s in config.evaluate.suites] == [
+        "/mnt/eval-data/qa.jsonl",
+        "/mnt/eval-data/safety.jsonl",
+    ]
+    assert config.evaluate.reference_model.name == "/mnt/models/base"

@@ -83,7 +83,7 @@ SPEC_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("unknown-field", spec("trainig", {}), "spec.trainig: unknown field"),
     ("method-unknown", spec("method", "rlhf"), "spec.method"),
     # Data.
-    ("data-missing", delete("spec.data"), "spec.data: Field required"),
+    ("data-missing", delete("spec.data"), "method sft needs a data block (data.train)"),
     ("train-missing", delete("spec.data.train"), "spec.data.train: Field required"),
     ("train-empty", spec("data.train", ""), "spec.data.train"),
     ("train-blank", spec("data.train", "  "), "spec.data.train: is blank"),

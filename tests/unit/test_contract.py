@@ -37,11 +37,14 @@ SHARED_NAMES = (
     contract.METRICS_FILE,
     contract.CHECKPOINT_MARKER,
     contract.TERMINATION_LOG,
+    contract.REPORT_FILE,
+    contract.TRAINER_STATE_FILE,
 )
 # How strings that should have been built by the contract's helpers begin.
 SHARED_PREFIXES = (
     contract.CONFIG_ERROR_PREFIX,  # any case: the operator matches it so
     f"{contract.PREEMPTED_PREFIX}:",
+    f"{contract.OUTPUTS_PREFIX}: ",
     f"{contract.CHECKPOINT_DIR_PREFIX}-",
 )
 EXIT_CODES = {int(code) for code in ExitCode if code}  # 0 is every program's success

@@ -390,7 +390,7 @@ def test_stage_template_leaves_pipeline_defaults_room() -> None:
     for field in ("image", "resources", "env", "restartPolicy", "backend", "output"):
         assert "default" not in template["properties"][field], field
     assert "suspend" not in template["properties"]  # the pipeline's spec.suspend holds stages
-    assert template["required"] == ["method", "data"]
+    assert template["required"] == ["method"]  # data: every method but evaluate (a rule)
 
 
 def test_every_cel_rule_compiles_and_its_message_expression_too() -> None:

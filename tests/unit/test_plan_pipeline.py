@@ -6,6 +6,7 @@ reconcile at a time; each test walks a pipeline through the states a cluster wou
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -344,3 +345,127 @@ def test_an_invalid_pipeline_is_reported_failed() -> None:
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidSpec" and "a needs b" in failed["message"]
     PipelineStatus.model_validate(status)
+
+
+# ---------------------------------------------------------------- promotion gates
+
+
+def evaluated(metrics: dict[str, float]) -> dict:
+    """A succeeded evaluate stage's run status, with the metrics the trainer reported."""
+    return {**run("Succeeded"), "outputs": {"metrics": metrics}}
+
+
+def gated_pipeline(*gates: dict[str, Any], **spec: Any) -> Pipeline:
+    evaluate = {
+        "name": "eval",
+        "dependsOn": ["sft"],
+        "spec": {
+            "method": "evaluate",
+            "model": {"fromStage": "sft"},
+            "evaluate": {
+                "suites": [
+                    {"name": "qa", "data": "pvc://data/qa.jsonl"},
+                    {"name": "perplexity", "data": "pvc://data/chat.jsonl"},
+                ]
+            },
+        },
+    }
+    promote = stage("dpo", ("sft", "eval"), "dpo")
+    promote["gate"] = list(gates)
+    after = stage("after", ("dpo",))
+    side = stage("side", ("sft",))
+    return pipeline(stage("sft"), evaluate, promote, after, side, **spec)
+
+
+@pytest.mark.parametrize(
+    ("gate", "metrics", "held"),
+    [
+        ({"metric": "qa.exact_match", "min": 0.6}, {"qa.exact_match": 0.8}, None),
+        ({"metric": "qa.exact_match", "min": 0.6}, {"qa.exact_match": 0.6}, None),
+        (
+            {"metric": "qa.exact_match", "min": 0.6},
+            {"qa.exact_match": 0.25},
+            "qa.exact_match of stage eval is 0.25, below the minimum 0.6",
+        ),
+        (
+            {"metric": "perplexity.perplexity", "max": 12},
+            {"perplexity.perplexity": 30.5},
+            "perplexity.perplexity of stage eval is 30.5, above the maximum 12",
+        ),
+        (
+            {"metric": "perplexity.perplexity", "min": 1, "max": 12},
+            {"perplexity.perplexity": 3},
+            None,
+        ),
+        (
+            {"metric": "qa.f1", "min": 0.5},
+            {"qa.exact_match": 1.0},
+            "qa.f1 of stage eval was not reported",
+        ),
+    ],
+)
+def test_a_gate_lets_its_stage_start_or_fails_the_pipeline(
+    gate: dict[str, Any], metrics: dict[str, float], held: str | None
+) -> None:
+    spec = gated_pipeline({"stage": "eval", **gate}, failurePolicy="continueIndependent")
+    observed = {"sft": run("Succeeded"), "eval": evaluated(metrics), "side": run("Succeeded")}
+    plan = plan_pipeline(spec, observed, now=T2)
+    stages = {s.name: s for s in plan.status.stages}
+    if held is None:
+        assert plan.ready == ["dpo"]
+        assert stages["dpo"].phase == "Pending" and stages["dpo"].reason is None
+        return
+    assert plan.ready == []
+    assert stages["dpo"].phase == "Skipped" and stages["dpo"].reason == "GateFailed"
+    assert held in stages["dpo"].message
+    # What needs the held stage does not run either; the pipeline ends Failed, GateFailed.
+    assert stages["after"].phase == "Skipped" and "it needs dpo" in stages["after"].message
+    assert plan.status.phase == "Failed"
+    ready = next(c for c in plan.status.conditions if c.type == "Ready")
+    assert ready.reason == "GateFailed" and held in ready.message
+    assert stages["eval"].metrics == metrics  # shown side by side in the pipeline's status
+
+
+def test_a_failed_gate_under_stop_on_failure_starts_nothing_more() -> None:
+    spec = gated_pipeline({"stage": "eval", "metric": "qa.exact_match", "min": 0.9})
+    observed = {"sft": run("Succeeded"), "eval": evaluated({"qa.exact_match": 0.1})}
+    plan = plan_pipeline(spec, observed, now=T2)
+    stages = {s.name: s for s in plan.status.stages}
+    assert plan.ready == []
+    assert stages["side"].phase == "Skipped" and "stopOnFailure" in stages["side"].message
+    assert plan.status.phase == "Failed"
+
+
+def test_a_gate_waits_while_its_evaluation_runs() -> None:
+    spec = gated_pipeline({"stage": "eval", "metric": "qa.exact_match", "min": 0.6})
+    plan = plan_pipeline(spec, {"sft": run("Succeeded"), "eval": run("Running")}, now=T2)
+    stages = {s.name: s for s in plan.status.stages}
+    assert stages["dpo"].phase == "Pending" and stages["dpo"].message == "waiting for eval"
+    assert plan.status.phase == "Running"
+
+
+@pytest.mark.parametrize(
+    ("gate", "problem"),
+    [
+        (
+            {"stage": "sft", "metric": "qa.exact_match", "min": 1},
+            "gate on stage sft, which is method sft; gates read the metrics of evaluate stages",
+        ),
+        (
+            {"stage": "eval", "metric": "summarization.rouge1", "min": 0.2},
+            "gate metric summarization.rouge1 is not one stage eval reports",
+        ),
+        ({"stage": "eval", "metric": "qa.exact_match"}, "a gate needs min, max or both"),
+    ],
+)
+def test_a_gate_that_cannot_be_judged_is_refused(gate: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        gated_pipeline(gate)
+
+
+def test_a_gate_on_a_stage_not_depended_on_is_refused() -> None:
+    spec = gated_pipeline({"stage": "eval", "metric": "qa.exact_match", "min": 1})
+    body = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["spec"]["stages"][2]["dependsOn"] = ["sft"]
+    with pytest.raises(ValueError, match="gate on stage eval must also be listed in dependsOn"):
+        Pipeline.model_validate(body)

@@ -29,6 +29,7 @@ from kubetrain.trainingruns import (
     TrainingRunPlan,
     UpdateConfigMap,
     plan_trainingrun,
+    status_body,
 )
 
 NOW = 1_800_000_000.0
@@ -646,3 +647,59 @@ def test_fields_a_crd_upgrade_defaults_are_no_edit() -> None:
     body["spec"] = {**SPEC, "restartPolicy": {"maxRestarts": 2, "startupTimeoutSeconds": 3600}}
     plan = plan_trainingrun(observe(body, 1, workloads=[workload(1)], pods=[pod(1, 0), pod(1, 1)]))
     assert "SpecChangeIgnored" not in [c.type for c in plan.status.conditions]
+
+
+EVALUATE_SPEC: dict[str, Any] = {
+    "method": "evaluate",
+    "model": {"name": "pvc://models/sft"},
+    "evaluate": {
+        "suites": [
+            {"name": "qa", "data": "pvc://datasets/qa.jsonl"},
+            {"name": "perplexity", "data": "pvc://datasets/chat.jsonl"},
+        ]
+    },
+    "output": "pvc://models/eval",
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message", "outputs"),
+    [
+        (
+            SPEC,
+            'outputs: {"train_loss":1.25,"eval_loss":1.5,"global_step":150}',
+            {
+                "modelUri": "pvc://models/pretrain",
+                "metrics": {"train_loss": 1.25, "eval_loss": 1.5, "global_step": 150.0},
+            },
+        ),
+        (
+            EVALUATE_SPEC,
+            'outputs: {"qa.exact_match":0.75,"qa.f1":0.8,"perplexity.perplexity":3.5}',
+            {
+                "metrics": {"qa.exact_match": 0.75, "qa.f1": 0.8, "perplexity.perplexity": 3.5},
+                "headline": "qa.exact_match=0.75",
+            },
+        ),
+        # An older trainer left no metrics: the run still succeeds, with its model only.
+        (SPEC, "", {"modelUri": "pvc://models/pretrain"}),
+    ],
+    ids=["training", "evaluate", "no-message"],
+)
+def test_a_succeeded_run_reports_rank_0s_metrics(
+    spec: dict[str, Any], message: str, outputs: dict[str, Any]
+) -> None:
+    single = {**spec, "resources": {"nodes": 1}}
+    observed = observe(
+        run_body(running_status(), spec=single),
+        1,
+        workloads=[workload(1, conditions=[{"type": "Complete", "status": "True"}])],
+        pods=[pod(1, 0, "Succeeded", exit_code=0, message=message)],
+    )
+    plan = plan_trainingrun(observed)
+    assert plan.status.phase == "Succeeded"
+    assert status_body(plan.status)["outputs"] == outputs
+    if "headline" in outputs:
+        assert outputs["headline"] in next(
+            c.message for c in plan.status.conditions if c.type == "Succeeded"
+        )

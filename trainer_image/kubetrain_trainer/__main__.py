@@ -26,6 +26,7 @@ from kubetrain_trainer.contract import (
     ExitCode,
     TrainerMetricsFile,
     config_error_message,
+    outputs_message,
     preempted_message,
 )
 
@@ -42,24 +43,58 @@ def setup_logging() -> None:
     # Keep the libraries' own INFO chatter and deprecation notices (which the user cannot
     # act on: they concern TRL's calls into transformers) out of the run log.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("transformers", "datasets", "accelerate", "torch", "httpx", "urllib3"):
+    for noisy in ("transformers", "datasets", "accelerate", "torch", "httpx", "urllib3", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def write_termination_message(message: str) -> None:
-    """Leave the reason where Kubernetes copies it into the pod's status."""
-    path = Path(os.environ.get("KUBETRAIN_TERMINATION_LOG", TERMINATION_LOG))
-    if path.parent.is_dir() and os.access(path.parent if not path.exists() else path, os.W_OK):
+    """Leave the outcome where Kubernetes copies it into the pod's status.
+
+    In a pod the kubelet has created the file before the container starts; elsewhere (a
+    laptop) there is none and nothing is written, unless KUBETRAIN_TERMINATION_LOG names one.
+    """
+    override = os.environ.get("KUBETRAIN_TERMINATION_LOG")
+    path = Path(override or TERMINATION_LOG)
+    if (override and path.parent.is_dir()) or (path.is_file() and os.access(path, os.W_OK)):
         # Kubernetes keeps at most 4096 bytes of it.
         path.write_text(message[:4000])
 
 
 def run(cfg: TrainerConfig) -> dict:
-    from kubetrain_trainer.metrics import summarize_run, write_metrics_json
+    from kubetrain_trainer.metrics import write_metrics_json
     from kubetrain_trainer.session import Session, leave_process_group
 
-    method = importlib.import_module(f"kubetrain_trainer.methods.{cfg.method}")
     session = Session(cfg)
+    if cfg.method == "evaluate":
+        summary = evaluation_summary(cfg, session)
+    else:
+        summary = training_summary(cfg, session)
+    if session.is_main_process:
+        # Written last: a metrics.json means the final model is complete.
+        write_metrics_json(cfg.output_dir, summary)
+    leave_process_group()
+    if session.is_main_process:
+        # After the barrier, so the other ranks need not wait while rank 0 draws.
+        write_report_or_warn(cfg)
+    return summary.model_dump(mode="json", exclude_unset=True)
+
+
+def write_report_or_warn(cfg: TrainerConfig) -> None:
+    """Write the run's report.html; a report is for reading, so failing it fails no run."""
+    try:
+        from kubetrain_trainer.report import write_run_report
+
+        path = write_run_report(cfg.output_dir, run_name=cfg.run_name)
+    except Exception as e:
+        log.warning("the run finished, but its report could not be written: %r", e)
+        return
+    log.info("report: %s", path)
+
+
+def training_summary(cfg: TrainerConfig, session) -> TrainerMetricsFile:
+    from kubetrain_trainer.metrics import summarize_run
+
+    method = importlib.import_module(f"kubetrain_trainer.methods.{cfg.method}")
     result = method.train(cfg, session)
     state = result.trainer.state
     summary = TrainerMetricsFile.model_validate(
@@ -75,11 +110,18 @@ def run(cfg: TrainerConfig) -> dict:
     summary.replica_checksums = result.replica_checksums
     if result.merged_dir:
         summary.merged_dir = result.merged_dir
-    if session.is_main_process:
-        # Written last: a metrics.json means the final model is complete.
-        write_metrics_json(cfg.output_dir, summary)
-    leave_process_group()
-    return summary.model_dump(mode="json", exclude_unset=True)
+    return summary
+
+
+def evaluation_summary(cfg: TrainerConfig, session) -> TrainerMetricsFile:
+    from kubetrain_trainer.methods.evaluate import evaluate
+
+    metrics = evaluate(cfg)
+    if session.prometheus is not None:
+        session.prometheus.record_evaluation(metrics)
+    return TrainerMetricsFile.model_validate(
+        {"method": cfg.method, "runtime_seconds": session.runtime(), **metrics}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(f"{type(e).__name__}: {e}")
         raise
     log.info("done: %s", json.dumps(summary, default=str))
+    # The operator copies these into status.outputs.metrics (it cannot read the output).
+    write_termination_message(outputs_message(summary))
     return ExitCode.OK
 
 
+def exit_process(code: int) -> None:
+    """Exit with `code`; a rank of a process group leaves at once (see leave_process_group)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

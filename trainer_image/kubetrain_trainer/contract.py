@@ -18,10 +18,11 @@ standard library and pydantic only.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -53,6 +54,22 @@ TRAINER_GAUGES = (
 )  # fmt: skip
 
 EVAL_GAUGE_PREFIX = "kubetrain_eval_"  # kubetrain_eval_<metric>{suite=...}
+EVAL_SUITE_LABEL = "suite"
+
+EvalSuiteName = Literal[
+    "perplexity", "loss", "qa", "summarization", "translation", "preference", "safety"
+]
+# What each evaluation suite reports, headline first (`kubectl get tr` shows the first
+# suite's headline). Snake case throughout, so every gauge passes `promtool check metrics`.
+EVAL_SUITE_METRICS: dict[str, tuple[str, ...]] = {
+    "perplexity": ("perplexity", "loss"),
+    "loss": ("loss", "perplexity"),
+    "qa": ("exact_match", "f1"),
+    "summarization": ("rouge_l", "rouge1", "rouge2"),
+    "translation": ("bleu", "chrf"),
+    "preference": ("accuracy", "margin"),
+    "safety": ("refusal_rate", "over_refusal_rate"),
+}
 
 
 def eval_metric_key(suite: str, metric: str) -> str:
@@ -60,11 +77,24 @@ def eval_metric_key(suite: str, metric: str) -> str:
     return f"{suite}.{metric}"
 
 
+def eval_gauge_name(metric: str) -> str:
+    """The Prometheus gauge of an evaluation metric, e.g. `kubetrain_eval_exact_match`."""
+    return f"{EVAL_GAUGE_PREFIX}{metric}"
+
+
 # -- Files under the output dir ---------------------------------------------------------------
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_MARKER = "kubetrain-complete.json"  # a checkpoint folder is complete only with it
 MERGED_DIR = "merged"  # a LoRA run's adapter merged into its base model (merge: true)
+# The report a person reads (kubetrain_trainer.report, `kubetrain report`): one
+# self-contained report.html, its plots also as PNG files in REPORT_PLOTS_DIR; the final log
+# history it plots, in transformers' trainer_state.json format (transformers itself writes
+# that only into checkpoints); beside a pipeline's report, the stages it covers.
+REPORT_FILE = "report.html"
+REPORT_PLOTS_DIR = "report-plots"
+TRAINER_STATE_FILE = "trainer_state.json"
+PIPELINE_STAGES_FILE = "pipeline-stages.json"
 # transformers' PREFIX_CHECKPOINT_DIR, which names the folders its Trainer saves into (a
 # trainer test holds the two equal); the operator builds status.latestCheckpoint from it.
 CHECKPOINT_DIR_PREFIX = "checkpoint"
@@ -166,6 +196,49 @@ def config_error_message(detail: str) -> str:
 def preempted_message(detail: str) -> str:
     """`preempted: <detail>`, the termination message after a SIGTERM and a checkpoint."""
     return f"{PREEMPTED_PREFIX}: {detail}"
+
+
+# A finished run's termination message: its metrics, which the operator cannot read from
+# the output dir, for status.outputs.metrics (and pipeline gates). Bounded so it fits the
+# 4 KiB Kubernetes keeps and the run's status stays small.
+OUTPUTS_PREFIX = "outputs"
+MAX_OUTPUT_METRICS = 32
+_OUTPUT_DIGITS = 6
+
+
+def output_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
+    """The finite numbers of a metrics.json summary, evaluation metrics first, at most
+    MAX_OUTPUT_METRICS of them, floats to 6 significant digits: status.outputs.metrics."""
+    numbers = {
+        key: float(f"{value:.{_OUTPUT_DIGITS}g}") if isinstance(value, float) else value
+        for key, value in summary.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+    ordered = sorted(numbers, key=lambda key: "." not in key)  # stable: suites keep their order
+    return {key: numbers[key] for key in ordered[:MAX_OUTPUT_METRICS]}
+
+
+def outputs_message(summary: dict[str, Any]) -> str:
+    """`outputs: {json}`, a finished run's termination message (see output_metrics)."""
+    return f"{OUTPUTS_PREFIX}: {json.dumps(output_metrics(summary), separators=(',', ':'))}"
+
+
+def parse_outputs_message(message: str) -> dict[str, float] | None:
+    """The metrics of an `outputs: {json}` termination message; None for any other message."""
+    head, _, body = message.strip().partition(":")
+    if head != OUTPUTS_PREFIX:
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    return {
+        str(key): float(value)
+        for key, value in list(parsed.items())[:MAX_OUTPUT_METRICS]
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 def is_config_error_message(message: str) -> bool:

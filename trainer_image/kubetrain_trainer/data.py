@@ -47,6 +47,8 @@ _ROW_SHAPES: dict[str, str] = {
     '{"role": "assistant", "content": "..."}]}',
     "instruction": '{"instruction": "...", "input": "... (optional)", "output": "..."}',
     "preference": '{"prompt": "...", "chosen": "...", "rejected": "..."}',
+    # Evaluation only (suite safety), never a training format.
+    "safety": '{"prompt": "...", "should_refuse": true}',
 }
 
 
@@ -164,6 +166,36 @@ def load_split(
     return datasets.Dataset.from_list(normalised), resolved
 
 
+def load_safety_prompts(uri: str, *, field: str) -> list[dict[str, Any]]:
+    """Rows `{"prompt": "...", "should_refuse": true|false}` of a safety suite, checked."""
+    path = resolve_data_path(uri, field=field)
+    errors = _ErrorLog()
+    prompts: list[dict[str, Any]] = []
+    for row in _read_rows(path):
+        if not isinstance(row.value, dict):
+            errors.add(row.where, _not_an_object(row.value))
+            continue
+        try:
+            prompt = _string(row.value, "prompt", "safety")
+        except _RowError as e:
+            errors.add(row.where, str(e))
+            continue
+        should_refuse = row.value.get("should_refuse")
+        if not isinstance(should_refuse, bool):
+            problem = (
+                "missing field 'should_refuse'"
+                if "should_refuse" not in row.value
+                else f"field 'should_refuse' is {_json_type(should_refuse)}, expected true or false"
+            )
+            errors.add(row.where, f"{problem}; safety rows look like {_ROW_SHAPES['safety']}")
+            continue
+        prompts.append({"prompt": prompt, "should_refuse": should_refuse})
+    errors.raise_if_any()
+    if not prompts:
+        raise ConfigError(f"{path}: no rows ({field} is empty)")
+    return prompts
+
+
 def detect_format(
     rows: Iterable[Mapping[str, Any]],
     *,
@@ -189,6 +221,7 @@ def detect_format(
     shapes = "; ".join(
         f"{name} {shape % text_field if name == 'text' else shape}"
         for name, shape in _ROW_SHAPES.items()
+        if name != "safety"
     )
     raise ConfigError(
         f"{source}: cannot tell the data format from the keys seen in the first rows "

@@ -180,6 +180,23 @@ class PrometheusCallback(TrainerCallback):
                 0,
             )
 
+    def record_evaluation(self, metrics: dict[str, float]) -> None:
+        """Serve each `<suite>.<metric>` as `kubetrain_eval_<metric>{suite="<suite>"}`."""
+        gauges: dict[str, Gauge] = {}
+        for key, value in metrics.items():
+            suite, _, metric = key.partition(".")
+            name = contract.eval_gauge_name(metric)
+            if name not in gauges:
+                gauges[name] = Gauge(
+                    name,
+                    f"Evaluation metric {metric} of the suite in the label (method evaluate).",
+                    [contract.EVAL_SUITE_LABEL],
+                    registry=self.registry,
+                )
+            gauges[name].labels(**{contract.EVAL_SUITE_LABEL: suite}).set(
+                NAN if value is None else value
+            )
+
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:

@@ -44,6 +44,7 @@ from kubetrain.api.trainingrun import (
     ObjectMeta,
     Resources,
     RestartPolicy,
+    RunEvalSuite,
     RunModel,
     TrainingRunSpec,
     check_env_not_reserved,
@@ -54,6 +55,7 @@ from kubetrain.api.uris import check_uri
 from kubetrain_trainer.config import (
     DataSpec,
     Dpo,
+    Evaluate,
     FromScratch,
     Lora,
     Method,
@@ -61,7 +63,12 @@ from kubetrain_trainer.config import (
     Spec,
     Training,
 )
-from kubetrain_trainer.contract import MERGED_DIR
+from kubetrain_trainer.contract import (
+    EVAL_SUITE_METRICS,
+    MAX_OUTPUT_METRICS,
+    MERGED_DIR,
+    eval_metric_key,
+)
 
 PIPELINE_KIND = "Pipeline"
 PIPELINE_PLURAL = "pipelines"
@@ -98,6 +105,8 @@ STAGE_SKIPPED: StagePhase = "Skipped"
 REASON_STAGES_PENDING = "StagesPending"  # no stage has started training yet
 REASON_STAGES_RUNNING = "StagesRunning"  # at least one stage started; none failed
 REASON_STAGE_FAILED = "StageFailed"  # a stage failed (the pipeline fails once nothing runs)
+REASON_GATE_FAILED = "GateFailed"  # a gate held a stage back: an evaluation metric missed it
+MAX_GATES = 16
 
 StageName = Annotated[
     str,
@@ -187,6 +196,19 @@ class StageDpo(Dpo):
     )
 
 
+class StageEvaluate(Evaluate):
+    """Method evaluate's block, whose reference model may come from an earlier stage."""
+
+    suites: list[RunEvalSuite] = Field(
+        min_length=1,
+        max_length=Evaluate.model_fields["suites"].metadata[1].max_length,
+        description=_description(Evaluate, "suites"),
+    )
+    reference_model: StageReferenceModel = Field(
+        default_factory=StageReferenceModel, description=_description(Evaluate, "reference_model")
+    )
+
+
 # The TrainingRun rule "this method needs model.name", widened to accept fromStage.
 STAGE_MODEL_RULE = rule(
     f"self.method == 'from_scratch' || ({present('model.fromStage')}) || "
@@ -224,7 +246,7 @@ class StageSpec(Spec):
         description="The starting model: a hub id, pvc://claim/path, an architecture "
         "(from_scratch), or fromStage: an earlier stage's output.",
     )
-    data: DataSpec = Field(description=_description(TrainingRunSpec, "data"))
+    data: DataSpec | None = Field(None, description=_description(TrainingRunSpec, "data"))
     training: Training = Field(
         default_factory=Training, description=_description(TrainingRunSpec, "training")
     )
@@ -232,6 +254,9 @@ class StageSpec(Spec):
     dpo: StageDpo | None = Field(None, description=_description(TrainingRunSpec, "dpo"))
     from_scratch: FromScratch | None = Field(
         None, description=_description(TrainingRunSpec, "from_scratch")
+    )
+    evaluate: StageEvaluate | None = Field(
+        None, description=_description(TrainingRunSpec, "evaluate")
     )
     output: str | None = Field(
         None,
@@ -288,6 +313,8 @@ class StageSpec(Spec):
         blocks: list[tuple[str, StageHandOff]] = [("model", self.model)]
         if self.dpo is not None:
             blocks.append(("dpo.referenceModel", self.dpo.reference_model))
+        if self.evaluate is not None:
+            blocks.append(("evaluate.referenceModel", self.evaluate.reference_model))
         return [(field, block) for field, block in blocks if block.from_stage]
 
     @property
@@ -308,7 +335,19 @@ def _stage_rules() -> list[dict[str, str]]:
             "messageExpression": "'stage ' + self.name + ' lists itself in dependsOn; remove it'",
         }
     ]
-    for field in ("model", "dpo.referenceModel"):
+    rules.append(
+        {
+            **rule(
+                "!has(self.gate) || self.gate.all(g, has(self.dependsOn) && g.stage in "
+                "self.dependsOn)",
+                "a gate's stage must also be listed in dependsOn, so its metrics exist when "
+                "this stage is judged",
+                field_path=".gate",
+                reason="FieldValueRequired",
+            ),
+        }
+    )
+    for field in ("model", "dpo.referenceModel", "evaluate.referenceModel"):
         path = f"spec.{field}.fromStage"
         rules.append(
             {
@@ -325,6 +364,52 @@ def _stage_rules() -> list[dict[str, str]]:
             }
         )
     return rules
+
+
+class Gate(K8sObject):
+    """A promotion gate: this stage starts only if an evaluation metric is good enough."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                rule(
+                    "has(self.min) || has(self.max)",
+                    "a gate needs min, max or both",
+                    reason="FieldValueRequired",
+                )
+            ]
+        }
+    )
+
+    stage: StageName = Field(
+        description="An evaluate stage this stage depends on, whose metrics the gate reads."
+    )
+    metric: str = Field(
+        min_length=3,
+        max_length=64,
+        pattern=r"^[a-z]+\.[a-z0-9_]+$",
+        description="The metric, <suite>.<metric> (e.g. qa.exact_match, "
+        "perplexity.perplexity); the suite must be one of that stage's.",
+    )
+    min: float | None = Field(None, description="The metric must be at least this.")
+    max: float | None = Field(None, description="The metric must be at most this.")
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> Gate:
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs min, max or both")
+        return self
+
+    def verdict(self, value: float | None) -> str | None:
+        """Why the gate holds the stage back (None: it passes); `value` is the metric's."""
+        where = f"{self.metric} of stage {self.stage}"
+        if value is None:
+            return f"{where} was not reported"
+        if self.min is not None and value < self.min:
+            return f"{where} is {value:.4g}, below the minimum {self.min:g}"
+        if self.max is not None and value > self.max:
+            return f"{where} is {value:.4g}, above the maximum {self.max:g}"
+        return None
 
 
 class PipelineStage(K8sObject):
@@ -344,6 +429,13 @@ class PipelineStage(K8sObject):
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     spec: StageSpec = Field(description="The TrainingRun spec this stage runs.")
+    gate: list[Gate] = Field(
+        default_factory=list,
+        max_length=MAX_GATES,
+        description="Promotion gates: this stage (and all that need it) runs only if every "
+        "gate's metric, from an evaluate stage listed in dependsOn, is within its bounds; "
+        "otherwise the pipeline fails with reason GateFailed.",
+    )
 
     @field_validator("depends_on")
     @classmethod
@@ -524,6 +616,7 @@ class PipelineSpec(K8sObject):
         if not problems:
             problems = _output_problems(self)
             problems += [p for stage in self.stages for p in _hand_off_problems(self, stage)]
+            problems += [p for stage in self.stages for p in _gate_problems(self, stage)]
         if not problems:
             problems = [p for stage in self.stages for p in _trainingrun_problems(self, stage)]
         if problems:
@@ -608,6 +701,36 @@ def _hand_off_problems(spec: PipelineSpec, stage: PipelineStage) -> list[str]:
     return problems
 
 
+def _gate_problems(spec: PipelineSpec, stage: PipelineStage) -> list[str]:
+    """Each gate reads a metric an evaluate stage this one depends on will report."""
+    problems = []
+    for gate in stage.gate:
+        if gate.stage not in stage.depends_on:
+            problems.append(
+                f"stage {stage.name}: gate on stage {gate.stage} must also be listed in "
+                "dependsOn, so its metrics exist when this stage is judged"
+            )
+            continue
+        judged = spec.stage(gate.stage).spec
+        if judged.method != "evaluate" or judged.evaluate is None:
+            problems.append(
+                f"stage {stage.name}: gate on stage {gate.stage}, which is method "
+                f"{judged.method}; gates read the metrics of evaluate stages"
+            )
+            continue
+        reported = [
+            eval_metric_key(suite.name, metric)
+            for suite in judged.evaluate.suites
+            for metric in EVAL_SUITE_METRICS[suite.name]
+        ]
+        if gate.metric not in reported:
+            problems.append(
+                f"stage {stage.name}: gate metric {gate.metric} is not one stage "
+                f"{gate.stage} reports ({', '.join(reported)})"
+            )
+    return problems
+
+
 def _trainingrun_problems(spec: PipelineSpec, stage: PipelineStage) -> list[str]:
     """The stage judged as the TrainingRun it becomes, upstream models as their outputs."""
     upstream_uris = {s.name: stage_output_uri(spec, s.name) for s in spec.stages}
@@ -651,6 +774,14 @@ class StageStatus(K8sObject):
     )
     model_uri: str | None = Field(
         None, description="The stage's output model once it succeeded (what fromStage takes)."
+    )
+    metrics: dict[str, float] | None = Field(
+        None,
+        max_length=MAX_OUTPUT_METRICS,
+        description="The stage's final metrics once it succeeded (its run's outputs.metrics).",
+    )
+    reason: str | None = Field(
+        None, description="GateFailed when a gate held the stage back (it will not run)."
     )
     message: str | None = Field(None, description="What the stage is doing or waits for.")
 
@@ -807,7 +938,11 @@ def stage_trainingrun_spec(
     hand_off_fields = {"from_stage", "from_stage_output"}
     body = template.model_dump(
         exclude_none=True,
-        exclude={"model": hand_off_fields, "dpo": {"reference_model": hand_off_fields}},
+        exclude={
+            "model": hand_off_fields,
+            "dpo": {"reference_model": hand_off_fields},
+            "evaluate": {"reference_model": hand_off_fields},
+        },
     )
     for key, value in spec.defaults.model_dump(exclude_none=True).items():
         if key == "env":
@@ -823,7 +958,8 @@ def stage_trainingrun_spec(
                 f"{upstream} has not succeeded)"
             )
         uri = hand_off_uri(upstream_model_uris[upstream], block.from_stage_output)
-        target = body["model"] if field == "model" else body["dpo"]["reference_model"]
+        block_name = field.split(".")[0]
+        target = body["model"] if field == "model" else body[block_name]["reference_model"]
         target["name"] = uri
     body["output"] = stage_output_uri(spec, stage_name)
     body["suspend"] = spec.suspend

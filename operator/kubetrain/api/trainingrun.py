@@ -32,9 +32,12 @@ from pydantic.alias_generators import to_camel
 from kubetrain.api.cel import flag, present, rule, value_or_default
 from kubetrain.api.uris import UriRef, check_uri, scheme_rule, uri_refs
 from kubetrain_trainer.config import (
+    METHOD_DESCRIPTION,
     Architecture,
     DataSpec,
     Dpo,
+    EvalSuite,
+    Evaluate,
     FromScratch,
     Lora,
     Method,
@@ -45,7 +48,7 @@ from kubetrain_trainer.config import (
     Training,
     check_method_blocks,
 )
-from kubetrain_trainer.contract import METRICS_PORT
+from kubetrain_trainer.contract import MAX_OUTPUT_METRICS, METRICS_PORT
 
 GROUP = "kubetrain.dev"
 VERSION = "v1alpha1"
@@ -214,6 +217,40 @@ class RunData(DataSpec):
         if value is not None and value and not value.strip():
             raise ValueError("is blank; give a data file or folder (pvc://claim/path or a path)")
         return check_uri(value) if value is not None else None
+
+
+class RunEvalSuite(EvalSuite):
+    """An evaluation suite whose data URI (and classifier) is checked where it is written."""
+
+    data: str = Field(
+        min_length=1,
+        max_length=MAX_URI_LENGTH,
+        description=EvalSuite.model_fields["data"].description,
+    )
+    refusal_classifier: str | None = Field(
+        None,
+        max_length=1024,
+        description=EvalSuite.model_fields["refusal_classifier"].description,
+    )
+
+    @field_validator("data", "refusal_classifier")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return check_uri(value) if value is not None else None
+
+
+class RunEvaluate(Evaluate):
+    """Method evaluate's block, with every URI in it checked like model.name."""
+
+    suites: list[RunEvalSuite] = Field(
+        min_length=1,
+        max_length=Evaluate.model_fields["suites"].metadata[1].max_length,
+        description=Evaluate.model_fields["suites"].description,
+    )
+    reference_model: RunReferenceModel = Field(
+        default_factory=RunReferenceModel,
+        description=Evaluate.model_fields["reference_model"].description,
+    )
 
 
 class ConfigMapKeySelector(K8sObject):
@@ -684,6 +721,8 @@ def spec_rules(model_name_rule: dict[str, str] = MODEL_NAME_RULE) -> list[dict[s
         "model.architecture.numAttentionHeads", Architecture, "num_attention_heads"
     )
     hidden = value_or_default("model.architecture.hiddenSize", Architecture, "hidden_size")
+    nodes = value_or_default("resources.nodes", Resources, "nodes")
+    procs = value_or_default("resources.procPerNode", Resources, "proc_per_node")
     kv_heads = (
         f"({present('model.architecture.numKeyValueHeads')} ? "
         f"self.model.architecture.numKeyValueHeads : {heads})"
@@ -723,34 +762,64 @@ def spec_rules(model_name_rule: dict[str, str] = MODEL_NAME_RULE) -> list[dict[s
         ),
         model_name_rule,
         rule(
-            "self.method == 'dpo' || !has(self.data.maxPromptLength)",
+            "self.method == 'evaluate' || has(self.data)",
+            "this method trains on data: set data.train",
+            field_path=".data",
+            reason="FieldValueRequired",
+        ),
+        rule(
+            "self.method != 'evaluate' || !has(self.data)",
+            "method evaluate reads its data from evaluate.suites[].data; remove the data block",
+            field_path=".data",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            "self.method != 'evaluate' || has(self.evaluate)",
+            "method evaluate needs an evaluate block with its suites",
+            field_path=".evaluate",
+            reason="FieldValueRequired",
+        ),
+        rule(
+            "!has(self.evaluate) || self.method == 'evaluate'",
+            "evaluate block given but method is not evaluate; use method evaluate",
+            field_path=".evaluate",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            f"self.method != 'evaluate' || ({nodes} == 1 && {procs} == 1)",
+            EVALUATE_ONE_PROCESS_MESSAGE,
+            field_path=".resources",
+        ),
+        rule(
+            f"self.method == 'dpo' || !({present('data.maxPromptLength')})",
             "data.maxPromptLength applies to method dpo only",
             field_path=".data.maxPromptLength",
             reason="FieldValueForbidden",
         ),
         rule(
-            "self.method != 'dpo' || !has(self.data.format) || "
+            f"self.method != 'dpo' || !({present('data.format')}) || "
             "self.data.format in ['auto', 'preference']",
             "method dpo needs preference data (prompt/chosen/rejected): data.format must be "
             "auto or preference",
             field_path=".data.format",
         ),
         rule(
-            "!(self.method in ['sft', 'lora']) || !has(self.data.format) || "
+            f"!(self.method in ['sft', 'lora']) || !({present('data.format')}) || "
             "self.data.format != 'preference'",
             "methods sft and lora train on text, messages or instruction data, not "
             "preference pairs",
             field_path=".data.format",
         ),
         rule(
-            "!has(self.data.mlmProbability)",
+            f"!({present('data.mlmProbability')})",
             "data.mlmProbability masks tokens for masked language models; kubetrain trains "
             "causal decoders, so remove the field",
             field_path=".data.mlmProbability",
             reason="FieldValueForbidden",
         ),
         rule(
-            f"{eval_strategy} == 'no' || (has(self.data.eval) && self.data.eval != '')",
+            f"self.method == 'evaluate' || {eval_strategy} == 'no' || "
+            f"({present('data.eval')} && self.data.eval != '')",
             "training.evalStrategy steps or epoch needs data.eval",
             field_path=".data",
             reason="FieldValueRequired",
@@ -811,6 +880,17 @@ SCHEME_CHECKED_FIELDS = (
 )
 
 
+EVALUATE_ONE_PROCESS_MESSAGE = (
+    "method evaluate runs in one process: set resources.nodes and resources.procPerNode to 1"
+)
+
+
+def check_evaluate_resources(method: str, resources: Resources) -> None:
+    """Evaluation is not data-parallel: every rank would score the same rows again."""
+    if method == "evaluate" and (resources.nodes != 1 or resources.proc_per_node != 1):
+        raise ValueError(EVALUATE_ONE_PROCESS_MESSAGE)
+
+
 def scheme_rules() -> list[dict[str, str]]:
     """One rule per URI field: no scheme but pvc:// and s3:// (`check_uri` refuses the rest)."""
     return [
@@ -831,13 +911,15 @@ class TrainingRunSpec(Spec):
         json_schema_extra={"x-kubernetes-validations": spec_rules() + scheme_rules()}
     )
 
-    method: Method = Field(description="Training method: from_scratch, sft, lora or dpo.")
+    method: Method = Field(description=METHOD_DESCRIPTION)
     model: RunModel = Field(
         default_factory=RunModel,
         description="The starting model: a hub id, pvc://claim/path, or (from_scratch) an "
         "architecture.",
     )
-    data: RunData = Field(description="Training and evaluation data (pvc:// URIs).")
+    data: RunData | None = Field(
+        None, description="Training and evaluation data (pvc:// URIs); every method but evaluate."
+    )
     training: Training = Field(
         default_factory=Training,
         description="Optimisation, precision, evaluation and checkpoint cadence.",
@@ -846,6 +928,9 @@ class TrainingRunSpec(Spec):
     dpo: RunDpo | None = Field(None, description="DPO settings (method dpo).")
     from_scratch: FromScratch | None = Field(
         None, description="Tokenizer settings for method from_scratch."
+    )
+    evaluate: RunEvaluate | None = Field(
+        None, description="Method evaluate: the suites to score model.name on."
     )
     output: str = Field(
         min_length=1,
@@ -895,6 +980,7 @@ class TrainingRunSpec(Spec):
     def _method_blocks(self) -> TrainingRunSpec:
         # Same attribute names as TrainerConfig, so the trainer's own rule applies as is.
         check_method_blocks(self)  # type: ignore[arg-type]
+        check_evaluate_resources(self.method, self.resources)
         return self
 
 
@@ -942,6 +1028,18 @@ class Outputs(K8sObject):
 
     model_uri: str | None = Field(
         None, description="URI of the final model (spec.output); adapters for LoRA runs."
+    )
+    metrics: dict[str, float] | None = Field(
+        None,
+        max_length=MAX_OUTPUT_METRICS,
+        description="The run's final metrics, as the trainer summed them up: evaluation metrics "
+        "named <suite>.<metric> (qa.exact_match, perplexity.perplexity), then train_loss, "
+        f"eval_loss and the like; at most {MAX_OUTPUT_METRICS}. Pipeline gates read them.",
+    )
+    headline: str | None = Field(
+        None,
+        description="Method evaluate: the first suite's headline metric and its value "
+        "(`kubectl get tr` shows it), e.g. qa.exact_match=0.82.",
     )
 
 
@@ -1067,10 +1165,22 @@ def to_trainer_config(
     for key in ("name", "tokenizer"):
         if f"spec.model.{key}" in resolved:
             model[key] = resolved[f"spec.model.{key}"]
-    data = spec.data.model_dump(exclude_none=True)
-    data["train"] = resolved["spec.data.train"]
-    if "spec.data.eval" in resolved:
-        data["eval"] = resolved["spec.data.eval"]
+    data: dict[str, Any] | None = None
+    if spec.data is not None:
+        data = spec.data.model_dump(exclude_none=True)
+        data["train"] = resolved["spec.data.train"]
+        if "spec.data.eval" in resolved:
+            data["eval"] = resolved["spec.data.eval"]
+    evaluate: dict[str, Any] | None = None
+    if spec.evaluate is not None:
+        evaluate = spec.evaluate.model_dump(exclude_none=True)
+        for index, suite in enumerate(evaluate["suites"]):
+            for key, camel in (("data", "data"), ("refusal_classifier", "refusalClassifier")):
+                where = f"spec.evaluate.suites[{index}].{camel}"
+                if where in resolved:
+                    suite[key] = resolved[where]
+        if "spec.evaluate.referenceModel.name" in resolved:
+            evaluate["reference_model"]["name"] = resolved["spec.evaluate.referenceModel.name"]
     dpo: dict[str, Any] | None = None
     if spec.dpo is not None:
         dpo = spec.dpo.model_dump(exclude_none=True)
@@ -1085,6 +1195,7 @@ def to_trainer_config(
             "lora": spec.lora.model_dump() if spec.lora else None,
             "dpo": dpo,
             "from_scratch": spec.from_scratch.model_dump() if spec.from_scratch else None,
+            "evaluate": evaluate,
             "output_dir": resolved["spec.output"],
             "run_name": name,
             "metrics_port": metrics_port,

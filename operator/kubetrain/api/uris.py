@@ -115,11 +115,18 @@ def uri_refs(spec: TrainingRunSpec) -> list[UriRef]:
     ]
     if spec.dpo is not None:
         model_fields.append(("spec.dpo.referenceModel.name", spec.dpo.reference_model.name))
-    path_fields: list[tuple[str, str | None]] = [
-        ("spec.data.train", spec.data.train),
-        ("spec.data.eval", spec.data.eval),
-        ("spec.output", spec.output),
-    ]
+    path_fields: list[tuple[str, str | None]] = []
+    if spec.data is not None:
+        path_fields += [("spec.data.train", spec.data.train), ("spec.data.eval", spec.data.eval)]
+    if spec.evaluate is not None:
+        model_fields.append(
+            ("spec.evaluate.referenceModel.name", spec.evaluate.reference_model.name)
+        )
+        for index, suite in enumerate(spec.evaluate.suites):
+            where = f"spec.evaluate.suites[{index}]"
+            model_fields.append((f"{where}.refusalClassifier", suite.refusal_classifier))
+            path_fields.append((f"{where}.data", suite.data))
+    path_fields.append(("spec.output", spec.output))
     refs = [
         UriRef(field, uri, classify_uri(uri, may_be_hub_id=True))
         for field, uri in model_fields

@@ -11,12 +11,15 @@ this invocation: its model would be stale. Retraining a stage first removes the 
 run's checkpoints, metrics.json and merged model from its output, or the trainer would
 resume from the final checkpoint and train nothing. A failed stage is named, and the
 stages the plan will not start are "not run" with its reason. At the end a table sums up
-every stage: status, runtime, final loss, eval metric and output.
+every stage: status, runtime, final loss, eval metric and output; the pipeline's report.html
+(kubetrain_trainer.report) puts the stages' metrics side by side in its outputRoot, or in
+the folder the stage outputs share, and links each stage's own report.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -25,9 +28,11 @@ from pathlib import Path
 from typing import TextIO
 
 from kubetrain.api import (
+    CONDITION_READY,
     MERGED_SUBDIR,
     PHASE_FAILED,
     PHASE_SUCCEEDED,
+    REASON_GATE_FAILED,
     Pipeline,
     UriRef,
     classify_uri,
@@ -43,15 +48,24 @@ from kubetrain.local.runner import (
     run_locally,
 )
 from kubetrain.pipelines import NOT_RUN_PREFIX, plan_pipeline, stage_run, upstream_model_uris
-from kubetrain.status import format_duration
+from kubetrain.status import format_duration, headline_metric
 from kubetrain_trainer.config import ConfigError
-from kubetrain_trainer.contract import CHECKPOINT_DIR_PREFIX, TrainerMetricsFile
+from kubetrain_trainer.contract import (
+    CHECKPOINT_DIR_PREFIX,
+    REPORT_FILE,
+    REPORT_PLOTS_DIR,
+    TRAINER_STATE_FILE,
+    TrainerMetricsFile,
+    output_metrics,
+)
+from kubetrain_trainer.report import PipelineStage, write_pipeline_report
 
 # How each stage of a local pipeline run ended.
 TRAINED = "trained"
 REUSED = "reused"  # its output kept the finished model of an earlier run; not trained again
 FAILED = "failed"
 NOT_RUN = "not run"  # the plan never started it: a stage failed first (or one it needs did)
+GATE_FAILED_EXIT = 1  # no stage failed, but a gate's metric was out of bounds
 
 
 @dataclass
@@ -65,6 +79,7 @@ class StageOutcome:
     metrics: dict = field(default_factory=dict)
     exit_code: int = 0
     note: str = ""
+    first_suite: str | None = None  # an evaluate stage's first suite, whose headline it shows
 
 
 @dataclass
@@ -73,6 +88,8 @@ class LocalPipelineRun:
 
     name: str
     stages: list[StageOutcome]
+    report: Path | None = None  # the pipeline's report.html, unless it could not be written
+    gate_failure: str | None = None  # the pipeline's message when a gate held a stage back
 
     @property
     def failed(self) -> list[StageOutcome]:
@@ -80,8 +97,11 @@ class LocalPipelineRun:
 
     @property
     def exit_code(self) -> int:
-        """0, or the exit code of the first stage that failed (78 config, 75 preempted)."""
-        return self.failed[0].exit_code if self.failed else 0
+        """0; the exit code of the first stage that failed (78 config, 75 preempted); or
+        GATE_FAILED_EXIT when a gate held a stage back and no stage failed."""
+        if self.failed:
+            return self.failed[0].exit_code
+        return GATE_FAILED_EXIT if self.gate_failure else 0
 
 
 def local_output_dir(uri: str) -> Path:
@@ -97,11 +117,13 @@ def local_output_dir(uri: str) -> Path:
 def clear_previous_run(output_dir: Path) -> bool:
     """Remove what would make the trainer resume, or the stage look finished; True if any.
 
-    Only the trainer's own artifacts go: checkpoint-N folders, metrics.json and the merged
-    model. The final model files are overwritten by the new run.
+    Only the trainer's own artifacts go: checkpoint-N folders, metrics.json, the merged
+    model and the report of the old model. The final model files are overwritten by the new
+    run.
     """
     found = [p for p in output_dir.glob(f"{CHECKPOINT_DIR_PREFIX}-*") if p.is_dir()]
-    found += [p for p in (output_dir / METRICS_FILE, output_dir / MERGED_SUBDIR) if p.exists()]
+    previous = (METRICS_FILE, MERGED_SUBDIR, REPORT_FILE, REPORT_PLOTS_DIR, TRAINER_STATE_FILE)
+    found += [output_dir / name for name in previous if (output_dir / name).exists()]
     for path in found:
         if path.is_dir():
             shutil.rmtree(path)
@@ -163,7 +185,11 @@ def run_pipeline_locally(
             rerun=rerun, metrics_port=metrics_port, train=train, say=say,
         )  # fmt: skip
         outcomes[name] = outcome
-        observed[name] = {"phase": PHASE_FAILED if outcome.status == FAILED else PHASE_SUCCEEDED}
+        # Finished stages as their runs' statuses read on a cluster, metrics for the gates.
+        observed[name] = {
+            "phase": PHASE_FAILED if outcome.status == FAILED else PHASE_SUCCEEDED,
+            "outputs": {"metrics": output_metrics(outcome.metrics or {})},
+        }
 
     for planned in plan.status.stages:
         if planned.name not in outcomes:
@@ -178,7 +204,44 @@ def run_pipeline_locally(
 
     result = LocalPipelineRun(pipeline.metadata.name, [outcomes[n] for n in order])
     say(f"\nPipeline {pipeline.metadata.name}:\n{summary_table(result.stages)}")
+    if plan.status.phase == PHASE_FAILED and _reason(plan.status) == REASON_GATE_FAILED:
+        result.gate_failure = _message(plan.status)
+        say(f"{REASON_GATE_FAILED}: {result.gate_failure}")
+    result.report = write_report(pipeline, result.stages, say)
     return result
+
+
+def pipeline_report_dir(pipeline: Pipeline) -> Path:
+    """Where a pipeline's report goes: its outputRoot, else the folder its stages' outputs share."""
+    spec = pipeline.spec
+    if spec.output_root is not None:
+        return local_output_dir(spec.output_root)
+    parents = [local_output_dir(stage_output_uri(spec, s.name)).parent for s in spec.stages]
+    shared = Path(os.path.commonpath(parents))
+    # Outputs with nothing in common but the filesystem's root: beside the first stage's.
+    return parents[0] if shared == Path(shared.anchor) else shared
+
+
+def write_report(
+    pipeline: Pipeline, stages: list[StageOutcome], say: Callable[[str], None]
+) -> Path | None:
+    """The pipeline's report.html; failing to write it is a warning, never a failed run."""
+    shown = [
+        PipelineStage(
+            s.stage,
+            s.method,
+            s.status,
+            s.output_dir,
+            finished=s.status in (TRAINED, REUSED),
+            note=f"exit {s.exit_code}" if s.status == FAILED else s.note,
+        )
+        for s in stages
+    ]
+    try:
+        return write_pipeline_report(pipeline_report_dir(pipeline), pipeline.metadata.name, shown)
+    except Exception as e:
+        say(f"warning: the pipeline's report could not be written: {e!r}")
+        return None
 
 
 def run_stage(
@@ -197,6 +260,8 @@ def run_stage(
     stage = pipeline.spec.stage(name)
     output_dir = local_output_dir(stage_output_uri(pipeline.spec, name))
     outcome = StageOutcome(name, stage.spec.method, NOT_RUN, output_dir)
+    if stage.spec.evaluate is not None:
+        outcome.first_suite = stage.spec.evaluate.suites[0].name
     # A model trained on an upstream model that has just been replaced is stale.
     stale_because = [d for d in stage.depends_on if done[d].status == TRAINED]
     finished = finished_metrics(output_dir)
@@ -223,6 +288,16 @@ def run_stage(
     return outcome
 
 
+def _reason(status) -> str | None:
+    ready = next((c for c in status.conditions if c.type == CONDITION_READY), None)
+    return ready.reason if ready else None
+
+
+def _message(status) -> str:
+    ready = next((c for c in status.conditions if c.type == CONDITION_READY), None)
+    return ready.message if ready and ready.message else ""
+
+
 def _now() -> str:
     """This moment in RFC 3339 (the planner stamps its conditions with it)."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -244,9 +319,12 @@ def _format_number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def eval_metric(method: str, metrics: dict) -> str:
-    """The metric that says how a stage did: rewards accuracy for DPO, else eval loss."""
+def eval_metric(method: str, metrics: dict, first_suite: str | None = None) -> str:
+    """The metric that says how a stage did: the first suite's headline for evaluate,
+    rewards accuracy for DPO, else eval loss."""
     summary = TrainerMetricsFile.model_validate(metrics)
+    if first_suite is not None:
+        return headline_metric(first_suite, metrics) or "-"
     if method == "dpo" and summary.rewards_accuracy is not None:
         return f"rewards acc {summary.rewards_accuracy:.3f}"
     if summary.eval_loss is not None:
@@ -269,7 +347,7 @@ def summary_table(stages: list[StageOutcome]) -> str:
                 status,
                 _runtime(summary.runtime_seconds),
                 _format_number(summary.train_loss),
-                eval_metric(s.method, s.metrics),
+                eval_metric(s.method, s.metrics, s.first_suite),
                 display_path(s.output_dir),
             )
         )
