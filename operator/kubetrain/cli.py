@@ -8,6 +8,7 @@
     kubetrain generate outputs/sft-tiny --chat             talk to a trained model or adapter
     kubetrain crds                                         regenerate crds/ from the API types
     kubetrain operator                                     run the operator (in a cluster)
+    kubetrain --version --verbose                          versions of kubetrain and its libraries
 
 Errors name the file, the object and the field, and exit 2; a failed training run (or a
 pipeline's failed stage) exits with the trainer's code (78 bad config or data, 75
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -212,6 +214,12 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1],
     )
+    p.add_argument("--version", action="store_true", help="print kubetrain's version and exit")
+    p.add_argument(
+        "--verbose", action="store_true",
+        help="with --version: also the versions of torch, transformers, trl, peft, "
+        "accelerate, kopf and kubernetes",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train a TrainingRun or a Pipeline on this machine")
@@ -306,7 +314,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Libraries whose versions decide how a run behaves, shown by `--version --verbose`.
+VERSIONED_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "kopf", "kubernetes")
+
+
+def installed_version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"  # the operator image has no torch; a laptop may lack kopf
+
+
+def version_text(verbose: bool) -> str:
+    """`kubetrain <version>`, and with `verbose` one line per library that shapes a run."""
+    lines = [f"kubetrain {installed_version('kubetrain')}"]
+    if verbose:
+        lines += [f"{name} {installed_version(name)}" for name in VERSIONED_LIBRARIES]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--version" in argv[:2]:
+        # Before parsing: a command is required otherwise.
+        print(version_text(verbose="--verbose" in argv[:2]))
+        return 0
     p = parser()
     args, extras = p.parse_known_args(argv)
     # argparse fills generate's optional PROMPT with nothing when an option stands between

@@ -65,3 +65,31 @@ def test_crds_writes_what_is_committed(tmp_path: Path):
     assert main(["crds", "--out", str(tmp_path)]) == 0
     for generated in tmp_path.iterdir():
         assert generated.read_text() == (REPO / "crds" / generated.name).read_text()
+
+
+def test_version_names_the_package_and_with_verbose_its_libraries(capsys):
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    assert main(["--version"]) == 0
+    expected = f"kubetrain {importlib.metadata.version('kubetrain')}"
+    assert capsys.readouterr().out.splitlines() == [expected]
+    assert main(["--version", "--verbose"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == expected
+    shown = dict(line.split(" ", 1) for line in lines[1:])
+    assert set(shown) == {
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "kopf",
+        "kubernetes",
+    }
+    assert shown["trl"] == importlib.metadata.version("trl")
+    # The installed entry point answers before it asks for a command.
+    script = Path(sys.executable).parent / "kubetrain"
+    done = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == expected
