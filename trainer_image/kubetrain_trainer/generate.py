@@ -31,16 +31,16 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kubetrain_trainer.config import ConfigError, ModelSpec
 from kubetrain_trainer.models import (
+    ADAPTER_CONFIG,
     IM_END,
     MODEL_FILES,
     TOKENIZER_FILES,
     check_local_source,
     ensure_chat_ready,
     fit_embeddings,
+    is_adapter_folder,
     load_model,
 )
-
-ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name; its presence marks an adapter folder
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def resolve_sources(
             )
         check_local_source(adapter, "--adapter", (ADAPTER_CONFIG,))
         return ModelSources(model=model, adapter=adapter)
-    if (Path(model).expanduser() / ADAPTER_CONFIG).is_file():
+    if is_adapter_folder(model):
         return ModelSources(model=base or _adapter_base(Path(model).expanduser()), adapter=model)
     if base is not None:
         raise ConfigError(

@@ -55,9 +55,11 @@ def torch_dtype(spec: ModelSpec) -> torch.dtype | str:
     return _DTYPES.get(spec.torch_dtype, "auto")
 
 
+# PEFT's name; a folder holding it is a LoRA adapter, loaded on top of its base model.
+ADAPTER_CONFIG = "adapter_config.json"
 # Files that mark a folder as holding a model (a LoRA output holds only the adapter, which
 # transformers loads on top of its base) or a tokenizer (config.json names its class).
-MODEL_FILES = ("config.json", "adapter_config.json")
+MODEL_FILES = ("config.json", ADAPTER_CONFIG)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
 
 
@@ -76,6 +78,11 @@ def check_local_source(source: str | None, field: str, wants: tuple[str, ...]) -
             "saved model; "
             "point at a folder written by save_pretrained (a finished run's output)"
         )
+
+
+def is_adapter_folder(source: str | None) -> bool:
+    """Whether `source` is a local folder holding a LoRA adapter (not a full model)."""
+    return source is not None and (Path(source).expanduser() / ADAPTER_CONFIG).is_file()
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:

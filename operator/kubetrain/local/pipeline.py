@@ -48,7 +48,7 @@ from kubetrain.local.runner import (
     run_locally,
 )
 from kubetrain.pipelines import NOT_RUN_PREFIX, plan_pipeline, stage_run, upstream_model_uris
-from kubetrain.status import format_duration, headline_metric
+from kubetrain.status import condition_of, format_duration, headline_metric
 from kubetrain_trainer.config import ConfigError
 from kubetrain_trainer.contract import (
     CHECKPOINT_DIR_PREFIX,
@@ -204,8 +204,9 @@ def run_pipeline_locally(
 
     result = LocalPipelineRun(pipeline.metadata.name, [outcomes[n] for n in order])
     say(f"\nPipeline {pipeline.metadata.name}:\n{summary_table(result.stages)}")
-    if plan.status.phase == PHASE_FAILED and _reason(plan.status) == REASON_GATE_FAILED:
-        result.gate_failure = _message(plan.status)
+    ready = condition_of(plan.status.model_dump(mode="json"), CONDITION_READY) or {}
+    if plan.status.phase == PHASE_FAILED and ready.get("reason") == REASON_GATE_FAILED:
+        result.gate_failure = ready.get("message") or ""
         say(f"{REASON_GATE_FAILED}: {result.gate_failure}")
     result.report = write_report(pipeline, result.stages, say)
     return result
@@ -286,16 +287,6 @@ def run_stage(
             f"its newest checkpoint in {output_dir}"
         )
     return outcome
-
-
-def _reason(status) -> str | None:
-    ready = next((c for c in status.conditions if c.type == CONDITION_READY), None)
-    return ready.reason if ready else None
-
-
-def _message(status) -> str:
-    ready = next((c for c in status.conditions if c.type == CONDITION_READY), None)
-    return ready.message if ready and ready.message else ""
 
 
 def _now() -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
@@ -40,7 +39,13 @@ from kubetrain_trainer.config import (
 )
 from kubetrain_trainer.contract import EVAL_SUITE_METRICS, eval_metric_key
 from kubetrain_trainer.data import load_safety_prompts, load_split
-from kubetrain_trainer.models import IM_END, fit_embeddings, load_model, load_tokenizer
+from kubetrain_trainer.models import (
+    IM_END,
+    fit_embeddings,
+    is_adapter_folder,
+    load_model,
+    load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +74,6 @@ def load_scored_model(spec: ModelSpec, tokenizer, device: str) -> PreTrainedMode
     model = load_model(spec)
     fit_embeddings(model, tokenizer)
     return model.to(device).eval()
-
-
-def is_adapter(spec: ModelSpec) -> bool:
-    return spec.name is not None and (Path(spec.name) / "adapter_config.json").is_file()
 
 
 @dataclass
@@ -285,7 +286,7 @@ def preference(scorer: Scorer, suite: EvalSuite, field: str, cfg: TrainerConfig)
             answer_logps(ref, rows, "chosen"),
             answer_logps(ref, rows, "rejected"),
         )
-    elif is_adapter(cfg.model):
+    elif is_adapter_folder(cfg.model.name):
         # The reference DPO used for a LoRA policy: the same weights, adapter off.
         scorer.model.disable_adapters()
         try:
