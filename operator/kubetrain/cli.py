@@ -2,6 +2,7 @@
 
     kubetrain run examples/trainingrun-sft-tiny.yaml       train here, no cluster
     kubetrain run examples/pipeline-tiny.yaml [--rerun]    run a pipeline's stages here
+    kubetrain run examples/sweep-tiny.yaml                 a hyperparameter sweep here
     kubetrain validate examples/*.yaml                     check files without running them
     kubetrain render examples/trainingrun-sft-tiny.yaml    the objects the operator creates
     kubetrain report outputs/pipeline-tiny                 a run's or pipeline's summary
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +29,7 @@ import yaml
 
 from kubetrain.api import (
     Pipeline,
+    Sweep,
     TrainingRun,
     dependency_order,
     load_documents,
@@ -54,6 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for obj in load_documents(args.file):
         if isinstance(obj, Pipeline):
             exit_code = _run_pipeline(obj, args)
+        elif isinstance(obj, Sweep):
+            exit_code = _run_sweep(obj)
         else:
             exit_code = _run_trainingrun(obj, args)
         if exit_code:
@@ -91,6 +96,25 @@ def _run_pipeline(pipeline: Pipeline, args: argparse.Namespace) -> int:
             f"(exit {stage.exit_code}); output kept in {stage.output_dir}",
             file=sys.stderr,
         )
+    if result.report is not None:
+        print(f"report: {result.report}", flush=True)
+    return result.exit_code
+
+
+def _run_sweep(sweep: Sweep) -> int:
+    from kubetrain.local import run_sweep_locally
+
+    search = sweep.spec
+    print(
+        f"==> Sweep {sweep.metadata.name}: {search.trials_planned()} trials, "
+        f"{search.parallelism} at a time, {search.algorithm}, "
+        f"{search.objective.direction} {search.objective.metric}",
+        flush=True,
+    )
+    result = run_sweep_locally(sweep)
+    print(f"==> Sweep {sweep.metadata.name} {result.phase}: {result.message}", flush=True)
+    if result.best is not None:
+        print(f"best: {result.best.name} {json.dumps(result.best.parameters)}", flush=True)
     if result.report is not None:
         print(f"report: {result.report}", flush=True)
     return result.exit_code

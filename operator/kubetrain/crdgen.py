@@ -34,8 +34,13 @@ from kubetrain.api import (
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
+    SWEEP_KIND,
+    SWEEP_PLURAL,
+    SWEEP_SHORT_NAMES,
+    SWEEP_SINGULAR,
     VERSION,
     Pipeline,
+    Sweep,
     TrainingRun,
 )
 
@@ -115,6 +120,30 @@ PIPELINE_COLUMNS: list[dict[str, Any]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
+SWEEP_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Trials",
+        "type": "string",
+        "jsonPath": ".status.progress",
+        "description": "Trials done (complete, pruned or failed) out of all.",
+    },
+    {
+        "name": "Best",
+        "type": "number",
+        "jsonPath": ".status.bestTrial.value",
+        "description": "The objective of the best complete trial.",
+    },
+    {"name": "Best Trial", "type": "string", "jsonPath": ".status.bestTrial.name"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+    },
+    {"name": "Objective", "type": "string", "jsonPath": ".spec.objective.metric", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
 CRD_KINDS: list[CrdKind] = [
     CrdKind(
         model=TrainingRun,
@@ -133,6 +162,15 @@ CRD_KINDS: list[CrdKind] = [
         short_names=PIPELINE_SHORT_NAMES,
         categories=CATEGORIES,
         printer_columns=PIPELINE_COLUMNS,
+    ),
+    CrdKind(
+        model=Sweep,
+        kind=SWEEP_KIND,
+        plural=SWEEP_PLURAL,
+        singular=SWEEP_SINGULAR,
+        short_names=SWEEP_SHORT_NAMES,
+        categories=CATEGORIES,
+        printer_columns=SWEEP_COLUMNS,
     ),
 ]
 

@@ -28,9 +28,12 @@ from kubetrain.api import (
     GROUP,
     KIND,
     LABEL_PIPELINE,
+    LABEL_SWEEP,
     METRICS_PORT,
     PIPELINE_PLURAL,
     PLURAL,
+    SWEEP_KIND,
+    SWEEP_PLURAL,
     VERSION,
 )
 
@@ -166,22 +169,31 @@ def create_trainingrun(body: dict[str, Any]) -> bool:
     return True
 
 
-def list_pipeline_runs(namespace: str, pipeline: str) -> list[dict[str, Any]]:
-    """The TrainingRuns labelled as stages of `pipeline` (whoever owns them)."""
-    runs = _body(
+def _list_labelled(namespace: str, plural: str, kind: str, selector: str) -> list[dict[str, Any]]:
+    items = _body(
         _custom().list_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            label_selector=f"{LABEL_PIPELINE}={pipeline}",
-            _preload_content=False,
+            GROUP, VERSION, namespace, plural, label_selector=selector, _preload_content=False
         )
     )["items"]
-    for run in runs:  # lists leave kind and apiVersion out of their items
-        run.setdefault("apiVersion", f"{GROUP}/{VERSION}")
-        run.setdefault("kind", KIND)
-    return runs
+    for item in items:  # lists leave kind and apiVersion out of their items
+        item.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+        item.setdefault("kind", kind)
+    return items
+
+
+def list_pipeline_runs(namespace: str, pipeline: str) -> list[dict[str, Any]]:
+    """The TrainingRuns labelled as stages of `pipeline` (whoever owns them)."""
+    return _list_labelled(namespace, PLURAL, KIND, f"{LABEL_PIPELINE}={pipeline}")
+
+
+def list_pipeline_sweeps(namespace: str, pipeline: str) -> list[dict[str, Any]]:
+    """The Sweeps labelled as stages of `pipeline` (whoever owns them)."""
+    return _list_labelled(namespace, SWEEP_PLURAL, SWEEP_KIND, f"{LABEL_PIPELINE}={pipeline}")
+
+
+def list_sweep_trials(namespace: str, sweep: str) -> list[dict[str, Any]]:
+    """The TrainingRuns labelled as trials of `sweep` (whoever owns them)."""
+    return _list_labelled(namespace, PLURAL, KIND, f"{LABEL_SWEEP}={sweep}")
 
 
 # --- Pipelines --------------------------------------------------------------------------
@@ -207,6 +219,47 @@ def patch_pipeline_status(namespace: str, name: str, patch: dict[str, Any]) -> N
         {"status": patch},
         _preload_content=False,
     )
+
+
+# --- Sweeps -----------------------------------------------------------------------------
+
+
+def get_sweep(namespace: str, name: str) -> dict[str, Any] | None:
+    """The Sweep as stored now, or None once it is gone."""
+    return _absent_on_404(
+        lambda: _custom().get_namespaced_custom_object(
+            GROUP, VERSION, namespace, SWEEP_PLURAL, name, _preload_content=False
+        )
+    )
+
+
+def patch_sweep_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON-merge-patch a Sweep's status subresource with `patch` (the status itself)."""
+    _custom().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, SWEEP_PLURAL, name, {"status": patch}, _preload_content=False
+    )
+
+
+def patch_sweep(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON-merge-patch a Sweep (spec and metadata)."""
+    _custom().patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, SWEEP_PLURAL, name, patch, _preload_content=False
+    )
+
+
+def create_sweep(body: dict[str, Any]) -> bool:
+    """Create a Sweep unless one of that name exists; True if this call created it."""
+    try:
+        _custom().create_namespaced_custom_object(
+            GROUP, VERSION, body["metadata"]["namespace"], SWEEP_PLURAL, body,
+            _preload_content=False,
+        )  # fmt: skip
+    except ApiException as e:
+        if e.status == 409:
+            return False
+        raise
+    log.info("Created %s", describe(body))
+    return True
 
 
 # --- Children ---------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """The operator's own Prometheus metrics, served on :8080/metrics by default.
 
-Fleet-level: `kubetrain_trainingruns{phase}` and `kubetrain_pipelines{phase}` (runs and
-pipelines this operator sees, by phase),
+Fleet-level: `kubetrain_trainingruns{phase}`, `kubetrain_pipelines{phase}` and
+`kubetrain_sweeps{phase}` (the objects this operator sees, by phase),
 `kubetrain_reconcile_duration_seconds`, `kubetrain_restarts_total{cause}`,
 `kubetrain_queue_wait_seconds` (run created -> all its pods running) and
 `kubetrain_time_to_first_step_seconds` (run created -> the trainer reports step > 0).
 Per run, copied from rank 0's metrics so one dashboard query covers every run:
 `kubetrain_run_step`, `kubetrain_run_loss` and `kubetrain_run_tokens_per_second`
-{namespace, name}, whose series are dropped when the run is deleted. The metrics live in
-prometheus-client's default registry, next to the process and Python collectors.
+{namespace, name}, whose series are dropped when the run is deleted. Per sweep:
+`kubetrain_sweep_trials{namespace, name, state}` (Running, Complete, Pruned, Failed) and
+`kubetrain_sweep_best_value{namespace, name, objective}`, dropped when the sweep is deleted.
+The metrics live in prometheus-client's default registry, next to the process and Python
+collectors.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from kubetrain.api import (
     PHASE_SUCCEEDED,
     PHASE_SUSPENDED,
 )
+from kubetrain.api.sweep import TRIAL_STATES
 from kubetrain.status import TrainerMetrics
 
 PHASES = (PHASE_PENDING, PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_FAILED, PHASE_SUSPENDED)
@@ -34,6 +38,15 @@ _WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400
 
 TRAININGRUNS = Gauge("kubetrain_trainingruns", "TrainingRuns by phase.", ["phase"])
 PIPELINES = Gauge("kubetrain_pipelines", "Pipelines by phase.", ["phase"])
+SWEEPS = Gauge("kubetrain_sweeps", "Sweeps by phase.", ["phase"])
+SWEEP_TRIALS = Gauge(
+    "kubetrain_sweep_trials", "Trials of a sweep by state.", ["namespace", "name", "state"]
+)
+SWEEP_BEST_VALUE = Gauge(
+    "kubetrain_sweep_best_value",
+    "The objective of a sweep's best complete trial.",
+    ["namespace", "name", "objective"],
+)
 RECONCILE_DURATION = Histogram(
     "kubetrain_reconcile_duration_seconds", "Time one reconcile of one TrainingRun takes."
 )
@@ -89,6 +102,8 @@ class _PhaseCounts:
 
 _run_phases = _PhaseCounts(TRAININGRUNS)
 _pipeline_phases = _PhaseCounts(PIPELINES)
+_sweep_phases = _PhaseCounts(SWEEPS)
+_sweep_objectives: dict[tuple[str, str], str] = {}
 
 
 def observe_phase(namespace: str, name: str, phase: str) -> None:
@@ -104,6 +119,36 @@ def observe_pipeline_phase(namespace: str, name: str, phase: str) -> None:
 def forget_pipeline(namespace: str, name: str) -> None:
     """Drop a deleted pipeline from the phase counts."""
     _pipeline_phases.forget(namespace, name)
+
+
+def observe_sweep(namespace: str, name: str, status: dict[str, Any], objective: str | None) -> None:
+    """Record a sweep's phase, trials by state and best value from its status (camelCase);
+    `objective` is the metric it optimises (spec.objective.metric)."""
+    _sweep_phases.observe(namespace, name, status.get("phase", ""))
+    for state, count in (status.get("trialCounts") or {}).items():
+        SWEEP_TRIALS.labels(namespace=namespace, name=name, state=state).set(count)
+    best = status.get("bestTrial") or {}
+    if best.get("value") is not None and objective:
+        previous = _sweep_objectives.get((namespace, name))
+        if previous and previous != objective:
+            with contextlib.suppress(KeyError):
+                SWEEP_BEST_VALUE.remove(namespace, name, previous)
+        _sweep_objectives[namespace, name] = objective
+        SWEEP_BEST_VALUE.labels(namespace=namespace, name=name, objective=objective).set(
+            best["value"]
+        )
+
+
+def forget_sweep(namespace: str, name: str) -> None:
+    """Drop a deleted sweep from the phase counts and remove its series."""
+    _sweep_phases.forget(namespace, name)
+    for state in TRIAL_STATES:
+        with contextlib.suppress(KeyError):
+            SWEEP_TRIALS.remove(namespace, name, state)
+    objective = _sweep_objectives.pop((namespace, name), None)
+    if objective:
+        with contextlib.suppress(KeyError):
+            SWEEP_BEST_VALUE.remove(namespace, name, objective)
 
 
 def observe_progress(namespace: str, name: str, metrics: TrainerMetrics) -> None:

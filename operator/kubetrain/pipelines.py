@@ -2,13 +2,15 @@
 
 `stage_run` builds the TrainingRun a stage becomes (`<pipeline>-<stage>`, labelled with the
 pipeline and stage, owned by the pipeline, suspended with it, its fromStage filled with the
-upstream stage's model). `plan_pipeline` is the one scheduler of pipelines: it looks at the
-stage runs that exist and says which stages may start now and what the pipeline's status is;
-the operator's handler and the local runner (`kubetrain run`) both execute its plan. A stage
-is ready once every stage it depends on succeeded and it has no run yet, so an operator
-restarted at any point creates nothing twice; after a failure, stopOnFailure starts nothing
-more while continueIndependent goes on with the stages that do not need the failed one.
-Stages that will never run are Skipped. Phase and conditions follow kstatus through
+upstream stage's model); `stage_sweep` the Sweep a stage with `sweep` becomes instead, that
+run as its template, whose best trial's model (status.outputs.modelUri) is handed on.
+`plan_pipeline` is the one scheduler of pipelines: it looks at the stage runs that exist and
+says which stages may start now and what the pipeline's status is; the operator's handler
+and the local runner (`kubetrain run`) both execute its plan. A stage is ready once every
+stage it depends on succeeded and it has no run yet, so an operator restarted at any point
+creates nothing twice; after a failure, stopOnFailure starts nothing more while
+continueIndependent goes on with the stages that do not need the failed one. Stages that
+will never run are Skipped. Phase and conditions follow kstatus through
 `kubetrain.status.next_status`; the clock is an argument, so every function here is pure.
 """
 
@@ -47,6 +49,7 @@ from kubetrain.api import (
     Pipeline,
     PipelineStatus,
     StageStatus,
+    Sweep,
     TrainingRun,
     dependency_order,
     stage_output_uri,
@@ -108,6 +111,24 @@ def stage_run(
         metadata["ownerReferences"] = [pipeline_owner_reference(pipeline)]
     spec = stage_trainingrun_spec(pipeline.spec, stage_name, upstream_model_uris)
     return TrainingRun(metadata=ObjectMeta.model_validate(metadata), spec=spec)
+
+
+def stage_sweep(
+    pipeline: Pipeline, stage_name: str, upstream_model_uris: Mapping[str, str]
+) -> Sweep:
+    """The Sweep a stage with `sweep` becomes: `<pipeline>-<stage>`, its template the
+    TrainingRun the stage would otherwise be, labelled and owned like a stage run."""
+    stage = pipeline.spec.stage(stage_name)
+    if stage.sweep is None:
+        raise ValueError(f"stage {stage_name} is no sweep")
+    run = stage_run(pipeline, stage_name, upstream_model_uris)
+    spec = {
+        **stage.sweep.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "template": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "suspend": pipeline.spec.suspend,
+    }
+    metadata = run.metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return Sweep.model_validate({"metadata": metadata, "spec": spec})
 
 
 def upstream_model_uris(status: PipelineStatus | None) -> dict[str, str]:

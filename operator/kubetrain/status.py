@@ -320,6 +320,8 @@ class TrainerMetrics:
     eval_loss: float | None = None
     tokens_per_second: float | None = None
     checkpoint_step: int | None = None
+    # Every evaluation so far, oldest first: (step, {metric: value}) with metrics.json names.
+    eval_history: tuple[tuple[int, dict[str, float]], ...] = ()
 
 
 _METRIC_FIELDS = {
@@ -340,15 +342,28 @@ def parse_trainer_metrics(text: str) -> TrainerMetrics:
     Raises ValueError when the text is not Prometheus exposition format.
     """
     values: dict[str, Any] = {}
+    history: dict[int, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if sample.name == contract.EVAL_HISTORY and math.isfinite(sample.value):
+                step = sample.labels.get(contract.EVAL_HISTORY_STEP_LABEL, "")
+                metric = sample.labels.get(contract.EVAL_HISTORY_METRIC_LABEL, "")
+                if step.isdigit() and metric:
+                    history.setdefault(int(step), {})[metric] = sample.value
+                continue
             field = _METRIC_FIELDS.get(sample.name)
             if field is None or sample.labels or not math.isfinite(sample.value):
                 continue
             values[field] = int(sample.value) if field in _INTEGER_FIELDS else sample.value
     if values.get("total_steps") == 0:  # the trainer has not planned its steps yet
         values.pop("total_steps")
+    values["eval_history"] = tuple((step, history[step]) for step in sorted(history))
     return TrainerMetrics(**values)
+
+
+def eval_history_status(metrics: TrainerMetrics) -> list[dict[str, Any]]:
+    """status.evalHistory from a metrics sample: [{step, metrics}] oldest first."""
+    return [{"step": step, "metrics": values} for step, values in metrics.eval_history]
 
 
 def eta_seconds(

@@ -57,6 +57,7 @@ from kubetrain.api import (
     REASON_SUSPENDED,
     REASON_WAITING_FOR_DEPENDENCIES,
     Condition,
+    EvalPoint,
     Outputs,
     Phase,
     Progress,
@@ -77,6 +78,7 @@ from kubetrain.status import (
     TrainerMetrics,
     checkpoint_uri,
     eta_seconds,
+    eval_history_status,
     finished_metrics,
     headline_metric,
     next_status,
@@ -456,6 +458,9 @@ class _Decision:
             checkpoint = checkpoint_uri(run.spec.output, metrics.checkpoint_step)
             if checkpoint:
                 changes["latest_checkpoint"] = checkpoint
+            if metrics.eval_history:
+                history = eval_history_status(metrics)
+                changes["eval_history"] = [EvalPoint.model_validate(p) for p in history]
         phase = PHASE_RUNNING if running else PHASE_PENDING
         reason, message = observation.reason, observation.message
         missing = _missing_references(run, pods, self.namespace)

@@ -310,3 +310,8 @@ def test_notes_name_the_commands_of_the_cluster_path():
     notes = result.stdout.split("NOTES:", 1)[1]
     for command in ("kubectl get tr -w", "svc/kubetrain-metrics 8080", "helm uninstall"):
         assert command in notes
+    # The CRDs stay on uninstall: the notes' `kubectl delete crd` names every one of them.
+    (delete_crds,) = [line for line in notes.splitlines() if "kubectl delete crd" in line]
+    named = {word.strip("`.") for word in delete_crds.split()}
+    for path in (REPO / "crds").glob("*.yaml"):
+        assert yaml.safe_load(path.read_text())["metadata"]["name"] in named, path.name

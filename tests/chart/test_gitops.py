@@ -22,6 +22,7 @@ import yaml
 from chart_render import CHART, REPO, helm, load_script
 
 from kubetrain.api import (
+    KIND_MODELS,
     PHASE_FAILED,
     PHASE_PENDING,
     PHASE_RUNNING,
@@ -32,6 +33,11 @@ from kubetrain.api import (
 from kubetrain.status import next_status
 
 GITOPS = REPO / "examples" / "gitops"
+# Every kind kubetrain serves, from its CRDs: each needs a Flux health expression.
+CRD_KINDS = sorted(
+    yaml.safe_load(path.read_text())["spec"]["names"]["kind"]
+    for path in (REPO / "crds").glob("*.yaml")
+)
 PHASES = (PHASE_PENDING, PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_FAILED, PHASE_SUSPENDED)
 FLUX_STATUS_OF_PHASE = {
     PHASE_PENDING: "InProgress",
@@ -94,7 +100,7 @@ def flux_exprs(kind: str) -> dict[str, str]:
     return exprs
 
 
-@pytest.mark.parametrize("kind", ["TrainingRun", "Pipeline"])
+@pytest.mark.parametrize("kind", CRD_KINDS)
 @pytest.mark.parametrize("phase", PHASES)
 def test_flux_health_expressions_read_our_statuses(kind, phase):
     exprs = flux_exprs(kind)
@@ -198,8 +204,8 @@ def test_flux_objects_point_at_the_chart_and_the_runs(tmp_path):
     _chart_renders_with(release["spec"]["values"], tmp_path)
     assert kustomization["spec"]["sourceRef"]["name"] == repository["metadata"]["name"]
     assert (REPO / kustomization["spec"]["path"] / "kustomization.yaml").is_file()
-    kinds = {e["kind"] for e in kustomization["spec"]["healthCheckExprs"]}
-    assert kinds == {"TrainingRun", "Pipeline"}
+    kinds = [e["kind"] for e in kustomization["spec"]["healthCheckExprs"]]
+    assert sorted(kinds) == CRD_KINDS  # each kind once, none forgotten
 
 
 def test_gitops_runs_build_with_kustomize_and_are_valid(tmp_path):
@@ -211,7 +217,7 @@ def test_gitops_runs_build_with_kustomize_and_are_valid(tmp_path):
     manifest = tmp_path / "runs.yaml"
     manifest.write_text(built)
     runs = load_documents(manifest)  # the API's own validation (field names, CEL rules)
-    assert runs and {run.kind for run in runs} <= {"TrainingRun", "Pipeline"}
+    assert runs and {run.kind for run in runs} <= set(KIND_MODELS)
 
 
 def test_chart_values_in_the_examples_match():

@@ -137,7 +137,8 @@ def test_dashboard_queries_exported_metrics_and_labels(exported):
         check_expr(query, exported, f"variable {variable['name']}")
         assert label in exported[metric], f"variable {variable['name']}: {metric} has no {label}"
     # What the dashboard is for: runs by phase, loss and eval loss per run, tokens/s,
-    # restarts, queue wait, and every evaluation metric.
+    # restarts, queue wait, every evaluation metric, and sweeps by phase with their trials
+    # by state and best objective.
     assert {
         eval_gauge_name(metric) for names in EVAL_SUITE_METRICS.values() for metric in names
     } <= queried
@@ -148,6 +149,9 @@ def test_dashboard_queries_exported_metrics_and_labels(exported):
         "kubetrain_trainer_tokens_per_second",
         "kubetrain_restarts_total",
         "kubetrain_queue_wait_seconds_bucket",
+        "kubetrain_sweeps",
+        "kubetrain_sweep_trials",
+        "kubetrain_sweep_best_value",
     } <= queried
 
 
@@ -156,9 +160,14 @@ def test_dashboard_is_well_formed():
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     variables = {v["name"] for v in dashboard["templating"]["list"]}
+    cells: dict[tuple[int, int], str] = {}  # (x, y) -> the panel there: none overlap
     for panel in dashboard["panels"]:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[x, y]!r}"
+                cells[x, y] = panel["title"]
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
             assert set(re.findall(r"\$(\w+)", target["expr"])) - {"__rate_interval"} <= variables

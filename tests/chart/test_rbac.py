@@ -4,7 +4,8 @@ What the code uses is derived, not listed: every call `kubetrain/k8s.py` (the on
 that talks to the API) makes through the official client is found in its source, and the
 client's own request builder says which HTTP method and path it sends, which is the RBAC
 verb and resource; custom-object calls name their group and plural through module
-constants, read from the module. The resources the handlers serve come from a kopf
+constants, read from the module, or through a helper's parameters, followed to the
+constants each caller passes. The resources the handlers serve come from a kopf
 registry they fill, and kopf needs list, watch and patch on each. What kopf needs for
 itself is the table `KOPF_FRAMEWORK` below, from kopf's docs and source. What admission
 needs is derived from the objects the operator creates: an ownerReference with
@@ -26,14 +27,25 @@ from typing import Any
 import kopf
 import pytest
 import yaml
-from chart_render import FULLNAME, NAMESPACE, REPO, find, render
+from chart_render import FULLNAME, NAMESPACE, REPO, find, one, render
 from kubernetes import client
 
 from kubetrain import k8s
-from kubetrain.api import KIND, PIPELINE_KIND, PIPELINE_PLURAL, PLURAL, Pipeline, TrainingRun
+from kubetrain.api import (
+    KIND,
+    PIPELINE_KIND,
+    PIPELINE_PLURAL,
+    PLURAL,
+    SWEEP_KIND,
+    SWEEP_PLURAL,
+    Pipeline,
+    Sweep,
+    TrainingRun,
+)
 from kubetrain.handlers import register
 from kubetrain.pipelines import pipeline_owner_reference
 from kubetrain.render import owner_reference, render_trainingrun
+from kubetrain.sweeps import sweep_owner_reference
 
 
 @dataclass(frozen=True, order=True)
@@ -101,9 +113,69 @@ def _constant(node: ast.expr, where: str) -> str:
     if isinstance(node, ast.Name) and isinstance(getattr(k8s, node.id, None), str):
         return getattr(k8s, node.id)
     raise AssertionError(
-        f"{where}: pass the group and plural as string constants of kubetrain.k8s, so the "
-        "RBAC check can read which resource the call touches"
+        f"{where}: pass the group and plural as string constants of kubetrain.k8s (or as "
+        "parameters of a module function whose callers pass such constants), so the RBAC "
+        "check can read which resource the call touches"
     )
+
+
+def _bind(call: ast.Call, params: list[str], defaults: dict[str, ast.expr]) -> dict:
+    """Argument name -> the expression `call` passes for it (or the default)."""
+    bound = dict(defaults)
+    bound.update(zip(params, call.args, strict=False))
+    bound.update({kw.arg: kw.value for kw in call.keywords if kw.arg})
+    return bound
+
+
+def _function_params(function: ast.FunctionDef) -> tuple[list[str], dict[str, ast.expr]]:
+    args = function.args
+    params = [a.arg for a in [*args.posonlyargs, *args.args]]
+    defaults = dict(zip(params[len(params) - len(args.defaults) :], args.defaults, strict=True))
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+        params.append(arg.arg)
+        if default is not None:
+            defaults[arg.arg] = default
+    return params, defaults
+
+
+def _resolve(
+    exprs: dict[str, ast.expr],
+    function: ast.FunctionDef | None,
+    module: ast.Module,
+    where: str,
+    depth: int = 0,
+) -> list[dict[str, str]]:
+    """Every {name: value} `exprs` take: constants as they are, parameters of `function`
+    through each call of it in the module (a helper such as `_list_labelled(namespace,
+    PLURAL, ...)`), one combination per call site."""
+    params = _function_params(function)[0] if function else []
+    if not any(isinstance(e, ast.Name) and e.id in params for e in exprs.values()):
+        return [{name: _constant(e, where) for name, e in exprs.items()}]
+    assert function is not None and depth < 5, f"{where}: helpers nested too deep to follow"
+    name = function.name
+    functions = [node for node in module.body if isinstance(node, ast.FunctionDef)]
+    calls = [
+        (node, caller)
+        for caller in functions
+        for node in ast.walk(caller)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+    ]
+    references = sum(
+        1 for node in ast.walk(module) if isinstance(node, ast.Name) and node.id == name
+    )
+    assert calls, f"{where}: {name} is called nowhere in kubetrain/k8s.py"
+    assert references == len(calls), (
+        f"{where}: {name} is passed around, not only called: its callers cannot be read"
+    )
+    found = []
+    for call, caller in calls:
+        bound = _bind(call, *_function_params(function))
+        passed = {
+            key: bound[e.id] if isinstance(e, ast.Name) and e.id in params else e
+            for key, e in exprs.items()
+        }
+        found += _resolve(passed, caller, module, f"{where} <- line {call.lineno}", depth + 1)
+    return found
 
 
 def _grant_of(http: str, path: str, params: dict[str, str]) -> Grant:
@@ -130,6 +202,8 @@ def k8s_module_grants() -> set[Grant]:
     tree = ast.parse(source)
     factories = _api_factories(tree)
     assert factories, "kubetrain.k8s builds no client API objects: has it moved?"
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    enclosing = {id(n): f for f in functions for n in ast.walk(f)}
     found = set()
     for node in ast.walk(tree):
         if not (
@@ -146,10 +220,10 @@ def k8s_module_grants() -> set[Grant]:
         names = list(inspect.signature(getattr(api_class, method)).parameters)[1:]  # no self
         bound = dict(zip(names, node.args, strict=False))
         bound.update({kw.arg: kw.value for kw in node.keywords if kw.arg})
-        params = {
-            name: _constant(bound[name], where) for name in ("group", "plural") if name in bound
-        }
-        found.add(_grant_of(*_request_of(api_class, method), params))
+        exprs = {name: bound[name] for name in ("group", "plural") if name in bound}
+        request = _request_of(api_class, method)
+        for params in _resolve(exprs, enclosing.get(id(node)), tree, where):
+            found.add(_grant_of(*request, params))
     return found
 
 
@@ -196,13 +270,17 @@ def admission_needs() -> set[Grant]:
         {**yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text()),
          "metadata": {"name": "chat", "namespace": "team-a", "uid": "u-2"}}
     )  # fmt: skip
+    sweep = Sweep.model_validate(
+        {**yaml.safe_load((REPO / "examples" / "sweep.yaml").read_text()),
+         "metadata": {"name": "lr", "namespace": "team-a", "uid": "u-3"}}
+    )  # fmt: skip
     references = [
         ref
         for backend in ("job", "jobset")
         for child in render_trainingrun(run, 1, backend=backend, owner=owner_reference(run))
         for ref in child["metadata"]["ownerReferences"]
-    ] + [pipeline_owner_reference(pipeline)]
-    plurals = {KIND: PLURAL, PIPELINE_KIND: PIPELINE_PLURAL}
+    ] + [pipeline_owner_reference(pipeline), sweep_owner_reference(sweep)]
+    plurals = {KIND: PLURAL, PIPELINE_KIND: PIPELINE_PLURAL, SWEEP_KIND: SWEEP_PLURAL}
     return {
         Grant(ref["apiVersion"].split("/")[0], f"{plurals[ref['kind']]}/finalizers", "update")
         for ref in references
@@ -288,6 +366,12 @@ def test_k8s_module_calls_are_found():
     assert Grant("kubetrain.dev", "trainingruns/status", "patch") in found
     assert Grant("batch", "jobs", "delete") in found
     assert Grant("", "pods", "delete") in found
+    assert Grant("kubetrain.dev", "sweeps/status", "patch") in found
+    assert Grant("kubetrain.dev", "sweeps", "create") in found
+    # Through a helper that takes the plural as a parameter (k8s._list_labelled): each
+    # caller's constant counts.
+    assert Grant("kubetrain.dev", "trainingruns", "list") in found
+    assert Grant("kubetrain.dev", "sweeps", "list") in found
 
 
 @pytest.mark.parametrize("value_set", ["default", "namespaced", "all-features"])
@@ -342,3 +426,25 @@ def test_people_get_training_rights_through_aggregated_roles_not_the_operators()
     assert aggregated(objects) == {f"{FULLNAME}-edit", f"{FULLNAME}-view"}
     assert not operator & aggregated(objects)
     assert not aggregated(render(values={"rbac.aggregateToDefaultRoles": False}))
+
+
+def test_people_may_use_every_kind_kubetrain_serves():
+    # Whoever may edit a namespace may create, change and delete each custom resource there
+    # (the operator writes status, people do not); viewers read them and their status.
+    plurals = sorted(
+        yaml.safe_load(path.read_text())["spec"]["names"]["plural"]
+        for path in (REPO / "crds").glob("*.yaml")
+    )
+    objects = render()
+    edit = one(objects, "ClusterRole", f"{FULLNAME}-edit")
+    view = one(objects, "ClusterRole", f"{FULLNAME}-view")
+    people = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
+    assert rule_grants(edit["rules"], "edit") == {
+        grant for plural in plurals for grant in grants("kubetrain.dev", plural, people)
+    }
+    assert rule_grants(view["rules"], "view") == {
+        grant
+        for plural in plurals
+        for resource in (plural, f"{plural}/status")
+        for grant in grants("kubetrain.dev", resource, ("get", "list", "watch"))
+    }

@@ -26,7 +26,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from polling import wait_for
 
-from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
+from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, SWEEP_PLURAL, VERSION
 
 sys.path.insert(0, str(REPO / "scripts"))
 import fetch_k8s_tools
@@ -85,7 +85,7 @@ class Runs:
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": copy.deepcopy(spec),
         }
-        plural = PLURAL if kind == "TrainingRun" else PIPELINE_PLURAL
+        plural = {"TrainingRun": PLURAL, "Sweep": SWEEP_PLURAL}.get(kind, PIPELINE_PLURAL)
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
 
     def list(self, plural: str = PLURAL) -> list[dict[str, Any]]:

@@ -33,13 +33,15 @@ from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from polling import wait_for
 
-from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION, TrainingRunSpec
+from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, SWEEP_PLURAL, VERSION, TrainingRunSpec
 
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 from test_crdgen import CROSS_FIELD_CASES, schema_errors, trainingrun
 from test_crdgen import SCHEMA as RUN_SCHEMA
 from test_pipeline_api import CASES as PIPELINE_CASES
 from test_pipeline_api import SCHEMA as PIPELINE_SCHEMA
+from test_sweep_api import CASES as SWEEP_CASES
+from test_sweep_api import SCHEMA as SWEEP_SCHEMA
 
 pytestmark = pytest.mark.e2e
 
@@ -167,7 +169,7 @@ def refused_alike(
         return expected is None and refusal is None
     if expected in refusal:
         return True
-    schema = RUN_SCHEMA if plural == PLURAL else PIPELINE_SCHEMA
+    schema = {PLURAL: RUN_SCHEMA, SWEEP_PLURAL: SWEEP_SCHEMA}.get(plural, PIPELINE_SCHEMA)
     return bool(schema_errors(doc, schema)) or "Duplicate value" in refusal
 
 
@@ -183,6 +185,10 @@ def test_every_cel_rule_refuses_its_bad_example_through_the_apiserver(
     cases += [
         ("Pipeline", PIPELINE_PLURAL, case_id, doc, message)
         for case_id, doc, message, _pydantic in PIPELINE_CASES
+    ]
+    cases += [
+        ("Sweep", SWEEP_PLURAL, case_id, doc, message)
+        for case_id, doc, message, _pydantic in SWEEP_CASES
     ]
     for kind, plural, case_id, doc, message in cases:
         refusal = dry_run(custom, namespace, plural, doc)

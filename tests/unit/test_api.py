@@ -139,7 +139,7 @@ def test_unknown_field_and_cross_field_rule_messages(tmp_path: Path) -> None:
     [
         (
             "apiVersion: kubetrain.dev/v1alpha1\nkind: TrainJob\nmetadata: {name: a}\n",
-            "unknown kind 'TrainJob'; kubetrain reads Pipeline, TrainingRun",
+            "unknown kind 'TrainJob'; kubetrain reads Pipeline, Sweep, TrainingRun",
         ),
         (
             "apiVersion: kubetrain.dev/v1\nkind: TrainingRun\nmetadata: {name: a}\nspec: {}\n",

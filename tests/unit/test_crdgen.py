@@ -192,6 +192,7 @@ def test_write_crds_writes_the_same_text(tmp_path: Path) -> None:
     assert [p.name for p in paths] == [
         "kubetrain.dev_trainingruns.yaml",
         "kubetrain.dev_pipelines.yaml",
+        "kubetrain.dev_sweeps.yaml",
     ]
     for path in paths:
         assert path.read_text() == (ROOT / "crds" / path.name).read_text()

@@ -47,10 +47,17 @@ PERPLEXITY = "kubetrain_trainer_perplexity"  # language-modelling methods only
 REWARDS_ACCURACY = "kubetrain_trainer_rewards_accuracy"  # DPO only
 REWARDS_MARGIN = "kubetrain_trainer_rewards_margin"  # DPO only
 GPU_MEMORY_BYTES = "kubetrain_trainer_gpu_memory_bytes"  # only where there is a GPU
+# Every evaluation during training, one sample per (metric, step): a sweep's pruner must see
+# the whole history however seldom the operator polls. Bounded: the newest MAX_EVAL_HISTORY
+# evaluations are kept.
+EVAL_HISTORY = "kubetrain_trainer_eval_history"
+EVAL_HISTORY_METRIC_LABEL = "metric"
+EVAL_HISTORY_STEP_LABEL = "step"
+MAX_EVAL_HISTORY = 50
 TRAINER_GAUGES = (
     STEP, TOTAL_STEPS, EPOCH, LOSS, EVAL_LOSS, LEARNING_RATE, GRAD_NORM, TOKENS_TOTAL,
     TOKENS_PER_SECOND, CHECKPOINT_STEP, START_TIME_SECONDS, INFO, PERPLEXITY,
-    REWARDS_ACCURACY, REWARDS_MARGIN, GPU_MEMORY_BYTES,
+    REWARDS_ACCURACY, REWARDS_MARGIN, GPU_MEMORY_BYTES, EVAL_HISTORY,
 )  # fmt: skip
 
 EVAL_GAUGE_PREFIX = "kubetrain_eval_"  # kubetrain_eval_<metric>{suite=...}
@@ -70,6 +77,32 @@ EVAL_SUITE_METRICS: dict[str, tuple[str, ...]] = {
     "preference": ("accuracy", "margin"),
     "safety": ("refusal_rate", "over_refusal_rate"),
 }
+
+
+# What a finished run of each training method reports in metrics.json (numbers a sweep may
+# optimise, metrics.json keys), and which of them it also reports at every evaluation during
+# training (the history a pruner reads; evaluation needs data.eval). Method evaluate reports
+# its suites' `<suite>.<metric>` keys instead, at the end only.
+LANGUAGE_MODELLING_METHODS = ("from_scratch", "sft", "lora")
+_FINAL_METRICS = ("eval_loss", "train_loss", "train_loss_mean", "tokens_per_second")
+_INTERMEDIATE_METRICS: dict[str, tuple[str, ...]] = {
+    **{method: ("eval_loss", "perplexity") for method in LANGUAGE_MODELLING_METHODS},
+    "dpo": ("eval_loss", "rewards_accuracy", "rewards_margin"),
+}
+
+
+def intermediate_metrics(method: str) -> tuple[str, ...]:
+    """The metrics.json keys a training method reports at every evaluation (none: evaluate)."""
+    return _INTERMEDIATE_METRICS.get(method, ())
+
+
+def reported_metrics(method: str, suites: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The numeric metrics.json keys a finished run of `method` reports (`suites`: method
+    evaluate's suite names, whose metrics it reports)."""
+    if method == "evaluate":
+        return tuple(eval_metric_key(s, m) for s in suites for m in EVAL_SUITE_METRICS[s])
+    extra = tuple(m for m in intermediate_metrics(method) if m not in _FINAL_METRICS)
+    return (*_FINAL_METRICS, *extra)
 
 
 def eval_metric_key(suite: str, metric: str) -> str:
@@ -138,6 +171,9 @@ class TrainerMetricsFile(BaseModel):
     rewards_margin: float | None = None  # DPO, eval set first, else training batches
     replica_checksums: list[float] | None = None  # one per data-parallel rank: equal weights
     merged_dir: str | None = None  # where the merged model went (lora with merge: true)
+    # Every evaluation during training, oldest first: {"step": N, "<metric>": value, ...}
+    # with intermediate_metrics(method) keys; at most MAX_EVAL_HISTORY entries.
+    eval_history: list[dict[str, float | int]] | None = None
 
     @field_validator("*", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ of an average dragged down by start-up. When stderr is not a terminal (a pod's l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # Methods whose loss is a next-token cross-entropy, so exp(loss) is a perplexity.
 # DPO's loss is a preference loss: its exponential means nothing.
-LANGUAGE_MODELLING_METHODS = frozenset({"from_scratch", "sft", "lora"})
+LANGUAGE_MODELLING_METHODS = frozenset(contract.LANGUAGE_MODELLING_METHODS)
 # Log events averaged for tokens/s and the ETA: long enough to smooth one slow step,
 # short enough to show a slowdown within a few logging intervals.
 THROUGHPUT_WINDOW = 10
@@ -58,6 +59,30 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return math.inf
+
+
+def eval_point(method: str, logs: dict[str, Any]) -> dict[str, float]:
+    """The intermediate metrics (contract.intermediate_metrics) of one evaluation log entry."""
+    point = {"eval_loss": float(logs["eval_loss"])}
+    if method in LANGUAGE_MODELLING_METHODS:
+        point["perplexity"] = perplexity(point["eval_loss"])
+    if method == "dpo":
+        for key, name in (("accuracies", "rewards_accuracy"), ("margins", "rewards_margin")):
+            if f"eval_rewards/{key}" in logs:
+                point[name] = float(logs[f"eval_rewards/{key}"])
+    return point
+
+
+def eval_history(method: str, log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """metrics.json's eval_history: every evaluation by step (the last one at a step wins,
+    e.g. the final evaluate() after an eval at the last step), newest MAX_EVAL_HISTORY."""
+    by_step: dict[int, dict[str, float]] = {}
+    for entry in log_history:
+        if "eval_loss" in entry and "step" in entry:
+            point = eval_point(method, entry)
+            by_step[int(entry["step"])] = {k: v for k, v in point.items() if math.isfinite(v)}
+    points = [{"step": step, **by_step[step]} for step in sorted(by_step)]
+    return points[-contract.MAX_EVAL_HISTORY :]
 
 
 def tokens_seen(args: TrainingArguments, state: TrainerState, logs: dict[str, Any]) -> int | None:
@@ -123,6 +148,7 @@ class PrometheusCallback(TrainerCallback):
         self.tokens_at_start = 0
         self._window = ThroughputWindow()
         self._evaluated = False
+        self._history_steps: deque[int] = deque()
 
         def gauge(name: str, doc: str, initial: float = NAN) -> Gauge:
             metric = Gauge(name, doc, registry=self.registry)
@@ -172,6 +198,13 @@ class PrometheusCallback(TrainerCallback):
                 contract.REWARDS_MARGIN,
                 "DPO: mean reward of chosen minus rejected (eval set first).",
             )
+        self.eval_history = Gauge(
+            contract.EVAL_HISTORY,
+            "Each evaluation during training: the metric in the label at the step in the "
+            f"label (the newest {contract.MAX_EVAL_HISTORY} evaluations).",
+            [contract.EVAL_HISTORY_METRIC_LABEL, contract.EVAL_HISTORY_STEP_LABEL],
+            registry=self.registry,
+        )
         self.gpu_memory_bytes = None
         if _cuda_available():
             self.gpu_memory_bytes = gauge(
@@ -210,7 +243,7 @@ class PrometheusCallback(TrainerCallback):
         # show where training stands before the first new log event.
         self._evaluated = False
         for entry in state.log_history:
-            self._apply(entry)
+            self._apply(entry, entry.get("step"))
         if state.global_step:
             self.checkpoint_step.set(state.global_step)
         self.tokens_at_start = int(state.num_input_tokens_seen)
@@ -236,7 +269,7 @@ class PrometheusCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        self._apply(logs)
+        self._apply(logs, state.global_step)
         self.step.set(state.global_step)
         self.epoch.set(state.epoch or 0)
         tokens = tokens_seen(args, state, logs)
@@ -259,10 +292,30 @@ class PrometheusCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.checkpoint_step.set(state.global_step)
 
-    def _apply(self, logs: dict[str, Any]) -> None:
+    def _record_eval(self, step: int, logs: dict[str, Any]) -> None:
+        """One evaluation into the history gauge, dropping the oldest beyond the bound."""
+        if step in self._history_steps:
+            self._history_steps.remove(step)  # a final evaluate() at an evaluated step
+        self._history_steps.append(step)
+        for metric, value in eval_point(self.method, logs).items():
+            self.eval_history.labels(
+                **{
+                    contract.EVAL_HISTORY_METRIC_LABEL: metric,
+                    contract.EVAL_HISTORY_STEP_LABEL: str(step),
+                }
+            ).set(value)
+        while len(self._history_steps) > contract.MAX_EVAL_HISTORY:
+            old = str(self._history_steps.popleft())
+            for metric in contract.intermediate_metrics(self.method):
+                with contextlib.suppress(KeyError):
+                    self.eval_history.remove(metric, old)
+
+    def _apply(self, logs: dict[str, Any], step: int | None) -> None:
         """Set the gauges one log entry (training, eval or a replayed history entry) carries."""
         if "eval_loss" in logs:
             self._evaluated = True
+            if step is not None:
+                self._record_eval(int(step), logs)
             self.eval_loss.set(logs["eval_loss"])
             if self.perplexity is not None:
                 self.perplexity.set(perplexity(logs["eval_loss"]))
@@ -476,6 +529,9 @@ def summarize_run(
     if method == "dpo":
         summary.rewards_accuracy = _last_eval_else_training(log_history, "rewards/accuracies")
         summary.rewards_margin = _last_eval_else_training(log_history, "rewards/margins")
+    history = eval_history(method, log_history)
+    if history:
+        summary.eval_history = history
     return summary.model_dump(exclude_unset=True)
 
 

@@ -8,10 +8,17 @@ scores (`<suite>.<metric>` keys), and writes one self-contained report.html, the
 embedded as data URIs so it opens anywhere with no network, and the same plots as PNG files
 in contract.REPORT_PLOTS_DIR. A part without data is left out: an evaluate run has scores
 and no history, so its report is the table and the bar chart. `write_pipeline_report` puts
-a pipeline's stages side by side, each linked to its own report; `ensure_report` is what
-`kubetrain report DIR` calls. Everything user-named (run, stage and suite names, paths) is
-HTML-escaped. The operator package imports this module, so it imports no torch, and
-matplotlib only when a plot is drawn (the operator image has none).
+a pipeline's stages side by side, each linked to its own report; `write_sweep_report` is a
+hyperparameter sweep's page: a table of its trials (parameters, objective, where pruned,
+the best marked, each linked to its own report), the objective per trial with the best so
+far, the parameters' importances, a parallel-coordinates plot of the complete trials and
+the objective each trial reported while it trained. `ensure_report` is what
+`kubetrain report DIR` calls. What each page shows is planned by pure functions (the
+`plan_*` ones, normalisation included) and only drawn by `render_png`. Everything
+user-named (run, stage, trial, parameter and suite names, paths) is HTML-escaped. The
+operator package imports this module, so it imports no torch and no optuna (a sweep's
+trials arrive as SweepTrial), and matplotlib only when a plot is drawn (the operator image
+has none).
 """
 
 from __future__ import annotations
@@ -73,17 +80,18 @@ Points = list[tuple[int, float]]  # (optimizer step, value)
 
 @dataclass(frozen=True)
 class LinePlot:
-    """Values over optimizer steps, one line per legend label."""
+    """Values over optimizer steps, one line per legend label; those in `dashed` are dashed."""
 
     file_name: str
     title: str
     y_label: str
     lines: dict[str, Points]
+    dashed: frozenset[str] = frozenset()  # a sweep's pruned trials
 
 
 @dataclass(frozen=True)
 class BarPlot:
-    """One bar per evaluation score, labelled `<suite>.<metric>`."""
+    """One horizontal bar per label: evaluation scores (`<suite>.<metric>`), importances."""
 
     file_name: str
     title: str
@@ -292,6 +300,340 @@ def _stage_cell(metrics: TrainerMetricsFile | None, key: str, score: bool = Fals
     return format_metric(key, getattr(metrics, key)) if key in metrics.model_fields_set else ""
 
 
+# -- A sweep's page (pure functions of its trials) ---------------------------------------------
+
+COMPLETE, PRUNED = "Complete", "Pruned"
+DIRECTIONS = ("minimize", "maximize")
+SWEEP_PLOT_PREFIX = "sweep-"  # a sweep folder's own plots, told apart from anything else there
+SWEEP_OBJECTIVE_PLOT = f"{SWEEP_PLOT_PREFIX}objective.png"
+SWEEP_IMPORTANCES_PLOT = f"{SWEEP_PLOT_PREFIX}importances.png"
+SWEEP_PARALLEL_PLOT = f"{SWEEP_PLOT_PREFIX}parallel-coordinates.png"
+SWEEP_INTERMEDIATE_PLOT = f"{SWEEP_PLOT_PREFIX}intermediate.png"
+AXIS_TICKS = 5  # a parallel axis with more distinct values than this gets evenly spaced ticks
+LOG_AXIS_DECADES = 2  # a positive parameter spanning more than this many decades: log axis
+
+ParameterValue = float | int | str
+
+
+@dataclass(frozen=True)
+class SweepTrial:
+    """One trial of a sweep as the report shows it."""
+
+    name: str  # e.g. "lr-sweep-3"
+    number: int  # 0, 1, 2...
+    state: str  # "Complete", "Pruned", "Failed", "Running"
+    parameters: dict[str, ParameterValue]  # field path -> value, e.g. {"lora.r": 8}
+    value: float | None  # the objective's final value (Complete only)
+    intermediate: list[tuple[int, float]]  # (step, objective value) reported while training
+    pruned_at_step: int | None = None
+    output_dir: Path | None = None  # the trial's output folder; its own report gets linked
+
+
+@dataclass(frozen=True)
+class ObjectivePlot:
+    """A sweep's objective per trial number: complete and pruned trials, the best so far."""
+
+    file_name: str
+    title: str
+    y_label: str
+    complete: Points  # (trial number, final value)
+    pruned: Points  # (trial number, the last value it reported)
+    best: tuple[int, float] | None  # the best trial's point, drawn highlighted
+    best_so_far: Points  # (trial number, best final value up to it), drawn as a dashed step
+
+
+@dataclass(frozen=True)
+class ParallelAxis:
+    """One vertical axis of a parallel-coordinates plot, its values placed in [0, 1]."""
+
+    label: str
+    scale: str  # "linear", "log" or "categorical"
+    ticks: list[tuple[float, str]]  # (position in [0, 1], the real value shown there)
+
+
+@dataclass(frozen=True)
+class ParallelLine:
+    """One complete trial across the axes, coloured by its objective value."""
+
+    trial: str
+    positions: list[float | None]  # one per axis; None where the trial lacks the parameter
+    value: float
+
+
+@dataclass(frozen=True)
+class ParallelCoordinatesPlot:
+    """One axis per parameter and a last one for the objective; one line per complete trial."""
+
+    file_name: str
+    title: str
+    color_label: str  # the objective, which the colorbar shows
+    direction: str  # "minimize" or "maximize": the better end of the colour scale
+    axes: list[ParallelAxis]
+    lines: list[ParallelLine]
+    best: str | None = None  # this trial's line is drawn thicker, on top
+
+
+AnyPlot = Plot | ObjectivePlot | ParallelCoordinatesPlot  # everything render_png draws
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"a sweep's direction is one of {DIRECTIONS}, not {direction!r}")
+
+
+def _has_state(trial: SweepTrial, state: str) -> bool:
+    return trial.state.lower() == state.lower()
+
+
+def complete_trials(trials: list[SweepTrial]) -> list[SweepTrial]:
+    """The trials that finished with a finite objective value, by trial number."""
+    return sorted(
+        (t for t in trials if _has_state(t, COMPLETE) and _is_number(t.value)),
+        key=lambda t: t.number,
+    )
+
+
+def parameter_paths(trials: list[SweepTrial]) -> list[str]:
+    """Every parameter any trial has, in the order the trials (by number) first name them."""
+    paths: dict[str, None] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        paths.update(dict.fromkeys(trial.parameters))
+    return list(paths)
+
+
+def _last_reported(trial: SweepTrial) -> tuple[int, float] | None:
+    points = [(step, value) for step, value in trial.intermediate if _is_number(value)]
+    return max(points, key=lambda p: p[0]) if points else None
+
+
+def plan_objective_plot(
+    trials: list[SweepTrial], objective: str, direction: str, best: str | None
+) -> ObjectivePlot | None:
+    """The objective per trial: complete trials' final values, pruned trials' last reported
+    ones, the best trial highlighted and the best final value so far; None without any."""
+    _check_direction(direction)
+    done = complete_trials(trials)
+    complete = [(t.number, float(t.value)) for t in done if t.value is not None]
+    pruned = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        last = _last_reported(trial) if _has_state(trial, PRUNED) else None
+        if last is not None:
+            pruned.append((trial.number, last[1]))
+    if not complete and not pruned:
+        return None
+    pick = min if direction == "minimize" else max
+    best_so_far: Points = []
+    for number, value in complete:
+        best_so_far.append((number, pick(value, best_so_far[-1][1]) if best_so_far else value))
+    best_point = next(((t.number, float(t.value)) for t in done if t.name == best), None)
+    return ObjectivePlot(
+        SWEEP_OBJECTIVE_PLOT,
+        f"{objective} per trial ({direction})",
+        objective,
+        complete,
+        pruned,
+        best_point,
+        best_so_far,
+    )
+
+
+def plan_importance_plot(importances: dict[str, float]) -> BarPlot | None:
+    """The parameters' importances, most important first; None without any."""
+    bars = {k: float(v) for k, v in importances.items() if _is_number(v)}
+    if not bars:
+        return None
+    ranked = dict(sorted(bars.items(), key=lambda item: (-item[1], item[0])))
+    return BarPlot(SWEEP_IMPORTANCES_PLOT, "Parameter importances", ranked)
+
+
+def plan_intermediate_plot(trials: list[SweepTrial], objective: str) -> LinePlot | None:
+    """What each trial reported while it trained, by step; pruned trials dashed."""
+    lines: dict[str, Points] = {}
+    dashed = set()
+    for trial in sorted(trials, key=lambda t: t.number):
+        points = sorted((int(s), float(v)) for s, v in trial.intermediate if _is_number(v))
+        if points:
+            lines[trial.name] = points
+            if _has_state(trial, PRUNED):
+                dashed.add(trial.name)
+    if not lines:
+        return None
+    title = f"{objective} while training" + (" (pruned trials dashed)" if dashed else "")
+    return LinePlot(SWEEP_INTERMEDIATE_PLOT, title, objective, lines, frozenset(dashed))
+
+
+def _tick_text(value: float) -> str:
+    # 8, 1024, 0.0003, 1e-05: whole numbers as they are, others to 4 significant digits.
+    if value.is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def parallel_axis(
+    label: str, values: list[ParameterValue | None]
+) -> tuple[ParallelAxis, list[float | None]]:
+    """An axis for `values` and each value's position on it, in [0, 1] (None stays None).
+
+    Numbers are placed linearly between their smallest and largest, or by their logarithm
+    when all are > 0 and span more than LOG_AXIS_DECADES decades (learning rates); a single
+    value sits in the middle. Anything else (text, true/false, numbers mixed with text) is a
+    category: the distinct values sorted, evenly spaced, each its own tick. The ticks show
+    real values: each distinct number where there are at most AXIS_TICKS, else AXIS_TICKS
+    evenly spaced positions labelled with the value found there.
+    """
+    present = [v for v in values if v is not None]
+    if not present or not all(_is_number(v) for v in present):
+        categories = sorted({format_metric("", v) for v in present})
+        last = max(len(categories) - 1, 1)
+        spots = {c: i / last if len(categories) > 1 else 0.5 for i, c in enumerate(categories)}
+        positions = [None if v is None else spots[format_metric("", v)] for v in values]
+        return ParallelAxis(label, "categorical", [(p, c) for c, p in spots.items()]), positions
+    numbers = [float(v) for v in present]
+    low, high = min(numbers), max(numbers)
+    log = low > 0 and math.log10(high) - math.log10(low) > LOG_AXIS_DECADES + 1e-9
+    to_axis = math.log10 if log else (lambda x: x)
+    start, span = to_axis(low), to_axis(high) - to_axis(low)
+
+    def place(x: float) -> float:
+        return (to_axis(x) - start) / span if span else 0.5
+
+    def real(position: float) -> float:
+        x = start + position * span
+        return 10**x if log else x
+
+    distinct = sorted(set(numbers))
+    if len(distinct) <= AXIS_TICKS or not span:
+        ticks = [(place(x), _tick_text(x)) for x in distinct]
+    else:
+        spots = [i / (AXIS_TICKS - 1) for i in range(AXIS_TICKS)]
+        ticks = [(p, _tick_text(real(p))) for p in spots]
+    positions = [None if v is None else place(float(v)) for v in values]
+    return ParallelAxis(label, "log" if log else "linear", ticks), positions
+
+
+def plan_parallel_coordinates(
+    trials: list[SweepTrial], objective: str, direction: str, best: str | None
+) -> ParallelCoordinatesPlot | None:
+    """The complete trials across one axis per parameter and one for the objective; None
+    without a complete trial or without parameters."""
+    _check_direction(direction)
+    done = complete_trials(trials)
+    paths = parameter_paths(done)
+    if not done or not paths:
+        return None
+    columns = [parallel_axis(path, [t.parameters.get(path) for t in done]) for path in paths]
+    columns.append(parallel_axis(objective, [t.value for t in done]))
+    lines = [
+        ParallelLine(trial.name, [positions[i] for _, positions in columns], float(trial.value))
+        for i, trial in enumerate(done)
+        if trial.value is not None
+    ]
+    return ParallelCoordinatesPlot(
+        SWEEP_PARALLEL_PLOT,
+        f"Parameters of the complete trials, coloured by {objective}",
+        objective,
+        direction,
+        [axis for axis, _ in columns],
+        lines,
+        best,
+    )
+
+
+def plan_sweep_plots(
+    trials: list[SweepTrial],
+    objective: str,
+    direction: str,
+    importances: dict[str, float],
+    best: str | None,
+) -> list[AnyPlot]:
+    """The plots a sweep's trials can fill, in the order its page shows them."""
+    candidates: list[AnyPlot | None] = [
+        plan_objective_plot(trials, objective, direction, best),
+        plan_importance_plot(importances),
+        plan_parallel_coordinates(trials, objective, direction, best),
+        plan_intermediate_plot(trials, objective),
+    ]
+    return [p for p in candidates if p is not None]
+
+
+def sweep_notes(trials: list[SweepTrial], importances: dict[str, float]) -> list[str]:
+    """Why a part of a sweep's page is missing."""
+    if not trials:
+        return ["This sweep has no trials yet."]
+    done = len(complete_trials(trials))
+    notes = []
+    if not done:
+        notes.append(
+            "No trial has completed yet, so there is no parallel-coordinates plot and no best."
+        )
+    if plan_importance_plot(importances) is None:
+        if done < 2:
+            notes.append(
+                "No parameter importances: they are computed from at least 2 complete trials "
+                f"and this sweep has {done}, so there is no importance plot."
+            )
+        else:
+            notes.append(
+                "No parameter importances were computed for this sweep, so there is no "
+                "importance plot."
+            )
+    return notes
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial's line of a sweep's table; `report` links its own report (relative)."""
+
+    name: str
+    cells: list[str]  # one per TrialTable column
+    best: bool = False
+    report: str | None = None
+
+
+@dataclass(frozen=True)
+class TrialTable:
+    """A sweep's trials: the trial's name, then (key, header) columns of text."""
+
+    columns: list[tuple[str, str]]
+    rows: list[TrialRow]
+
+
+def sweep_table(
+    trials: list[SweepTrial],
+    objective: str,
+    best: str | None,
+    reports: dict[str, str] | None = None,
+) -> TrialTable:
+    """number, state, each parameter, the objective and where pruned, one row per trial by
+    number; `reports` maps a trial's name to the link of its own report, where it has one."""
+    links = reports or {}
+    paths = parameter_paths(trials)
+    columns = [("number", "#"), ("state", "state")]
+    columns += [(path, path) for path in paths]
+    columns += [("value", objective), ("pruned_at_step", "pruned at step")]
+    rows = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        cells = [str(trial.number), trial.state]
+        cells += [format_metric("", trial.parameters.get(path)) for path in paths]
+        pruned_at = trial.pruned_at_step
+        cells += [format_metric("", trial.value), "" if pruned_at is None else str(pruned_at)]
+        rows.append(TrialRow(trial.name, cells, trial.name == best, links.get(trial.name)))
+    return TrialTable(columns, rows)
+
+
+def sweep_overview(
+    objective: str, direction: str, trials: list[SweepTrial], best: str | None
+) -> str:
+    """The line under a sweep's heading: its objective, its trials by state, the best."""
+    counts: dict[str, int] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        counts[trial.state] = counts.get(trial.state, 0) + 1
+    states = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
+    line = f"objective: {objective} ({direction}); {len(trials)} trials"
+    line += f": {states}" if states else ""
+    return line + (f"; best: {best}" if best else "")
+
+
 # -- HTML ---------------------------------------------------------------------------------------
 
 
@@ -317,6 +659,9 @@ thead th { background: #f0f2f5; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #e3e6ea; }
 figcaption { font-size: .9em; color: #5a6372; }
+tr.best th, tr.best td { background: #fff6d6; }
+.badge { font-size: .8em; background: #c9a227; color: #fff; border-radius: 3px;
+         padding: 0 .35em; margin-left: .3em; }
 """
 
 
@@ -418,6 +763,50 @@ def render_pipeline_html(
     return _page(title, "".join(parts))
 
 
+def _trials_table_html(table: TrialTable) -> str:
+    """A sweep's trials, one row each; the best is marked and a name links its report."""
+    header = "<th>trial</th>" + "".join(f"<th>{_e(title)}</th>" for _, title in table.columns)
+    body = []
+    for row in table.rows:
+        trial = f' data-trial="{_e(row.name)}"'
+        name = f'<a href="{_href(row.report)}">{_e(row.name)}</a>' if row.report else _e(row.name)
+        badge = '<span class="badge">best</span>' if row.best else ""
+        cells = []
+        # Each cell names its trial and column (a parameter's path, or number, state, value,
+        # pruned_at_step), so a reader or a test finds it without counting columns.
+        for (key, _), cell in zip(table.columns, row.cells, strict=True):
+            css = ' class="number"' if _looks_numeric(cell) else ""
+            cells.append(f'<td{trial} data-column="{_e(key)}"{css}>{_e(cell)}</td>')
+        tr = '<tr class="best">' if row.best else "<tr>"
+        body.append(f"{tr}<th{trial}>{name}{badge}</th>{''.join(cells)}</tr>")
+    return (
+        f"<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n"
+        + "\n".join(body)
+        + "\n</tbody>\n</table>\n"
+    )
+
+
+def render_sweep_html(
+    name: str,
+    overview: str,
+    table: TrialTable,
+    plots: list[RenderedPlot],
+    notes: list[str],
+) -> str:
+    """report.html of a sweep: heading, overview, notes, the trials, then the plots."""
+    title = f"Sweep {name}"
+    parts = [f"<h1>{_e(title)}</h1>\n", f'<p class="meta">{_e(overview)}</p>\n']
+    parts += [f'<p class="note">{_e(note)}</p>\n' for note in notes]
+    parts.append("<h2>Trials</h2>\n")
+    if any(row.report for row in table.rows):
+        parts.append('<p class="meta">A trial\'s name links its own report.</p>\n')
+    parts.append(_trials_table_html(table))
+    if plots:
+        parts.append("<h2>Plots</h2>\n")
+        parts += [_figure_html(p) for p in plots]
+    return _page(title, "".join(parts))
+
+
 # -- Drawing (matplotlib, imported here only) ---------------------------------------------------
 
 
@@ -426,7 +815,10 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def render_png(plot: Plot) -> bytes:
+MAX_LEGEND_ENTRIES = 12  # a sweep's many trials: a longer legend would hide the lines
+
+
+def render_png(plot: AnyPlot) -> bytes:
     """Draw one plot as PNG bytes with matplotlib's Agg renderer (no display, no pyplot)."""
     try:
         from matplotlib.figure import Figure
@@ -436,6 +828,11 @@ def render_png(plot: Plot) -> bytes:
             "the report's plots need matplotlib, which the trainer extra installs: "
             "pip install 'kubetrain[trainer]'"
         ) from e
+    if isinstance(plot, ParallelCoordinatesPlot):
+        width = max(5.4, 1.4 * len(plot.axes) + 1.6)  # room for each axis's tick labels
+        figure = Figure(figsize=(width, 3.8), dpi=100, layout="constrained")
+        _draw_parallel_coordinates(figure, plot)
+        return _png(figure)
     if isinstance(plot, LinePlot):
         figure = Figure(figsize=(5.4, 3.2), dpi=100, layout="constrained")
         axes = figure.subplots()
@@ -443,12 +840,56 @@ def render_png(plot: Plot) -> bytes:
             steps, values = zip(*points, strict=True)
             # Few points (evaluations, a short run) are drawn as dots too, so one shows at all.
             marker = "o" if len(points) <= 20 else None
-            axes.plot(steps, values, label=_plain(label), marker=marker, markersize=3)
+            style = "--" if label in plot.dashed else "-"
+            axes.plot(steps, values, style, label=_plain(label), marker=marker, markersize=3)
         axes.set_xlabel("step")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5 on short runs
         axes.set_ylabel(_plain(plot.y_label))
-        if len(plot.lines) > 1:
-            axes.legend()
+        if 1 < len(plot.lines) <= MAX_LEGEND_ENTRIES:
+            axes.legend(fontsize=8 if len(plot.lines) > 4 else None)
+    elif isinstance(plot, ObjectivePlot):
+        figure = Figure(figsize=(5.4, 3.2), dpi=100, layout="constrained")
+        axes = figure.subplots()
+        if plot.best_so_far:
+            numbers, values = zip(*plot.best_so_far, strict=True)
+            axes.plot(
+                numbers,
+                values,
+                "--",
+                drawstyle="steps-post",
+                color="#5a6372",
+                label="best so far",
+                zorder=1,
+            )
+        if plot.complete:
+            numbers, values = zip(*plot.complete, strict=True)
+            axes.scatter(numbers, values, marker="o", color="#3b6fb6", label="complete", zorder=2)
+        if plot.pruned:
+            numbers, values = zip(*plot.pruned, strict=True)
+            axes.scatter(
+                numbers,
+                values,
+                marker="x",
+                color="#c0392b",
+                label="pruned (last reported)",
+                zorder=2,
+            )
+        if plot.best:
+            axes.scatter(
+                [plot.best[0]],
+                [plot.best[1]],
+                marker="*",
+                s=220,
+                color="#c9a227",
+                edgecolors="#1d2430",
+                linewidths=0.8,
+                label="best",
+                zorder=3,
+            )
+        axes.set_xlabel("trial")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel(_plain(plot.y_label))
+        axes.legend(fontsize=8)
     else:
         # Horizontal bars keep long `<suite>.<metric>` names readable.
         figure = Figure(figsize=(5.4, 1.2 + 0.4 * len(plot.bars)), dpi=100, layout="constrained")
@@ -460,9 +901,65 @@ def render_png(plot: Plot) -> bytes:
         axes.margins(x=0.15)
     axes.set_title(_plain(plot.title))
     axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def _png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _draw_parallel_coordinates(figure: Any, plot: ParallelCoordinatesPlot) -> None:
+    # Plain matplotlib: the axes are vertical lines at x = 0, 1, ... over positions in [0, 1]
+    # (planned by parallel_axis), each labelled with its real values; a colorbar reads the
+    # lines' colours. The better end of the scale is yellow, whichever the direction.
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    axes = figure.subplots()
+    values = [line.value for line in plot.lines]
+    low, high = min(values), max(values)
+    if low == high:  # one value still needs a scale to colour by
+        low, high = low - 0.5, high + 0.5
+    scale = Normalize(low, high)
+    colours = colormaps["viridis_r" if plot.direction == "minimize" else "viridis"]
+    xs = list(range(len(plot.axes)))
+    for line in plot.lines:
+        best = line.trial == plot.best
+        ys = [math.nan if p is None else p for p in line.positions]  # a gap where it lacks one
+        axes.plot(
+            xs,
+            ys,
+            color=colours(scale(line.value)),
+            linewidth=2.8 if best else 1.2,
+            alpha=1.0 if best else 0.75,
+            zorder=3 if best else 2,
+        )
+    for x, axis in zip(xs, plot.axes, strict=True):
+        axes.axvline(x, color="#5a6372", linewidth=0.8, zorder=1)
+        for position, text in axis.ticks:
+            axes.plot([x - 0.02, x], [position, position], color="#5a6372", linewidth=0.8)
+            axes.text(
+                x - 0.04,
+                position,
+                _plain(text),
+                ha="right",
+                va="center",
+                fontsize=7,
+                bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+                zorder=4,
+            )
+    labels = [_plain(a.label) + (" (log)" if a.scale == "log" else "") for a in plot.axes]
+    axes.set_xticks(xs, labels, fontsize=8, rotation=15 if len(xs) > 4 else 0)
+    axes.set_xlim(-0.45, xs[-1] + 0.15)
+    axes.set_ylim(-0.05, 1.05)
+    axes.set_yticks([])
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+    figure.colorbar(ScalarMappable(scale, colours), ax=axes, label=_plain(plot.color_label))
+    axes.set_title(_plain(plot.title))
 
 
 # -- Files ------------------------------------------------------------------------------------
@@ -614,6 +1111,57 @@ def write_pipeline_report(folder: str | Path, name: str, stages: list[PipelineSt
             loss_plots.append(RenderedPlot(f"{stage.name}: loss", loss.read_bytes(), link))
     page = render_pipeline_html(name, pipeline_summary(stages, metrics), links, loss_plots)
     path = folder / REPORT_FILE
+    _write_text_atomic(path, page)
+    return path
+
+
+def write_sweep_report(
+    folder: str | Path,
+    name: str,
+    objective: str,
+    direction: str,
+    trials: list[SweepTrial],
+    importances: dict[str, float],
+    best: str | None,
+) -> Path:
+    """Write <folder>/report.html and <folder>/report-plots/*.png for a sweep; the html's path.
+
+    `direction` is "minimize" or "maximize", `best` the best trial's name (None before one
+    completed), `importances` each parameter's importance in [0, 1] (empty when none could
+    be computed: the page says why). A trial whose output_dir holds its own report is
+    linked to it. Raises ValueError for another direction and ReportError when matplotlib
+    is missing.
+    """
+    _check_direction(direction)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = plan_sweep_plots(trials, objective, direction, importances, best)
+    pngs = {plot.file_name: render_png(plot) for plot in plots}
+    plots_dir = folder / REPORT_PLOTS_DIR
+    if pngs:
+        plots_dir.mkdir(exist_ok=True)
+    for old in plots_dir.glob(f"{SWEEP_PLOT_PREFIX}*.png") if plots_dir.is_dir() else []:
+        if old.name not in pngs:
+            old.unlink()  # a plot the sweep's trials no longer fill
+    for file_name, png in pngs.items():
+        (plots_dir / file_name).write_bytes(png)
+    rendered = [
+        RenderedPlot(plot.title, pngs[plot.file_name], f"{REPORT_PLOTS_DIR}/{plot.file_name}")
+        for plot in plots
+    ]
+    path = folder / REPORT_FILE
+    reports: dict[str, str] = {}
+    for trial in trials:
+        report = trial.output_dir / REPORT_FILE if trial.output_dir is not None else None
+        if report is not None and report.is_file() and report.resolve() != path.resolve():
+            reports[trial.name] = os.path.relpath(report, folder)
+    page = render_sweep_html(
+        name,
+        sweep_overview(objective, direction, trials, best),
+        sweep_table(trials, objective, best, reports),
+        rendered,
+        sweep_notes(trials, importances),
+    )
     _write_text_atomic(path, page)
     return path
 

@@ -92,7 +92,7 @@ the code and fails when the two differ, in either direction.
 {{- define "kubetrain.namespacedRules" -}}
 # Serve TrainingRuns: kopf lists, watches and patches them; the reconcile reads one and
 # annotates it; the status goes through the status subresource. Pipelines create their
-# stages' runs and set their spec.suspend.
+# stages' runs and Sweeps their trials, list them by label and set their spec.suspend.
 - apiGroups: [kubetrain.dev]
   resources: [trainingruns]
   verbs: [get, list, watch, create, patch]
@@ -111,6 +111,14 @@ the code and fails when the two differ, in either direction.
   verbs: [get, list, watch, patch]
 - apiGroups: [kubetrain.dev]
   resources: [pipelines/status]
+  verbs: [patch]
+# Serve Sweeps the same way. A Pipeline's sweep stages are Sweeps it creates, lists by label
+# and suspends (spec.suspend), as it does with its TrainingRun stages.
+- apiGroups: [kubetrain.dev]
+  resources: [sweeps]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [kubetrain.dev]
+  resources: [sweeps/status]
   verbs: [patch]
 # Each attempt's children: a ConfigMap with the trainer's config (brought up to date when
 # it differs), a headless Service, and an Indexed Job or a JobSet, deleted on restart. They

@@ -17,6 +17,8 @@ here rather than from the submodules; the names below are the stable surface:
   builds a stage's TrainingRun spec, `dependency_order(stages)` and `dependents(spec,
   stage)` walk the graph; `PipelineStatus`, `StageStatus` and the `REASON_STAGE*` values
   are what pipeline status code writes. `LABEL_PIPELINE`, `LABEL_STAGE` label stage runs.
+- `Sweep.model_validate(body)` reads a Sweep (kubetrain.api.sweep: parameters, objective,
+  search; `tunable_fields()` lists what a sweep may tune); `LABEL_SWEEP` labels its trials.
 """
 
 from kubetrain.api.loader import KIND_MODELS, ManifestError, load_documents, parse_document
@@ -56,6 +58,17 @@ from kubetrain.api.pipeline import (
     stage_output_uri,
     stage_run_name,
     stage_trainingrun_spec,
+)
+from kubetrain.api.sweep import (
+    LABEL_SWEEP,
+    SWEEP_KIND,
+    SWEEP_PLURAL,
+    SWEEP_SHORT_NAMES,
+    SWEEP_SINGULAR,
+    Sweep,
+    SweepSearch,
+    SweepSpec,
+    SweepStatus,
 )
 from kubetrain.api.trainingrun import (
     API_VERSION,
@@ -103,6 +116,7 @@ from kubetrain.api.trainingrun import (
     Condition,
     EnvVar,
     EnvVarSource,
+    EvalPoint,
     ObjectMeta,
     Outputs,
     Phase,
@@ -143,6 +157,7 @@ __all__ = [
     "LABEL_PIPELINE",
     "LABEL_RUN",
     "LABEL_STAGE",
+    "LABEL_SWEEP",
     "MAX_RUN_NAME_LENGTH",
     "MAX_STAGES",
     "MERGED_SUBDIR",
@@ -178,10 +193,15 @@ __all__ = [
     "SHORT_NAMES",
     "SINGULAR",
     "STAGE_SKIPPED",
+    "SWEEP_KIND",
+    "SWEEP_PLURAL",
+    "SWEEP_SHORT_NAMES",
+    "SWEEP_SINGULAR",
     "VERSION",
     "Condition",
     "EnvVar",
     "EnvVarSource",
+    "EvalPoint",
     "FailurePolicy",
     "Gate",
     "ManifestError",
@@ -206,6 +226,10 @@ __all__ = [
     "StageReferenceModel",
     "StageSpec",
     "StageStatus",
+    "Sweep",
+    "SweepSearch",
+    "SweepSpec",
+    "SweepStatus",
     "Toleration",
     "TrainingRun",
     "TrainingRunSpec",

@@ -1,7 +1,7 @@
 """Read kubetrain custom resources from YAML files, with errors that point at the field.
 
 One file may hold several documents (`---`); empty ones are skipped. Each document's
-`kind` picks its model from `KIND_MODELS` (TrainingRun, Pipeline), so a new kind is one
+`kind` picks its model from `KIND_MODELS` (TrainingRun, Pipeline, Sweep), so a new kind is one
 table entry. Errors read `examples/x.yaml: TrainingRun sft-tiny: spec.training.learningRate: Input
 should be greater than 0`: the file, the object and the field, one problem per line.
 """
@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubetrain.api.pipeline import PIPELINE_KIND, Pipeline
+from kubetrain.api.sweep import SWEEP_KIND, Sweep
 from kubetrain.api.trainingrun import API_VERSION, KIND, TrainingRun
 from kubetrain_trainer.config import ConfigError, format_validation_error
 
@@ -23,6 +24,7 @@ from kubetrain_trainer.config import ConfigError, format_validation_error
 KIND_MODELS: dict[str, tuple[str, type[BaseModel]]] = {
     KIND: (API_VERSION, TrainingRun),
     PIPELINE_KIND: (API_VERSION, Pipeline),
+    SWEEP_KIND: (API_VERSION, Sweep),
 }
 
 

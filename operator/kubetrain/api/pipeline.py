@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from kubetrain.api.cel import present, rule
+from kubetrain.api.sweep import SweepSearch, search_problems
 from kubetrain.api.trainingrun import (
     API_VERSION,
     MAX_ENV_VARS,
@@ -429,6 +430,12 @@ class PipelineStage(K8sObject):
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     spec: StageSpec = Field(description="The TrainingRun spec this stage runs.")
+    sweep: SweepSearch | None = Field(
+        None,
+        description="Make this stage a hyperparameter sweep: a Sweep <pipeline>-<stage> "
+        "over spec as its template, with these parameters, objective and search. Its best "
+        "trial's model is the stage's model (what a later fromStage takes).",
+    )
     gate: list[Gate] = Field(
         default_factory=list,
         max_length=MAX_GATES,
@@ -735,10 +742,13 @@ def _trainingrun_problems(spec: PipelineSpec, stage: PipelineStage) -> list[str]
     """The stage judged as the TrainingRun it becomes, upstream models as their outputs."""
     upstream_uris = {s.name: stage_output_uri(spec, s.name) for s in spec.stages}
     try:
-        stage_trainingrun_spec(spec, stage.name, upstream_uris)
+        run_spec = stage_trainingrun_spec(spec, stage.name, upstream_uris)
     except ValidationError as e:
         return [_stage_error(stage.name, err) for err in e.errors()]
-    return []
+    if stage.sweep is None:
+        return []
+    template = run_spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return search_problems(stage.sweep, template, f"stage {stage.name}: sweep")
 
 
 def _stage_error(stage: str, err: Mapping[str, Any]) -> str:
@@ -868,6 +878,9 @@ class Pipeline(K8sObject):
             )
         for stage in self.spec.stages:
             run = stage_run_name(name, stage.name)
+            if stage.sweep is not None:
+                # A sweep stage's longest name is that of its last trial.
+                run = f"{run}-{stage.sweep.max_trials - 1}"
             if len(run) > MAX_RUN_NAME_LENGTH:
                 raise ValueError(
                     f"stage {stage.name}: its TrainingRun {run} is {len(run)} characters, "

@@ -48,7 +48,7 @@ from kubetrain_trainer.config import (
     Training,
     check_method_blocks,
 )
-from kubetrain_trainer.contract import MAX_OUTPUT_METRICS, METRICS_PORT
+from kubetrain_trainer.contract import MAX_EVAL_HISTORY, MAX_OUTPUT_METRICS, METRICS_PORT
 
 GROUP = "kubetrain.dev"
 VERSION = "v1alpha1"
@@ -1023,6 +1023,17 @@ class Progress(K8sObject):
     )
 
 
+class EvalPoint(K8sObject):
+    """One evaluation during training, as rank 0's metrics endpoint reported it."""
+
+    step: int = Field(ge=0, description="The optimizer step the evaluation ran at.")
+    metrics: dict[str, float] = Field(
+        description="eval_loss and the method's other evaluation metrics (perplexity; DPO "
+        "rewards_accuracy, rewards_margin), named as in the final metrics (outputs.metrics).",
+        max_length=8,
+    )
+
+
 class Outputs(K8sObject):
     """What a finished run leaves behind."""
 
@@ -1087,6 +1098,12 @@ class TrainingRunStatus(KstatusStatus):
         None, ge=0, description="Gang restarts so far (at most restartPolicy.maxRestarts)."
     )
     progress: Progress | None = Field(None, description="Training progress of the attempt.")
+    eval_history: list[EvalPoint] | None = Field(
+        None,
+        max_length=MAX_EVAL_HISTORY,
+        description="Every evaluation during training, oldest first (the newest "
+        f"{MAX_EVAL_HISTORY}); a Sweep's pruner reads its trials' history here.",
+    )
     latest_checkpoint: str | None = Field(
         None, description="URI of the newest complete checkpoint (<output>/checkpoint-N)."
     )

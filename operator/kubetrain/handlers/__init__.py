@@ -1,4 +1,4 @@
-"""The kubetrain operator: kopf handlers for TrainingRun and Pipeline, and how to run them.
+"""The kubetrain operator: kopf handlers for TrainingRun, Pipeline and Sweep, and how to run them.
 
 Two ways in, same handlers. `run_operator(...)` (what `kubetrain operator` calls) builds a
 fresh kopf registry with the options given and runs until stopped. `kopf run -m
@@ -24,8 +24,8 @@ from typing import Any
 import kopf
 
 from kubetrain import k8s, opmetrics
-from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION
-from kubetrain.handlers import pipeline
+from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, SWEEP_PLURAL, VERSION
+from kubetrain.handlers import pipeline, sweep
 from kubetrain.handlers.children import Children, register_indexes, watch_only_children
 from kubetrain.handlers.trainingrun import (
     MetricsAddress,
@@ -171,6 +171,43 @@ def register(
     )
     def pipeline_deleted(namespace: str, name: str, **_: Any) -> None:
         pipeline.forget(namespace, name)
+
+    # Sweeps: the same triggers, one reconcile. Trials are TrainingRuns, served above.
+    @kopf.on.create(
+        GROUP,
+        VERSION,
+        SWEEP_PLURAL,
+        id="sweep-start",
+        backoff=reconcile_interval,
+        registry=registry,
+    )
+    @kopf.on.resume(
+        GROUP,
+        VERSION,
+        SWEEP_PLURAL,
+        id="sweep-resume",
+        backoff=reconcile_interval,
+        registry=registry,
+    )
+    @kopf.on.update(
+        GROUP, VERSION, SWEEP_PLURAL, id="sweep-spec-changed", field="spec",
+        backoff=reconcile_interval, registry=registry,
+    )  # fmt: skip
+    def react_sweep(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        sweep.reconcile(namespace, name, memo)
+
+    @kopf.timer(
+        GROUP, VERSION, SWEEP_PLURAL, id="sweep-follow", interval=reconcile_interval,
+        when=is_unfinished, registry=registry,
+    )  # fmt: skip
+    def follow_sweep(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        sweep.reconcile(namespace, name, memo)
+
+    @kopf.on.delete(
+        GROUP, VERSION, SWEEP_PLURAL, id="sweep-forget", optional=True, registry=registry
+    )
+    def sweep_deleted(namespace: str, name: str, **_: Any) -> None:
+        sweep.forget(namespace, name)
 
 
 def run_operator(

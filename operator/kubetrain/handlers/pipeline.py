@@ -1,8 +1,9 @@
 """kopf glue for Pipeline: every trigger runs one idempotent, level-based reconcile.
 
 Create, resume (operator start), spec updates and a timer all call `reconcile`, which reads
-the pipeline fresh from the API under a per-pipeline lock, lists its stage TrainingRuns (by
-the `kubetrain.dev/pipeline` label, counting only runs this pipeline owns), lets
+the pipeline fresh from the API under a per-pipeline lock, lists its stage TrainingRuns and Sweeps
+(a stage with `sweep` is a Sweep; by the `kubetrain.dev/pipeline` label, counting only those
+this pipeline owns), lets
 `kubetrain.pipelines` decide, acts through `kubetrain.k8s` and writes the whole status.
 The runs themselves are the only memory: a stage is started once every stage it depends on
 succeeded and it has no run yet, and its run is named `<pipeline>-<stage>`, so an operator
@@ -36,9 +37,11 @@ from kubetrain.api import (
     REASON_CREATED,
     REASON_INVALID_SPEC,
     REASON_SUSPENDED,
+    SWEEP_KIND,
     Pipeline,
     PipelineStatus,
     StageStatus,
+    Sweep,
     TrainingRun,
     stage_run_name,
 )
@@ -48,6 +51,7 @@ from kubetrain.pipelines import (
     invalid_pipeline_status,
     plan_pipeline,
     stage_run,
+    stage_sweep,
     suspend_patch,
     upstream_model_uris,
 )
@@ -112,7 +116,10 @@ class PipelinePass(ObjectPass):
         model_uris = upstream_model_uris(plan.status)
         for stage in plan.ready:
             try:
-                run = stage_run(pipeline, stage, model_uris)
+                if pipeline.spec.stage(stage).sweep is not None:
+                    run = stage_sweep(pipeline, stage, model_uris)
+                else:
+                    run = stage_run(pipeline, stage, model_uris)
             except ValidationError as e:
                 self.invalid(format_validation_error(e, f"Pipeline {self.qualified}"))
                 return
@@ -140,10 +147,17 @@ class PipelinePass(ObjectPass):
 
     def stage_runs(self, pipeline: Pipeline) -> dict[str, dict[str, Any]]:
         """Stage name -> its TrainingRun, for the stages that have one owned by this pipeline."""
-        stage_of = {stage_run_name(self.name, s.name): s.name for s in pipeline.spec.stages}
+        stage_of = {
+            (stage_run_name(self.name, s.name), s.sweep is not None): s.name
+            for s in pipeline.spec.stages
+        }
         runs = {}
-        for run in k8s.list_pipeline_runs(self.namespace, self.name):
-            stage = stage_of.get(run["metadata"]["name"])
+        sweeps = [] if not any(s.sweep for s in pipeline.spec.stages) else (
+            k8s.list_pipeline_sweeps(self.namespace, self.name)
+        )  # fmt: skip
+        for run in k8s.list_pipeline_runs(self.namespace, self.name) + sweeps:
+            is_sweep = run.get("kind") == SWEEP_KIND
+            stage = stage_of.get((run["metadata"]["name"], is_sweep))
             if stage is not None and self.owns(run):
                 runs[stage] = run
         return runs
@@ -158,7 +172,10 @@ class PipelinePass(ObjectPass):
         patch = suspend_patch(pipeline, run)
         if patch is None:
             return
-        k8s.patch_trainingrun(self.namespace, run["metadata"]["name"], patch)
+        if run.get("kind") == SWEEP_KIND:
+            k8s.patch_sweep(self.namespace, run["metadata"]["name"], patch)
+        else:
+            k8s.patch_trainingrun(self.namespace, run["metadata"]["name"], patch)
         verb = "Suspended" if pipeline.spec.suspend else "Resumed"
         self.announce(
             REASON_SUSPENDED,
@@ -166,11 +183,12 @@ class PipelinePass(ObjectPass):
             f"{str(pipeline.spec.suspend).lower()}",
         )
 
-    def create(self, run: TrainingRun, stages: list[StageStatus]) -> None:
-        """Create a ready stage's run; if a run not ours holds the name, say so in its stage."""
+    def create(self, run: TrainingRun | Sweep, stages: list[StageStatus]) -> None:
+        """Create a ready stage's run (or sweep); if one not ours holds the name, say so."""
         body = run.model_dump(mode="json", by_alias=True, exclude_none=True)
         stage = next(s for s in stages if s.run_name == run.metadata.name)
-        if k8s.create_trainingrun(body):
+        create = k8s.create_sweep if isinstance(run, Sweep) else k8s.create_trainingrun
+        if create(body):
             self.announce(REASON_CREATED, f"Created {k8s.describe(body)} for stage {stage.name}")
             return
         stage.message = (

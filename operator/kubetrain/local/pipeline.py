@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,32 +28,32 @@ from typing import TextIO
 
 from kubetrain.api import (
     CONDITION_READY,
-    MERGED_SUBDIR,
     PHASE_FAILED,
     PHASE_SUCCEEDED,
     REASON_GATE_FAILED,
     Pipeline,
-    UriRef,
-    classify_uri,
     dependency_order,
     stage_output_uri,
     to_trainer_config,
 )
 from kubetrain.local.runner import (
-    METRICS_FILE,
     LocalRun,
+    clear_previous_run,
     finished_metrics,
+    local_output_dir,
     resolve_local_uri,
     run_locally,
 )
-from kubetrain.pipelines import NOT_RUN_PREFIX, plan_pipeline, stage_run, upstream_model_uris
+from kubetrain.pipelines import (
+    NOT_RUN_PREFIX,
+    plan_pipeline,
+    stage_run,
+    stage_sweep,
+    upstream_model_uris,
+)
 from kubetrain.status import condition_of, format_duration, headline_metric
 from kubetrain_trainer.config import ConfigError
 from kubetrain_trainer.contract import (
-    CHECKPOINT_DIR_PREFIX,
-    REPORT_FILE,
-    REPORT_PLOTS_DIR,
-    TRAINER_STATE_FILE,
     TrainerMetricsFile,
     output_metrics,
 )
@@ -80,6 +79,7 @@ class StageOutcome:
     exit_code: int = 0
     note: str = ""
     first_suite: str | None = None  # an evaluate stage's first suite, whose headline it shows
+    model_uri: str | None = None  # a sweep stage's model: its best trial's output
 
 
 @dataclass
@@ -102,34 +102,6 @@ class LocalPipelineRun:
         if self.failed:
             return self.failed[0].exit_code
         return GATE_FAILED_EXIT if self.gate_failure else 0
-
-
-def local_output_dir(uri: str) -> Path:
-    """The folder a stage writes to here; refuses pvc:// and s3:// like the local runner."""
-    try:
-        return Path(
-            resolve_local_uri(UriRef("spec.output", uri, classify_uri(uri, may_be_hub_id=False)))
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-
-def clear_previous_run(output_dir: Path) -> bool:
-    """Remove what would make the trainer resume, or the stage look finished; True if any.
-
-    Only the trainer's own artifacts go: checkpoint-N folders, metrics.json, the merged
-    model and the report of the old model. The final model files are overwritten by the new
-    run.
-    """
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_DIR_PREFIX}-*") if p.is_dir()]
-    previous = (METRICS_FILE, MERGED_SUBDIR, REPORT_FILE, REPORT_PLOTS_DIR, TRAINER_STATE_FILE)
-    found += [output_dir / name for name in previous if (output_dir / name).exists()]
-    for path in found:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return bool(found)
 
 
 def check_runs_here(pipeline: Pipeline) -> None:
@@ -190,6 +162,8 @@ def run_pipeline_locally(
             "phase": PHASE_FAILED if outcome.status == FAILED else PHASE_SUCCEEDED,
             "outputs": {"metrics": output_metrics(outcome.metrics or {})},
         }
+        if outcome.model_uri is not None:  # a sweep stage: its best trial's model
+            observed[name]["outputs"]["modelUri"] = outcome.model_uri
 
     for planned in plan.status.stages:
         if planned.name not in outcomes:
@@ -265,7 +239,7 @@ def run_stage(
         outcome.first_suite = stage.spec.evaluate.suites[0].name
     # A model trained on an upstream model that has just been replaced is stale.
     stale_because = [d for d in stage.depends_on if done[d].status == TRAINED]
-    finished = finished_metrics(output_dir)
+    finished = finished_metrics(output_dir) if stage.sweep is None else None
     if finished is not None and not rerun and not stale_because:
         outcome.status, outcome.metrics = REUSED, finished
         say(
@@ -276,6 +250,8 @@ def run_stage(
     if (rerun or stale_because) and clear_previous_run(output_dir):
         why = "--rerun" if rerun else f"{', '.join(stale_because)} was trained again"
         say(f"{header}: {why}, so the previous run's checkpoints were removed")
+    if stage.sweep is not None:
+        return run_sweep_stage(pipeline, name, model_uris, outcome, header, say)
     run = stage_run(pipeline, name, model_uris)
     say(f"{header}: TrainingRun {run.metadata.name} -> {display_path(output_dir)}")
     result = train(run, metrics_port=metrics_port)
@@ -286,6 +262,32 @@ def run_stage(
             f"==> stage {name} failed (exit {result.exit_code}); run again to resume from "
             f"its newest checkpoint in {output_dir}"
         )
+    return outcome
+
+
+def run_sweep_stage(
+    pipeline: Pipeline,
+    name: str,
+    model_uris: dict[str, str],
+    outcome: StageOutcome,
+    header: str,
+    say: Callable[[str], None],
+) -> StageOutcome:
+    """Run a sweep stage's trials here; its model is the best trial's (always searched
+    again: a sweep's result is its trials, not one folder to reuse)."""
+    from kubetrain.local.sweep import run_sweep_locally
+
+    sweep = stage_sweep(pipeline, name, model_uris)
+    say(f"{header}: Sweep {sweep.metadata.name} -> {display_path(outcome.output_dir)}")
+    result = run_sweep_locally(sweep)
+    say(f"==> stage {name}: Sweep {result.phase}: {result.message}")
+    if result.best is None or result.phase != PHASE_SUCCEEDED:
+        outcome.status, outcome.exit_code = FAILED, result.exit_code
+        return outcome
+    outcome.status = TRAINED
+    outcome.metrics = finished_metrics(Path(result.best.model_uri or "")) or {}
+    outcome.model_uri = result.best.model_uri
+    outcome.note = f"best {result.best.name}"
     return outcome
 
 

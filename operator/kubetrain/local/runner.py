@@ -9,6 +9,7 @@ image has none); the trainer's exit code comes back unchanged.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -16,9 +17,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from kubetrain.api import TrainingRun, UriRef, to_trainer_config
+from kubetrain.api import MERGED_SUBDIR, TrainingRun, UriRef, classify_uri, to_trainer_config
 from kubetrain_trainer.config import ConfigError, dump_trainer_config
-from kubetrain_trainer.contract import METRICS_FILE, TrainerMetricsFile
+from kubetrain_trainer.contract import (
+    CHECKPOINT_DIR_PREFIX,
+    METRICS_FILE,
+    REPORT_FILE,
+    REPORT_PLOTS_DIR,
+    TRAINER_STATE_FILE,
+    TrainerMetricsFile,
+)
 
 CONFIG_FILE = "kubetrain-trainer-config.yaml"
 
@@ -54,6 +62,34 @@ def resolve_local_uri(ref: UriRef) -> str:
         return ref.uri
     # Relative paths are relative to where `kubetrain run` was started, as with any CLI.
     return str(Path(ref.uri).expanduser().resolve())
+
+
+def local_output_dir(uri: str) -> Path:
+    """The folder a stage writes to here; refuses pvc:// and s3:// like the local runner."""
+    try:
+        return Path(
+            resolve_local_uri(UriRef("spec.output", uri, classify_uri(uri, may_be_hub_id=False)))
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def clear_previous_run(output_dir: Path) -> bool:
+    """Remove what would make the trainer resume, or the stage look finished; True if any.
+
+    Only the trainer's own artifacts go: checkpoint-N folders, metrics.json, the merged
+    model and the report of the old model. The final model files are overwritten by the new
+    run.
+    """
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_DIR_PREFIX}-*") if p.is_dir()]
+    previous = (METRICS_FILE, MERGED_SUBDIR, REPORT_FILE, REPORT_PLOTS_DIR, TRAINER_STATE_FILE)
+    found += [output_dir / name for name in previous if (output_dir / name).exists()]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return bool(found)
 
 
 def trainer_command(config_path: Path, processes: int) -> list[str]:
