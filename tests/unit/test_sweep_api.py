@@ -117,7 +117,7 @@ CASES: list[tuple[str, dict[str, Any], str | None, str | None]] = [
     (
         "categorical-without-choices",
         sweep({"path": "lora.r", "type": "categorical"}),
-        "type categorical needs choices",
+        None,
         "lora.r: type categorical needs choices",
     ),
     (

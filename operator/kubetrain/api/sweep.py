@@ -155,7 +155,12 @@ def _cel_list(items: list[str]) -> str:
 
 
 def _parameter_rules() -> list[dict[str, str]]:
-    """CEL twins of SweepParameter's checks; the path lists come from tunable_fields()."""
+    """CEL twins of SweepParameter's checks; the path lists come from tunable_fields().
+
+    None reads `choices`: its items may be numbers, strings or booleans, which a structural
+    schema can only keep untyped, and CEL cannot compile a rule on an untyped field; the
+    operator's pydantic checks them (InvalidSpec).
+    """
     numeric = "self.type == 'float' || self.type == 'int'"
     return [
         {
@@ -201,18 +206,6 @@ def _parameter_rules() -> list[dict[str, str]]:
             "!has(self.log) || !self.log || !has(self.step)",
             "set log or step, not both (Optuna samples a log scale continuously)",
             field_path=".step",
-            reason="FieldValueForbidden",
-        ),
-        rule(
-            "self.type != 'categorical' || (has(self.choices) && self.choices.size() > 0)",
-            "type categorical needs choices",
-            field_path=".choices",
-            reason="FieldValueRequired",
-        ),
-        rule(
-            "self.type == 'categorical' || !has(self.choices)",
-            "choices apply to type categorical only; float and int take low and high",
-            field_path=".choices",
             reason="FieldValueForbidden",
         ),
         rule(
