@@ -210,7 +210,7 @@ def _parameter_rules() -> list[dict[str, str]]:
         ),
         rule(
             "self.type != 'categorical' || (!has(self.low) && !has(self.high) && "
-            "!has(self.step) && !has(self.log))",
+            "!has(self.step) && (!has(self.log) || !self.log))",
             "type categorical takes choices, not low, high, step or log",
             field_path=".type",
             reason="FieldValueForbidden",
