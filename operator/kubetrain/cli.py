@@ -9,6 +9,9 @@
     kubetrain generate outputs/sft-tiny --chat             talk to a trained model or adapter
     kubetrain crds                                         regenerate crds/ from the API types
     kubetrain operator                                     run the operator (in a cluster)
+    kubetrain submit FILE [--wait|--follow]                create or update them on a cluster
+    kubetrain get [runs|pipelines|sweeps] [NAME] [-w]      what runs there, with progress
+    kubetrain describe|logs [-f]|wait|suspend|resume|delete NAME   one of them
     kubetrain --version --verbose                          versions of kubetrain and its libraries
 
 Errors name the file, the object and the field, and exit 2; a failed training run (or a
@@ -24,6 +27,7 @@ import json
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -246,7 +250,7 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train a TrainingRun or a Pipeline on this machine")
+    run = sub.add_parser("run", help="train a TrainingRun, Pipeline or Sweep on this machine")
     run.add_argument("file", type=Path)
     run.add_argument(
         "--metrics-port", type=int, default=None,
@@ -335,6 +339,7 @@ def parser() -> argparse.ArgumentParser:
         "(default: a single, standalone operator)",
     )  # fmt: skip
     operator.set_defaults(func=cmd_operator)
+    _add_cluster_parsers(sub)
     return p
 
 
@@ -355,6 +360,14 @@ def version_text(verbose: bool) -> str:
     if verbose:
         lines += [f"{name} {installed_version(name)}" for name in VERSIONED_LIBRARIES]
     return "\n".join(lines)
+
+
+def _add_cluster_parsers(sub: Any) -> None:
+    try:
+        from kubetrain.cluster_cli import add_parsers
+    except ImportError:  # the kubernetes client is the operator extra's: laptop-only installs
+        return
+    add_parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
+        # Also the cluster commands' refusals (k8s.ClientProblem: no context, no CRDs,
+        # forbidden, not found): one line, never a traceback.
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

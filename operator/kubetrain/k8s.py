@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
@@ -28,14 +28,17 @@ from kubetrain.api import (
     GROUP,
     KIND,
     LABEL_PIPELINE,
+    LABEL_RUN,
     LABEL_SWEEP,
     METRICS_PORT,
+    PIPELINE_KIND,
     PIPELINE_PLURAL,
     PLURAL,
     SWEEP_KIND,
     SWEEP_PLURAL,
     VERSION,
 )
+from kubetrain_trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +49,24 @@ METRICS_TIMEOUT_SECONDS = 2.0
 _lock = threading.Lock()
 _api_client: client.ApiClient | None = None
 _api_server: str | None = None
+_context: str | None = None
 
 
-def configure(api_server: str | None = None) -> None:
+def configure(api_server: str | None = None, context: str | None = None) -> None:
     """Choose how to reach the API server; the next call builds a client that way.
 
     Order: `api_server`, then $KUBETRAIN_API_SERVER (both: a URL such as
-    http://127.0.0.1:8001, TLS unverified), then the in-cluster service account, then
-    kubeconfig ($KUBECONFIG or ~/.kube/config, current context).
+    http://127.0.0.1:8001, TLS unverified), then kubeconfig's `context` when one is named,
+    then the in-cluster service account, then kubeconfig ($KUBECONFIG or ~/.kube/config,
+    current context).
     """
-    global _api_client, _api_server
+    global _api_client, _api_server, _context
     with _lock:
         if _api_client is not None:
             _api_client.close()
         _api_client = None
         _api_server = api_server
+        _context = context
 
 
 def api_server_override() -> str | None:
@@ -75,11 +81,25 @@ def _client_configuration() -> client.Configuration:
         configuration.host = server.rstrip("/")
         configuration.verify_ssl = False
         return configuration
+    if _context:
+        config.load_kube_config(context=_context, client_configuration=configuration)
+        return configuration
     try:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
     return configuration
+
+
+def current_namespace() -> str:
+    """The namespace of kubeconfig's context (the one `configure` chose), else default."""
+    try:
+        _contexts, active = config.list_kube_config_contexts()
+        if _context:
+            active = next(c for c in _contexts if c["name"] == _context)
+        return str((active.get("context") or {}).get("namespace") or "default")
+    except (config.ConfigException, StopIteration, OSError, TypeError):
+        return "default"
 
 
 def api_client() -> client.ApiClient:
@@ -260,6 +280,141 @@ def create_sweep(body: dict[str, Any]) -> bool:
         raise
     log.info("Created %s", describe(body))
     return True
+
+
+# --- Any kubetrain object (the client: kubetrain submit/get/wait/...) ---------------------
+
+FIELD_MANAGER = "kubetrain"  # server-side apply's manager for `kubetrain submit`
+
+
+class ClientProblem(ConfigError):
+    """Why a client call cannot be done, in one line that says what to do (a ConfigError:
+    the CLI prints it as one line and exits 2)."""
+
+
+def plural_of(kind: str) -> str:
+    return {KIND: PLURAL, PIPELINE_KIND: PIPELINE_PLURAL, SWEEP_KIND: SWEEP_PLURAL}[kind]
+
+
+def explain(e: Exception, what: str) -> ClientProblem:
+    """The one line a person reads for a failed call about `what` (e.g. TrainingRun ns/x)."""
+    if isinstance(e, config.ConfigException):
+        return ClientProblem(
+            "no Kubernetes cluster is configured (no kubeconfig or context): set KUBECONFIG, "
+            "pass --context, or train on this machine with `kubetrain run FILE`"
+        )
+    if isinstance(e, ApiException):
+        try:
+            body = json.loads(e.body or "{}")
+        except ValueError:
+            body = {}
+        message = body.get("message") or str(e.reason)
+        if e.status == 404 and not (body.get("details") or {}).get("name"):
+            return ClientProblem(
+                "the kubetrain CRDs are not installed in this cluster: helm install kubetrain "
+                "charts/kubetrain (or kubectl apply -f crds/)"
+            )
+        if e.status == 404:
+            return ClientProblem(f"{what} not found")
+        if e.status == 403:
+            return ClientProblem(
+                f"forbidden: {message}; ask an admin to bind you the chart's kubetrain-edit "
+                "ClusterRole (or -view to read) in that namespace"
+            )
+        if e.status == 422:
+            return ClientProblem(f"{what} is invalid: {message}")
+        return ClientProblem(f"{what}: the API server answered {e.status}: {message}")
+    if isinstance(e, requests.RequestException | OSError) or "MaxRetryError" in type(e).__name__:
+        return ClientProblem(f"cannot reach the Kubernetes API server: {e}")
+    raise e
+
+
+def apply_object(body: dict[str, Any]) -> str:
+    """Server-side apply `body` as field manager kubetrain: created, configured or unchanged."""
+    meta = body["metadata"]
+    plural = plural_of(body["kind"])
+    before = get_object(plural, meta["namespace"], meta["name"])
+    applied = _body(
+        _custom().patch_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], plural, meta["name"], body,
+            field_manager=FIELD_MANAGER, force=True,
+            _content_type="application/apply-patch+yaml", _preload_content=False,
+        )
+    )  # fmt: skip
+    if before is None:
+        return "created"
+    same = before["metadata"].get("resourceVersion") == applied["metadata"].get("resourceVersion")
+    return "unchanged" if same else "configured"
+
+
+def get_object(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A kubetrain object as stored now, or None (raises ApiException if the kind is unknown)."""
+    try:
+        return _body(
+            _custom().get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _preload_content=False
+            )
+        )
+    except ApiException as e:
+        if e.status == 404 and (json.loads(e.body or "{}").get("details") or {}).get("name"):
+            return None
+        raise
+
+
+def list_objects(plural: str, namespace: str) -> list[dict[str, Any]]:
+    kind = {PLURAL: KIND, PIPELINE_PLURAL: PIPELINE_KIND, SWEEP_PLURAL: SWEEP_KIND}[plural]
+    return _list_labelled(namespace, plural, kind, "")
+
+
+def patch_object(plural: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    _custom().patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, plural, name, patch, _preload_content=False
+    )
+
+
+def delete_object(plural: str, namespace: str, name: str) -> None:
+    """Delete a kubetrain object; its children go by garbage collection (Background)."""
+    _custom().delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, plural, name, propagation_policy="Background",
+        _preload_content=False,
+    )  # fmt: skip
+
+
+def list_events(namespace: str, name: str) -> list[dict[str, Any]]:
+    """The events about objects called `name` in `namespace`, oldest first."""
+    events = _body(
+        _core().list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={name}", _preload_content=False
+        )
+    )["items"]
+    return sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+
+
+def list_run_pods(namespace: str, run: str) -> list[dict[str, Any]]:
+    """The pods of every attempt of a run (labelled kubetrain.dev/run)."""
+    return _body(
+        _core().list_namespaced_pod(
+            namespace, label_selector=f"{LABEL_RUN}={run}", _preload_content=False
+        )
+    )["items"]
+
+
+def stream_pod_log(namespace: str, pod: str, *, follow: bool) -> Iterator[str]:
+    """A pod's log lines; with `follow`, as they are written until the container ends."""
+    response = _core().read_namespaced_pod_log(
+        pod, namespace, follow=follow, _preload_content=False
+    )
+    try:
+        pending = b""
+        for chunk in response.stream(4096):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+        if pending:
+            yield pending.decode("utf-8", "replace")
+    finally:
+        response.release_conn()
 
 
 # --- Children ---------------------------------------------------------------------------

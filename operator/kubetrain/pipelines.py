@@ -38,7 +38,6 @@ from kubetrain.api import (
     PIPELINE_KIND,
     REASON_COMPLETED,
     REASON_GATE_FAILED,
-    REASON_INVALID_SPEC,
     REASON_STAGE_FAILED,
     REASON_STAGES_PENDING,
     REASON_STAGES_RUNNING,
@@ -325,21 +324,3 @@ def _pipeline_phase(
         message = f"{succeeded}/{total} stages succeeded; running: {active or 'none'}"
         return PHASE_RUNNING, REASON_STAGES_RUNNING, message, active
     return PHASE_PENDING, REASON_STAGES_PENDING, f"starting: {active or 'none'}", active
-
-
-def invalid_pipeline_status(
-    previous: Mapping[str, Any] | None, message: str, *, now: str, generation: int | None
-) -> dict[str, Any]:
-    """Status (camelCase dict) for a pipeline pydantic refuses, e.g. a dependsOn cycle.
-
-    The API server cannot catch cycles (CEL cannot walk a graph), so the operator validates
-    every Pipeline itself and writes this instead of creating anything.
-    """
-    return next_status(
-        previous,
-        phase=PHASE_FAILED,
-        reason=REASON_INVALID_SPEC,
-        message=message,
-        now=now,
-        generation=generation,
-    )

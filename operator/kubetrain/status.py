@@ -40,6 +40,7 @@ from kubetrain.api import (
     REASON_COMPLETED,
     REASON_CONFIG_ERROR,
     REASON_CREATED,
+    REASON_INVALID_SPEC,
     REASON_PODS_STARTING,
     REASON_PREEMPTED,
     REASON_QUEUED,
@@ -514,6 +515,22 @@ def next_status(
         else:
             status[key] = value
     return status
+
+
+def invalid_spec_status(
+    previous: Mapping[str, Any] | None, message: str, *, now: str, generation: int | None
+) -> dict[str, Any]:
+    """Status (camelCase dict) for a Pipeline or Sweep pydantic refuses where the CRD's CEL
+    cannot (a dependsOn cycle; a choice its template's field does not take): Failed with
+    InvalidSpec. The operator validates each one itself and writes this, creating nothing."""
+    return next_status(
+        previous,
+        phase=PHASE_FAILED,
+        reason=REASON_INVALID_SPEC,
+        message=message,
+        now=now,
+        generation=generation,
+    )
 
 
 def condition_of(status: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:

@@ -87,6 +87,16 @@ LORA_MERGED = pipeline(
 )
 
 
+SWEEP_STAGE = {
+    **stage("tune", "lora", data={"train": "pvc://data/t", "eval": "pvc://data/e"}),
+    "sweep": {
+        "parameters": [{"path": "lora.r", "type": "categorical", "choices": [4, 8]}],
+        "objective": {"metric": "eval_loss"},
+        "maxTrials": 6,
+    },
+}
+
+
 def changed(doc: dict[str, Any], change) -> dict[str, Any]:
     doc = copy.deepcopy(doc)
     change(doc)
@@ -291,6 +301,14 @@ CASES: list[tuple[str, dict[str, Any], str | None, str | None]] = [
         pipeline(stage("SFT")),
         "does not match",
         "String should match pattern",
+    ),
+    ("sweep-stage", pipeline(SWEEP_STAGE, name="p" * 33), None, None),
+    (
+        # <pipeline>-tune fits, but its last trial <pipeline>-tune-11 does not.
+        "sweep-stage-trials-too-long",
+        pipeline(changed(SWEEP_STAGE, lambda s: s["sweep"].update(maxTrials=12)), name="p" * 33),
+        "stage tune: its trials <pipeline>-<stage>-<n> are longer than 40 characters",
+        "stage tune: its TrainingRun",
     ),
 ]
 

@@ -19,12 +19,12 @@ from kubetrain.api import (
     PipelineStatus,
 )
 from kubetrain.pipelines import (
-    invalid_pipeline_status,
     plan_pipeline,
     stage_run,
     suspend_patch,
     upstream_model_uris,
 )
+from kubetrain.status import invalid_spec_status
 
 T0, T1, T2, T3 = (f"2026-01-01T00:0{i}:00Z" for i in range(4))
 
@@ -338,7 +338,7 @@ def test_editing_a_finished_pipeline_reruns_nothing_but_starts_new_stages() -> N
 
 
 def test_an_invalid_pipeline_is_reported_failed() -> None:
-    status = invalid_pipeline_status(
+    status = invalid_spec_status(
         None, "dependsOn forms a cycle: a needs b, b needs a", now=T0, generation=3
     )
     assert status["phase"] == "Failed" and status["observedGeneration"] == 3

@@ -422,3 +422,20 @@ def test_the_report_module_imports_no_optuna_torch_or_matplotlib():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert json.loads(done.stdout) == [], done.stderr
+
+
+def test_kubetrain_report_reads_a_sweep_folder_and_rewrites_a_missing_page(tmp_path: Path):
+    from kubetrain_trainer.report import ensure_report, read_sweep
+
+    path, _page = write(tmp_path, trials())
+    record = read_sweep(tmp_path)
+    assert record is not None and record.name == "lr-sweep"
+    assert [t.name for t in record.trials] == [t.name for t in trials()]
+    assert record.trials == [replace(t, output_dir=record.trials[i].output_dir)
+                             for i, t in enumerate(trials())]  # fmt: skip
+    path.unlink()
+    shown = ensure_report(tmp_path)
+    assert shown.title == "Sweep lr-sweep" and path.is_file()
+    assert shown.table.columns[:3] == ["trial", "#", "state"]
+    labels = [row.label for row in shown.table.rows]
+    assert "lr-sweep-1 (best)" in labels

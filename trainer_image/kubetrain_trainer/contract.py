@@ -123,11 +123,13 @@ MERGED_DIR = "merged"  # a LoRA run's adapter merged into its base model (merge:
 # The report a person reads (kubetrain_trainer.report, `kubetrain report`): one
 # self-contained report.html, its plots also as PNG files in REPORT_PLOTS_DIR; the final log
 # history it plots, in transformers' trainer_state.json format (transformers itself writes
-# that only into checkpoints); beside a pipeline's report, the stages it covers.
+# that only into checkpoints); beside a pipeline's report, the stages it covers, and beside a
+# sweep's, its trials.
 REPORT_FILE = "report.html"
 REPORT_PLOTS_DIR = "report-plots"
 TRAINER_STATE_FILE = "trainer_state.json"
 PIPELINE_STAGES_FILE = "pipeline-stages.json"
+SWEEP_TRIALS_FILE = "sweep-trials.json"  # beside a sweep's report: its trials, to re-render
 # transformers' PREFIX_CHECKPOINT_DIR, which names the folders its Trainer saves into (a
 # trainer test holds the two equal); the operator builds status.latestCheckpoint from it.
 CHECKPOINT_DIR_PREFIX = "checkpoint"

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from kubetrain_trainer.contract import (
     PIPELINE_STAGES_FILE,
     REPORT_FILE,
     REPORT_PLOTS_DIR,
+    SWEEP_TRIALS_FILE,
     TRAINER_STATE_FILE,
     TrainerMetricsFile,
     checkpoint_dir_step,
@@ -1163,7 +1164,75 @@ def write_sweep_report(
         sweep_notes(trials, importances),
     )
     _write_text_atomic(path, page)
+    record = {
+        "sweep": name,
+        "objective": objective,
+        "direction": direction,
+        "best": best,
+        "importances": importances,
+        "trials": [
+            {
+                **asdict(t),
+                "output_dir": None
+                if t.output_dir is None
+                else _relative_or_absolute(t.output_dir, folder),
+            }
+            for t in trials
+        ],
+    }
+    _write_text_atomic(folder / SWEEP_TRIALS_FILE, json.dumps(record, indent=2) + "\n")
     return path
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """What write_sweep_report left in a sweep's folder (SWEEP_TRIALS_FILE)."""
+
+    name: str
+    objective: str
+    direction: str
+    best: str | None
+    importances: dict[str, float]
+    trials: list[SweepTrial]
+
+
+def read_sweep(folder: str | Path) -> SweepRecord | None:
+    """The sweep whose report is in `folder`, or None when its trials file is not there."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / SWEEP_TRIALS_FILE).read_text())
+        trials = [
+            SweepTrial(
+                name=str(t["name"]),
+                number=int(t["number"]),
+                state=str(t["state"]),
+                parameters=dict(t["parameters"]),
+                value=t.get("value"),
+                intermediate=[(int(step), float(v)) for step, v in t.get("intermediate") or []],
+                pruned_at_step=t.get("pruned_at_step"),
+                output_dir=None if t.get("output_dir") is None else folder / t["output_dir"],
+            )
+            for t in record["trials"]
+        ]
+        return SweepRecord(
+            name=str(record["sweep"]),
+            objective=str(record["objective"]),
+            direction=str(record["direction"]),
+            best=record.get("best"),
+            importances={str(k): float(v) for k, v in (record.get("importances") or {}).items()},
+            trials=trials,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def sweep_summary(sweep: SweepRecord) -> SummaryTable:
+    """`kubetrain report`'s table of a sweep: one row per trial, the best marked."""
+    table = sweep_table(sweep.trials, sweep.objective, sweep.best)
+    rows = [
+        Row(row.name, row.name + (" (best)" if row.best else ""), row.cells) for row in table.rows
+    ]
+    return SummaryTable(["trial", *(header for _key, header in table.columns)], rows)
 
 
 def read_pipeline_stages(folder: str | Path) -> tuple[str, list[PipelineStage]] | None:
@@ -1217,8 +1286,9 @@ class ShownReport:
 def ensure_report(folder: str | Path) -> ShownReport:
     """The report of the run or pipeline in `folder`, written first if it is missing.
 
-    A folder with a metrics.json is a run; otherwise a folder holding a pipeline's stages
-    (read_pipeline_stages) is that pipeline. Raises ReportError for anything else.
+    A folder with a metrics.json is a run; one with a sweep's trials file (read_sweep) that
+    sweep; otherwise a folder holding a pipeline's stages (read_pipeline_stages) is that
+    pipeline. Raises ReportError for anything else.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -1229,6 +1299,14 @@ def ensure_report(folder: str | Path) -> ShownReport:
         if not path.exists():
             write_run_report(folder)
         return ShownReport(f"{folder.name} ({metrics.method or 'run'})", run_summary(metrics), path)
+    sweep = read_sweep(folder)
+    if sweep is not None:
+        if not path.exists():
+            write_sweep_report(
+                folder, sweep.name, sweep.objective, sweep.direction, sweep.trials,
+                sweep.importances, sweep.best,
+            )  # fmt: skip
+        return ShownReport(f"Sweep {sweep.name}", sweep_summary(sweep), path)
     pipeline = read_pipeline_stages(folder)
     if pipeline is None:
         raise ReportError(

@@ -836,7 +836,27 @@ def _root_rules() -> list[dict[str, str]]:
         f"self.spec.stages.map(s, self.metadata.name.size() + 1 + s.name.size() > "
         f"{MAX_RUN_NAME_LENGTH}, s.name)[0]"
     )
+    # A sweep stage's longest name is its last trial's, <pipeline>-<stage>-<maxTrials - 1>.
+    trial_fits = (
+        "self.spec.stages.all(s, !has(s.sweep) || self.metadata.name.size() + 1 + "
+        f"s.name.size() + 1 + string(s.sweep.maxTrials - 1).size() <= {MAX_RUN_NAME_LENGTH})"
+    )
+    trial_too_long = (
+        "self.spec.stages.map(s, has(s.sweep) && self.metadata.name.size() + 1 + "
+        f"s.name.size() + 1 + string(s.sweep.maxTrials - 1).size() > {MAX_RUN_NAME_LENGTH}, "
+        "s.name)[0]"
+    )
     return [
+        {
+            **rule(
+                f"!has(self.metadata.name) || {trial_fits}",
+                f"every trial <pipeline>-<stage>-<n> of a sweep stage must fit "
+                f"{MAX_RUN_NAME_LENGTH} characters; shorten the pipeline or stage name",
+            ),
+            "messageExpression": f"'stage ' + {trial_too_long} + ': its trials "
+            f"<pipeline>-<stage>-<n> are longer than {MAX_RUN_NAME_LENGTH} characters; "
+            "shorten the pipeline or stage name'",
+        },
         rule(
             f"!has(self.metadata.name) || self.metadata.name.matches('{RUN_NAME_PATTERN}')",
             "metadata.name must be a DNS label (lowercase letters, digits, '-', starting with "

@@ -48,14 +48,19 @@ from kubetrain.api import (
 from kubetrain.handlers.passes import ObjectPass, rfc3339
 from kubetrain.pipelines import (
     FINISHED_PHASES,
-    invalid_pipeline_status,
     plan_pipeline,
     stage_run,
     stage_sweep,
     suspend_patch,
     upstream_model_uris,
 )
-from kubetrain.status import CONDITION_READY, condition_of, merge_patch, next_status
+from kubetrain.status import (
+    CONDITION_READY,
+    condition_of,
+    invalid_spec_status,
+    merge_patch,
+    next_status,
+)
 from kubetrain_trainer.config import format_validation_error
 
 log = logging.getLogger(__name__)
@@ -204,7 +209,7 @@ class PipelinePass(ObjectPass):
         if (ready.get("reason"), ready.get("message")) != (REASON_INVALID_SPEC, message):
             self.announce(REASON_INVALID_SPEC, f"Failed: {message}", warning=True)
         self.write(
-            invalid_pipeline_status(self.status, message, now=self.now, generation=self.generation)
+            invalid_spec_status(self.status, message, now=self.now, generation=self.generation)
         )
 
     # --- helpers -------------------------------------------------------------------------

@@ -26,9 +26,19 @@ from kubetrain import k8s, opmetrics
 from kubetrain.api import PHASE_FAILED, REASON_CREATED, REASON_INVALID_SPEC, REASON_SUSPENDED
 from kubetrain.api.sweep import LABEL_TRIAL, REASON_TRIAL_PRUNED, Sweep, SweepStatus
 from kubetrain.handlers.passes import ObjectPass, rfc3339
-from kubetrain.pipelines import invalid_pipeline_status
-from kubetrain.status import CONDITION_READY, condition_of, merge_patch, next_status
-from kubetrain.sweeps import FINISHED_PHASES, plan_sweep, prune_patch, suspend_patch
+from kubetrain.status import (
+    CONDITION_READY,
+    condition_of,
+    invalid_spec_status,
+    merge_patch,
+    next_status,
+)
+from kubetrain.sweeps import (
+    FINISHED_PHASES,
+    plan_sweep,
+    prune_patch,
+    suspend_patch,
+)
 from kubetrain_trainer.config import format_validation_error
 
 log = logging.getLogger(__name__)
@@ -118,7 +128,7 @@ class SweepPass(ObjectPass):
         if (ready.get("reason"), ready.get("message")) != (REASON_INVALID_SPEC, message):
             self.announce(REASON_INVALID_SPEC, f"Failed: {message}", warning=True)
         self.write(
-            invalid_pipeline_status(self.status, message, now=self.now, generation=self.generation)
+            invalid_spec_status(self.status, message, now=self.now, generation=self.generation)
         )
 
     def write(self, new: dict[str, Any]) -> None:

@@ -1,0 +1,142 @@
+"""The cluster commands as a user types them, against the real control plane.
+
+`kubetrain submit` applies a run file; `kubetrain logs -f` streams rank 0's lines as they
+are written and, after rank 0's pod is killed, goes on into attempt 2's pod; `kubetrain get
+runs NAME --watch` shows the step advancing; `kubetrain wait` exits 0 when the run succeeds
+and 1 with the reason on a configuration error. Refusals (not found, no kube context) are
+one line. Each command is the installed entry point, run with the cluster's kubeconfig.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from e2e_runs import Runs, tiny_spec
+from polling import wait_for
+
+pytestmark = pytest.mark.e2e
+
+KUBETRAIN = str(Path(sys.executable).parent / "kubetrain")
+STEP = re.compile(r"^step (\d+)/", re.MULTILINE)
+
+
+def kubetrain(runs: Runs, *args: str, timeout: float = 120, env: dict | None = None):
+    return subprocess.run(
+        [KUBETRAIN, *args, "-n", runs.namespace],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or runs.cluster.plane.env(),
+        check=False,
+    )
+
+
+def run_file(tmp_path: Path, name: str, spec: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    doc = {"apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun",
+           "metadata": {"name": name}, "spec": spec}  # fmt: skip
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class Streamed:
+    """A command's stdout read line by line in a thread, as a person watches it."""
+
+    def __init__(self, runs: Runs, *args: str) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [KUBETRAIN, *args, "-n", runs.namespace],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=runs.cluster.plane.env(),
+        )
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(timeout=30)
+        self.thread.join(timeout=30)
+
+
+def test_submit_follow_watch_and_wait_as_a_user_types_them(runs: Runs, tmp_path: Path) -> None:
+    spec = tiny_spec(
+        "trainingrun-from-scratch-tiny.yaml",
+        "cli",
+        training={"maxSteps": 150, "saveSteps": 20, "evalSteps": 20, "loggingSteps": 5},
+        restartPolicy={"maxRestarts": 2},
+    )
+    submitted = kubetrain(runs, "submit", str(run_file(tmp_path, "cli", spec)))
+    assert submitted.returncode == 0, submitted.stderr
+    assert submitted.stdout.strip() == "trainingrun.kubetrain.dev/cli created"
+    again = kubetrain(runs, "submit", str(run_file(tmp_path, "cli", spec)))
+    assert again.stdout.strip() == "trainingrun.kubetrain.dev/cli unchanged", again.stdout
+
+    logs = Streamed(runs, "logs", "cli", "-f")
+    watch = Streamed(runs, "get", "runs", "cli", "--watch", "--interval", "0.5")
+    try:
+        # Lines arrive while rank 0 trains, not all at the end.
+        wait_for(lambda: STEP.search(logs.text), "rank 0's first step in `kubetrain logs -f`", 180)
+        assert runs.status("cli").get("phase") != "Succeeded"
+        wait_for(lambda: runs.status("cli").get("latestCheckpoint"), "a checkpoint", 120)
+        runs.kill("cli-1", 0)
+        waited = kubetrain(runs, "wait", "cli", "--timeout", "300", timeout=320)
+        assert waited.returncode == 0, waited.stderr
+        assert waited.stdout.startswith("trainingrun/cli Succeeded"), waited.stdout
+        logs.process.wait(timeout=120)  # following ends once the run is done
+    finally:
+        logs.stop()
+        watch.stop()
+    assert runs.status("cli")["attempt"] == 2
+    # Attempt 2's lines followed attempt 1's: the log resumes and ends with the last step.
+    assert "resum" in logs.text.lower(), logs.text[-3000:]
+    assert "done step 150/150" in logs.text, logs.text[-3000:]
+    rows = [line for line in watch.lines if line.startswith("cli ")]
+    steps = [int(m.group(1)) for row in rows if (m := re.search(r"\b(\d+)/150\b", row))]
+    assert len(set(steps)) >= 2 and steps == sorted(steps), watch.text[-3000:]
+
+    shown = kubetrain(runs, "describe", "cli")
+    assert "Phase:      Succeeded" in shown.stdout and "Events:" in shown.stdout, shown.stdout
+
+
+def test_wait_exits_1_with_the_reason_of_a_config_error(runs: Runs, tmp_path: Path) -> None:
+    # Chats cannot pretrain a model from scratch; only the trainer finds out, reading them.
+    spec = tiny_spec("trainingrun-from-scratch-tiny.yaml", "chats")
+    spec["data"] = {"train": "pvc://datasets/sft-messages.jsonl", "format": "messages"}
+    spec["training"]["evalStrategy"] = "no"
+    assert kubetrain(runs, "submit", str(run_file(tmp_path, "chats", spec))).returncode == 0
+    waited = kubetrain(runs, "wait", "chats", "--timeout", "240", timeout=260)
+    assert waited.returncode == 1, (waited.stdout, waited.stderr)
+    assert waited.stderr.startswith("TrainingRun chats failed: ConfigError: "), waited.stderr
+    assert "from_scratch pretrains on raw text" in waited.stderr
+
+
+def test_refusals_are_one_line(runs: Runs, tmp_path: Path) -> None:
+    missing = kubetrain(runs, "wait", "nothing-here")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"error: no TrainingRun or Pipeline or Sweep nothing-here in namespace {runs.namespace}"
+    ]
+    no_cluster = kubetrain(
+        runs, "get", env={**runs.cluster.plane.env(), "KUBECONFIG": str(tmp_path / "none")}
+    )
+    assert no_cluster.returncode == 2
+    (line,) = no_cluster.stderr.strip().splitlines()
+    assert line.startswith("error: no Kubernetes cluster is configured"), line
