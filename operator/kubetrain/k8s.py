@@ -343,7 +343,14 @@ def apply_object(body: dict[str, Any]) -> str:
     )  # fmt: skip
     if before is None:
         return "created"
-    same = before["metadata"].get("resourceVersion") == applied["metadata"].get("resourceVersion")
+    # Not resourceVersion: the operator writes status and annotations all the time. The spec
+    # moves the generation; labels and annotations are compared as applied.
+    old, new = before["metadata"], applied["metadata"]
+    same = old.get("generation") == new.get("generation") and all(
+        (old.get(key) or {}).get(k) == v
+        for key in ("labels", "annotations")
+        for k, v in (meta.get(key) or {}).items()
+    )
     return "unchanged" if same else "configured"
 
 
