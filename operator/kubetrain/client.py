@@ -7,6 +7,10 @@
     for line in client.logs("sft-tiny", follow=True):
         print(line)
 
+`Client(backend="local")` runs the same objects on this machine instead, each as `kubetrain
+run` in the background (kubetrain.local.background), with the same status shape, so a
+notebook moves from laptop to cluster by changing one argument.
+
 Objects come back as the typed API models (TrainingRun, Pipeline, Sweep, status included).
 A name may carry its kind as kubectl writes it (`tr/x`, `pipeline/x`, `sweep/x`); a bare
 name is looked up as a TrainingRun, then a Pipeline, then a Sweep. Every call goes through
@@ -36,6 +40,7 @@ from kubetrain.api import (
     load_documents,
 )
 from kubetrain.k8s import ClientProblem
+from kubetrain.local.background import LocalRuns
 
 Object = TrainingRun | Pipeline | Sweep
 MODELS: dict[str, type[BaseModel]] = {KIND: TrainingRun, PIPELINE_KIND: Pipeline, SWEEP_KIND: Sweep}
@@ -60,15 +65,26 @@ class WaitTimeout(Exception):
 
 
 class Client:
-    """kubetrain objects in one namespace of the cluster the kube context names."""
+    """kubetrain objects in one namespace of the cluster the kube context names, or, with
+    backend "local", on this machine: the same calls, the same models and status shape."""
 
     def __init__(
         self,
         namespace: str | None = None,
         *,
+        backend: str = "kubernetes",
         context: str | None = None,
         api_server: str | None = None,
+        workdir: str | Path | None = None,
     ) -> None:
+        if backend not in ("kubernetes", "local"):
+            raise ClientProblem(f"unknown backend {backend!r}: use kubernetes or local")
+        self.local: LocalRuns | None = None
+        if backend == "local":
+            # Runs here as `kubetrain run` does, each in the background (kubetrain.local).
+            self.local = LocalRuns(workdir)
+            self.namespace = namespace or "local"
+            return
         if context or api_server:
             k8s.configure(api_server, context=context)
         self.namespace = namespace or k8s.current_namespace()
@@ -79,6 +95,11 @@ class Client:
         """The object called `name` (`kind/name` works too), status included."""
         kind, name = split_kind(name, kind)
         kinds = [kind] if kind else list(MODELS)
+        if self.local is not None:
+            found = self.local.get(name)
+            if found is not None and found.kind in kinds:
+                return found
+            kinds = []
         for candidate in kinds:
             body = self._call(
                 lambda c=candidate: k8s.get_object(k8s.plural_of(c), self.namespace, name),
@@ -86,11 +107,13 @@ class Client:
             )
             if body is not None:
                 return _model(body)
-        what = " or ".join(kinds)
+        what = " or ".join([kind] if kind else list(MODELS))
         raise ClientProblem(f"no {what} {name} in namespace {self.namespace}")
 
     def list(self, kind: str | None = None) -> list[Object]:
         """Every object of `kind` (all three kinds when None) in the namespace."""
+        if self.local is not None:
+            return [o for o in self.local.list() if kind is None or o.kind == kind]
         found: list[Object] = []
         for candidate in [kind] if kind else list(MODELS):
             items = self._call(
@@ -101,6 +124,8 @@ class Client:
         return found
 
     def events(self, name: str) -> list[dict[str, Any]]:
+        if self.local is not None:
+            return []  # a local run has no Kubernetes events; its log says what happened
         return self._call(lambda: k8s.list_events(self.namespace, name), f"events of {name}")
 
     # --- writing --------------------------------------------------------------------------
@@ -129,6 +154,9 @@ class Client:
             ):
                 meta.pop(key, None)
             what = f"{obj.kind} {meta['namespace']}/{meta['name']}"
+            if self.local is not None:
+                done.append((obj, self.local.submit(obj)))
+                continue
             action = self._call(lambda b=body: k8s.apply_object(b), what)
             done.append((obj, action))
         return done
@@ -141,6 +169,9 @@ class Client:
 
     def delete(self, name: str) -> Object:
         obj = self.get(name)
+        if self.local is not None:
+            self.local.delete(obj.metadata.name)
+            return obj
         plural = k8s.plural_of(obj.kind)
         self._call(
             lambda: k8s.delete_object(plural, self.namespace, obj.metadata.name),
@@ -150,6 +181,10 @@ class Client:
 
     def _set_suspend(self, name: str, suspend: bool) -> Object:
         obj = self.get(name)
+        if self.local is not None:
+            change = self.local.suspend if suspend else self.local.resume
+            change(obj.metadata.name)
+            return self.get(obj.metadata.name)
         plural = k8s.plural_of(obj.kind)
         self._call(
             lambda: k8s.patch_object(
@@ -209,6 +244,11 @@ class Client:
         logs are those of its current stage's run.
         """
         obj = self.get(name)
+        if self.local is not None:
+            # One process ran it all: its output is the run's log (a pipeline's stages and a
+            # sweep's summary included; each trial's own log is in its trial.log).
+            yield from self.local.logs(obj.metadata.name, follow=follow)
+            return
         if isinstance(obj, Pipeline | Sweep):
             yield from self._stage_logs(obj, follow=follow, rank=rank, all_ranks=all_ranks)
             return

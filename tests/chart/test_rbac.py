@@ -5,7 +5,9 @@ that talks to the API) makes through the official client is found in its source,
 client's own request builder says which HTTP method and path it sends, which is the RBAC
 verb and resource; custom-object calls name their group and plural through module
 constants, read from the module, or through a helper's parameters, followed to the
-constants each caller passes. The resources the handlers serve come from a kopf
+constants each caller passes. The calls only a person's `kubetrain` client makes
+(`k8s.CLIENT_CALLS`, with that person's credentials) are not the operator's. The resources
+the handlers serve come from a kopf
 registry they fill, and kopf needs list, watch and patch on each. What kopf needs for
 itself is the table `KOPF_FRAMEWORK` below, from kopf's docs and source. What admission
 needs is derived from the objects the operator creates: an ownerReference with
@@ -206,6 +208,9 @@ def k8s_module_grants() -> set[Grant]:
     enclosing = {id(n): f for f in functions for n in ast.walk(f)}
     found = set()
     for node in ast.walk(tree):
+        caller = enclosing.get(id(node))
+        if caller is not None and caller.name in k8s.CLIENT_CALLS:
+            continue  # a person's kubetrain client, with their own credentials
         if not (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)

@@ -5,6 +5,8 @@ are written and, after rank 0's pod is killed, goes on into attempt 2's pod; `ku
 runs NAME --watch` shows the step advancing; `kubetrain wait` exits 0 when the run succeeds
 and 1 with the reason on a configuration error. Refusals (not found, no kube context) are
 one line. Each command is the installed entry point, run with the cluster's kubeconfig.
+The Python client makes the same calls against the cluster and, with backend "local",
+against this machine, in one parametrised test.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from e2e_runs import Runs, tiny_spec
+from example_specs import example, with_spec
 from polling import wait_for
+
+from kubetrain.api import TrainingRun
+from kubetrain.client import Client, RunFailed
 
 pytestmark = pytest.mark.e2e
 
@@ -140,3 +147,55 @@ def test_refusals_are_one_line(runs: Runs, tmp_path: Path) -> None:
     assert no_cluster.returncode == 2
     (line,) = no_cluster.stderr.strip().splitlines()
     assert line.startswith("error: no Kubernetes cluster is configured"), line
+
+
+@pytest.mark.parametrize("backend", ["local", "kubernetes"])
+def test_the_python_client_trains_follows_and_waits_on_either_backend(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The same calls against the cluster and against this machine (one argument apart)."""
+    steps = {"maxSteps": 60, "saveSteps": 30, "evalSteps": 30, "loggingSteps": 5}
+    if backend == "kubernetes":
+        runs: Runs = request.getfixturevalue("runs")
+        client = Client(runs.namespace, context=None)
+        spec = tiny_spec("trainingrun-from-scratch-tiny.yaml", "py", training=steps)
+        bad = tiny_spec("trainingrun-from-scratch-tiny.yaml", "py-chats")
+    else:
+        client = Client(backend="local", workdir=tmp_path / "local")
+        doc = example("trainingrun-from-scratch-tiny.yaml")
+        spec = with_spec(doc, output=str(tmp_path / "py"), training=steps)["spec"]
+        bad = with_spec(doc, output=str(tmp_path / "py-chats"))["spec"]
+    bad["data"] = {"train": bad["data"]["train"].replace("pretrain.jsonl", "sft-messages.jsonl"),
+                   "format": "messages"}  # fmt: skip
+    bad["training"]["evalStrategy"] = "no"
+
+    def trainingrun(name: str, body: dict) -> dict:
+        return {"apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun",
+                "metadata": {"name": name}, "spec": body}  # fmt: skip
+
+    ((submitted, action),) = client.submit(trainingrun("py", spec))
+    assert (submitted.metadata.name, action) == ("py", "created")
+    followed: list[str] = []
+    reader = threading.Thread(target=lambda: followed.extend(client.logs("py", follow=True)))
+    reader.start()
+    seen: list[tuple[str | None, int | None]] = []
+
+    def note(run: Any) -> None:
+        progress = run.status.progress if run.status else None
+        seen.append((run.status.phase if run.status else None, progress and progress.step))
+
+    done = client.wait("py", timeout=300, callback=note, interval=0.5)
+    reader.join(timeout=120)
+    assert isinstance(done, TrainingRun) and done.status is not None
+    assert done.status.phase == "Succeeded"
+    assert done.status.outputs is not None and "eval_loss" in (done.status.outputs.metrics or {})
+    assert seen[-1][0] == "Succeeded" and any(step for _phase, step in seen), seen
+    assert any(STEP.match(line) for line in followed), followed[-20:]
+    assert any("done step 60/60" in line for line in followed), followed[-20:]
+    assert [r.metadata.name for r in client.list("TrainingRun")] == ["py"]
+
+    client.submit(trainingrun("py-chats", bad))
+    with pytest.raises(RunFailed) as failed:
+        client.wait("py-chats", timeout=240, interval=0.5)
+    said = str(failed.value)
+    assert "failed: ConfigError: " in said and "from_scratch pretrains on raw text" in said

@@ -171,7 +171,8 @@ def poll_trial(trial: LocalTrial, read_metrics: Callable[[int], str | None]) -> 
             trial.log.close()
 
 
-def _read_local_metrics(port: int) -> str | None:
+def read_local_metrics(port: int) -> str | None:
+    """GET http://127.0.0.1:port/metrics; None while nothing answers there."""
     import requests
 
     try:
@@ -186,7 +187,7 @@ def run_sweep_locally(
     sweep: Sweep,
     *,
     console: Console | None = None,
-    read_metrics: Callable[[int], str | None] = _read_local_metrics,
+    read_metrics: Callable[[int], str | None] = read_local_metrics,
 ) -> LocalSweepRun:
     """Run the sweep's trials here until the plan says it is done; returns the outcome."""
     console = console or Console()
