@@ -75,6 +75,7 @@ class Client:
         backend: str = "kubernetes",
         context: str | None = None,
         api_server: str | None = None,
+        kubeconfig: str | Path | None = None,
         workdir: str | Path | None = None,
     ) -> None:
         if backend not in ("kubernetes", "local"):
@@ -85,8 +86,8 @@ class Client:
             self.local = LocalRuns(workdir)
             self.namespace = namespace or "local"
             return
-        if context or api_server:
-            k8s.configure(api_server, context=context)
+        if context or api_server or kubeconfig:
+            k8s.configure(api_server, context=context, kubeconfig=kubeconfig and str(kubeconfig))
         self.namespace = namespace or k8s.current_namespace()
 
     # --- reading --------------------------------------------------------------------------

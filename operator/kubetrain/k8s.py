@@ -50,23 +50,27 @@ _lock = threading.Lock()
 _api_client: client.ApiClient | None = None
 _api_server: str | None = None
 _context: str | None = None
+_kubeconfig: str | None = None
 
 
-def configure(api_server: str | None = None, context: str | None = None) -> None:
+def configure(
+    api_server: str | None = None, context: str | None = None, kubeconfig: str | None = None
+) -> None:
     """Choose how to reach the API server; the next call builds a client that way.
 
     Order: `api_server`, then $KUBETRAIN_API_SERVER (both: a URL such as
-    http://127.0.0.1:8001, TLS unverified), then kubeconfig's `context` when one is named,
-    then the in-cluster service account, then kubeconfig ($KUBECONFIG or ~/.kube/config,
-    current context).
+    http://127.0.0.1:8001, TLS unverified), then a kubeconfig file or context when one is
+    named, then the in-cluster service account, then kubeconfig ($KUBECONFIG or
+    ~/.kube/config, current context).
     """
-    global _api_client, _api_server, _context
+    global _api_client, _api_server, _context, _kubeconfig
     with _lock:
         if _api_client is not None:
             _api_client.close()
         _api_client = None
         _api_server = api_server
         _context = context
+        _kubeconfig = kubeconfig
 
 
 def api_server_override() -> str | None:
@@ -81,8 +85,10 @@ def _client_configuration() -> client.Configuration:
         configuration.host = server.rstrip("/")
         configuration.verify_ssl = False
         return configuration
-    if _context:
-        config.load_kube_config(context=_context, client_configuration=configuration)
+    if _context or _kubeconfig:
+        config.load_kube_config(
+            config_file=_kubeconfig, context=_context, client_configuration=configuration
+        )
         return configuration
     try:
         config.load_incluster_config(client_configuration=configuration)
@@ -94,7 +100,7 @@ def _client_configuration() -> client.Configuration:
 def current_namespace() -> str:
     """The namespace of kubeconfig's context (the one `configure` chose), else default."""
     try:
-        _contexts, active = config.list_kube_config_contexts()
+        _contexts, active = config.list_kube_config_contexts(config_file=_kubeconfig)
         if _context:
             active = next(c for c in _contexts if c["name"] == _context)
         return str((active.get("context") or {}).get("namespace") or "default")
