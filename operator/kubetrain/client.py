@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from kubetrain import k8s
 from kubetrain.api import (
     API_VERSION,
+    FINISHED_PHASES,
     KIND,
     LABEL_ATTEMPT,
     PIPELINE_KIND,
@@ -50,7 +51,6 @@ KIND_PREFIXES = {
     "pipeline": PIPELINE_KIND, "pipelines": PIPELINE_KIND,
     "sweep": SWEEP_KIND, "sweeps": SWEEP_KIND,
 }  # fmt: skip
-FINISHED = ("Succeeded", "Failed")
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 __all__ = ["Client", "ClientProblem", "RunFailed", "WaitTimeout"]
@@ -253,11 +253,10 @@ class Client:
         if isinstance(obj, Pipeline | Sweep):
             yield from self._stage_logs(obj, follow=follow, rank=rank, all_ranks=all_ranks)
             return
+        run = self.get(obj.metadata.name, KIND)
+        current = attempt or (run.status.attempt if run.status else None) or 1
         followed: set[int] = set()
-        wanted = attempt
         while True:
-            run = self.get(obj.metadata.name, KIND)
-            current = wanted or (run.status.attempt if run.status else None) or 1
             if current not in followed:
                 followed.add(current)
                 yield from self._attempt_logs(run, current, follow, rank, all_ranks)
@@ -266,11 +265,11 @@ class Client:
             run = self.get(obj.metadata.name, KIND)
             phase = run.status.phase if run.status else None
             newest = (run.status.attempt if run.status else None) or current
-            if phase in FINISHED and newest in followed:
+            if phase in FINISHED_PHASES and newest in followed:
                 return
             if newest in followed:
                 time.sleep(interval)  # the next attempt has not started yet
-            wanted = None
+            current = newest
 
     def _attempt_logs(
         self, run: TrainingRun, attempt: int, follow: bool, rank: int, all_ranks: bool
@@ -324,7 +323,7 @@ class Client:
                 yield f"==> {run}"
                 yield from self.logs(run, follow=follow, rank=rank, all_ranks=all_ranks)
             phase = current.status.phase if current.status else None
-            if not follow or phase in FINISHED:
+            if not follow or phase in FINISHED_PHASES:
                 return
             if not fresh:
                 time.sleep(1.0)

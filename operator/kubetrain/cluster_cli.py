@@ -23,8 +23,9 @@ import time
 from typing import Any
 
 import yaml
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -77,13 +78,14 @@ def cmd_get(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     if not args.watch:
-        console.print(objects_table(objects(), now=time.time()))
+        console.print(objects_table(objects(), now=time.time(), terminal=console.is_terminal))
         return 0
     try:
         if console.is_terminal:
             with Live(console=console, auto_refresh=False) as live:
                 while True:
-                    live.update(objects_table(objects(), now=time.time()), refresh=True)
+                    table = objects_table(objects(), now=time.time(), terminal=True)
+                    live.update(table, refresh=True)
                     time.sleep(args.interval)
         # A pipe gets a new table whenever something other than the age changed.
         shown = None
@@ -161,14 +163,33 @@ def cmd_delete(args: argparse.Namespace) -> int:
 # --- what the commands print (pure) ----------------------------------------------------------
 
 
-def objects_table(objects: list[Object], *, now: float) -> Table:
-    """NAME, KIND, PHASE, PROGRESS (a bar), STEP, LOSS, ETA, RESTARTS, AGE: one row each."""
+def objects_table(objects: list[Object], *, now: float, terminal: bool = False) -> Table:
+    """NAME, KIND, PHASE, PROGRESS (a bar), STEP, LOSS, ETA, RESTARTS, AGE: one row each.
+
+    On a terminal the bar is rich's own (coloured, redrawn by --watch); a pipe gets the same
+    bar drawn in characters, so that a log or grep reads it."""
     table = Table(box=None, pad_edge=False)
     for column in ("NAME", "KIND", "PHASE", "PROGRESS", "STEP", "LOSS", "ETA", "RESTARTS", "AGE"):
         table.add_column(column, no_wrap=True)
     for obj in objects:
-        table.add_row(*row_cells(obj, now))
+        cells = row_cells(obj, now)
+        percent = progress_percent(obj)
+        if terminal and percent is not None:
+            cells[3] = terminal_bar(percent)
+        table.add_row(*cells)
     return table
+
+
+def progress_percent(obj: Object) -> int | None:
+    if isinstance(obj, TrainingRun) and obj.status is not None and obj.status.progress:
+        return obj.status.progress.percent
+    return None
+
+
+def terminal_bar(percent: int, width: int = 20) -> RenderableType:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_row(ProgressBar(total=100, completed=percent, width=width), f"{percent}%")
+    return grid
 
 
 def row_cells(obj: Object, now: float) -> list[Any]:

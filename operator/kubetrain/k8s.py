@@ -142,50 +142,34 @@ def _custom() -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api_client())
 
 
-# --- TrainingRuns -----------------------------------------------------------------------
+# --- kubetrain's own kinds, as the operator reads and writes them ------------------------
+# One helper per verb, the plural a parameter; the named calls below are what handlers use.
 
 
-def get_trainingrun(namespace: str, name: str) -> dict[str, Any] | None:
-    """The TrainingRun as stored now, or None once it is gone."""
+def _get(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
     return _absent_on_404(
         lambda: _custom().get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+            GROUP, VERSION, namespace, plural, name, _preload_content=False
         )
     )
 
 
-def patch_trainingrun_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    """JSON-merge-patch the status subresource with `patch` (the status, not {status: ...})."""
+def _patch_status(plural: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
     _custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _preload_content=False
+        GROUP, VERSION, namespace, plural, name, {"status": patch}, _preload_content=False
     )
 
 
-def annotate_trainingrun(namespace: str, name: str, annotations: dict[str, str | None]) -> None:
-    """Set (or, with None, remove) annotations on a TrainingRun."""
+def _patch(plural: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
     _custom().patch_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        name,
-        {"metadata": {"annotations": annotations}},
-        _preload_content=False,
+        GROUP, VERSION, namespace, plural, name, patch, _preload_content=False
     )
 
 
-def patch_trainingrun(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    """JSON-merge-patch a TrainingRun (spec and metadata; the status has its own call)."""
-    _custom().patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name, patch, _preload_content=False
-    )
-
-
-def create_trainingrun(body: dict[str, Any]) -> bool:
-    """Create a TrainingRun unless one of that name exists; True if this call created it."""
+def _create_unless_exists(plural: str, body: dict[str, Any]) -> bool:
     try:
         _custom().create_namespaced_custom_object(
-            GROUP, VERSION, body["metadata"]["namespace"], PLURAL, body, _preload_content=False
+            GROUP, VERSION, body["metadata"]["namespace"], plural, body, _preload_content=False
         )
     except ApiException as e:
         if e.status == 409:
@@ -211,6 +195,31 @@ def _with_kind(items: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return items
 
 
+def get_trainingrun(namespace: str, name: str) -> dict[str, Any] | None:
+    """The TrainingRun as stored now, or None once it is gone."""
+    return _get(PLURAL, namespace, name)
+
+
+def patch_trainingrun_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON-merge-patch the status subresource with `patch` (the status, not {status: ...})."""
+    _patch_status(PLURAL, namespace, name, patch)
+
+
+def annotate_trainingrun(namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+    """Set (or, with None, remove) annotations on a TrainingRun."""
+    _patch(PLURAL, namespace, name, {"metadata": {"annotations": annotations}})
+
+
+def patch_trainingrun(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON-merge-patch a TrainingRun (spec and metadata; the status has its own call)."""
+    _patch(PLURAL, namespace, name, patch)
+
+
+def create_trainingrun(body: dict[str, Any]) -> bool:
+    """Create a TrainingRun unless one of that name exists; True if this call created it."""
+    return _create_unless_exists(PLURAL, body)
+
+
 def list_pipeline_runs(namespace: str, pipeline: str) -> list[dict[str, Any]]:
     """The TrainingRuns labelled as stages of `pipeline` (whoever owns them)."""
     return _list_labelled(namespace, PLURAL, KIND, f"{LABEL_PIPELINE}={pipeline}")
@@ -226,70 +235,34 @@ def list_sweep_trials(namespace: str, sweep: str) -> list[dict[str, Any]]:
     return _list_labelled(namespace, PLURAL, KIND, f"{LABEL_SWEEP}={sweep}")
 
 
-# --- Pipelines --------------------------------------------------------------------------
-
-
 def get_pipeline(namespace: str, name: str) -> dict[str, Any] | None:
     """The Pipeline as stored now, or None once it is gone."""
-    return _absent_on_404(
-        lambda: _custom().get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PIPELINE_PLURAL, name, _preload_content=False
-        )
-    )
+    return _get(PIPELINE_PLURAL, namespace, name)
 
 
 def patch_pipeline_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
     """JSON-merge-patch a Pipeline's status subresource with `patch` (the status itself)."""
-    _custom().patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        namespace,
-        PIPELINE_PLURAL,
-        name,
-        {"status": patch},
-        _preload_content=False,
-    )
-
-
-# --- Sweeps -----------------------------------------------------------------------------
+    _patch_status(PIPELINE_PLURAL, namespace, name, patch)
 
 
 def get_sweep(namespace: str, name: str) -> dict[str, Any] | None:
     """The Sweep as stored now, or None once it is gone."""
-    return _absent_on_404(
-        lambda: _custom().get_namespaced_custom_object(
-            GROUP, VERSION, namespace, SWEEP_PLURAL, name, _preload_content=False
-        )
-    )
+    return _get(SWEEP_PLURAL, namespace, name)
 
 
 def patch_sweep_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
     """JSON-merge-patch a Sweep's status subresource with `patch` (the status itself)."""
-    _custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, SWEEP_PLURAL, name, {"status": patch}, _preload_content=False
-    )
+    _patch_status(SWEEP_PLURAL, namespace, name, patch)
 
 
 def patch_sweep(namespace: str, name: str, patch: dict[str, Any]) -> None:
     """JSON-merge-patch a Sweep (spec and metadata)."""
-    _custom().patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, SWEEP_PLURAL, name, patch, _preload_content=False
-    )
+    _patch(SWEEP_PLURAL, namespace, name, patch)
 
 
 def create_sweep(body: dict[str, Any]) -> bool:
     """Create a Sweep unless one of that name exists; True if this call created it."""
-    try:
-        _custom().create_namespaced_custom_object(
-            GROUP, VERSION, body["metadata"]["namespace"], SWEEP_PLURAL, body,
-            _preload_content=False,
-        )  # fmt: skip
-    except ApiException as e:
-        if e.status == 409:
-            return False
-        raise
-    log.info("Created %s", describe(body))
-    return True
+    return _create_unless_exists(SWEEP_PLURAL, body)
 
 
 # --- Any kubetrain object (the client: kubetrain submit/get/wait/...) ---------------------

@@ -27,6 +27,7 @@ from kubetrain.api import (
     CONDITION_SUCCEEDED,
     CONDITION_SUSPENDED,
     FAILURE_STOP,
+    FINISHED_PHASES,
     KUEUE_QUEUE_LABEL,
     LABEL_PIPELINE,
     LABEL_STAGE,
@@ -59,7 +60,6 @@ from kubetrain.status import next_status
 
 # A stage run in one of these phases exists and has not finished.
 IN_FLIGHT_PHASES = (PHASE_PENDING, PHASE_RUNNING, PHASE_SUSPENDED)
-FINISHED_PHASES = (PHASE_SUCCEEDED, PHASE_FAILED)
 # How the message of a stage that will never run begins (the local runner's summary drops it).
 NOT_RUN_PREFIX = "not run: "
 

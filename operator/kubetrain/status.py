@@ -41,6 +41,7 @@ from kubetrain.api import (
     REASON_CONFIG_ERROR,
     REASON_CREATED,
     REASON_INVALID_SPEC,
+    REASON_NO_PROGRESS,
     REASON_PODS_STARTING,
     REASON_PREEMPTED,
     REASON_QUEUED,
@@ -51,6 +52,7 @@ from kubetrain.api import (
 from kubetrain_trainer import contract
 from kubetrain_trainer.contract import (
     EVAL_SUITE_METRICS,
+    PREEMPTED_PREFIX,
     ExitCode,
     checkpoint_dir_name,
     eval_metric_key,
@@ -71,7 +73,13 @@ CAUSE_SIGNALLED = "Signalled"
 CAUSE_NETWORK = "NetworkError"
 CAUSE_NODE_LOST = "NodeLost"
 CAUSE_CRASHED = "Crashed"
+CAUSE_DEVICE_OOM = "DeviceOutOfMemory"  # the trainer caught a CUDA out-of-memory (exit 71)
+CAUSE_UNSTABLE = "TrainingUnstable"  # NaN/inf loss or exploding gradients (exit 72)
+CAUSE_NO_PROGRESS = REASON_NO_PROGRESS  # the operator ended a hung attempt
+# What happened to the pods, not what the run did: always retried, never counted.
+DISRUPTION_CAUSES = frozenset({CAUSE_PREEMPTED, CAUSE_EVICTED, CAUSE_NODE_LOST})
 
+SIGTERM_EXIT, SIGKILL_EXIT = 128 + 15, 128 + 9
 # Lost peers and rendezvous trouble: the gang cannot go on, a fresh one can.
 _NETWORK_ERROR = re.compile(
     r"nccl|c10d|rendezvous|gloo|connection ?(reset|refused|closed|error|aborted)|"
@@ -116,6 +124,18 @@ class Observation:
     retriable: bool = False
     running_pods: int = 0
     expected_pods: int = 0
+    exit_code: int | None = None  # of the failed container, when one exited
+
+
+@dataclass(frozen=True)
+class PodFailure:
+    """Why one pod failed: the cause (CAUSE_* or REASON_CONFIG_ERROR), whether a new attempt
+    can help, what to tell people, and the container's exit code if it exited."""
+
+    cause: str
+    retriable: bool
+    message: str
+    exit_code: int | None = None
 
 
 def _conditions_true(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -134,34 +154,59 @@ def _terminated_containers(pod: Mapping[str, Any]) -> Iterable[Mapping[str, Any]
             yield terminated
 
 
-def classify_pod_failure(pod: Mapping[str, Any]) -> tuple[str, bool, str]:
-    """(cause, retriable, message) for a pod that failed, from its status alone."""
+def classify_pod_failure(pod: Mapping[str, Any]) -> PodFailure:
+    """Why a pod failed, from its status alone."""
     name = _pod_name(pod)
     status = pod.get("status") or {}
     for terminated in _terminated_containers(pod):
         code = terminated.get("exitCode")
         said = (terminated.get("message") or "").strip()
         if code == ExitCode.CONFIG_ERROR or is_config_error_message(said):
-            return REASON_CONFIG_ERROR, False, said or f"pod {name} exited {code}"
+            return PodFailure(REASON_CONFIG_ERROR, False, said or f"pod {name} exited {code}", code)
         if code == 0:
             continue
         detail = f"pod {name} exited {code}" + (f": {said}" if said else "")
-        if code == ExitCode.PREEMPTED:
-            return CAUSE_PREEMPTED, True, detail
+        if code == ExitCode.PREEMPTED or said.startswith(PREEMPTED_PREFIX):
+            return PodFailure(CAUSE_PREEMPTED, True, detail, code)
+        # By the kernel's reason, never by exit 137, which any SIGKILL gives.
         if terminated.get("reason") == "OOMKilled":
-            return CAUSE_OOM_KILLED, True, f"pod {name} was OOM-killed (exit {code})"
+            return PodFailure(
+                CAUSE_OOM_KILLED, True, f"pod {name} was OOM-killed (exit {code})", code
+            )
+        if code == ExitCode.DEVICE_OUT_OF_MEMORY:
+            return PodFailure(CAUSE_DEVICE_OOM, True, detail, code)
+        if code == ExitCode.TRAINING_UNSTABLE:
+            return PodFailure(CAUSE_UNSTABLE, True, detail, code)
         if said and _NETWORK_ERROR.search(said):
-            return CAUSE_NETWORK, True, detail
+            return PodFailure(CAUSE_NETWORK, True, detail, code)
         disruption = _disruption_cause(pod)  # the signal's sender, when Kubernetes says
         if disruption:
-            return disruption, True, detail
-        return (CAUSE_SIGNALLED if code in (137, 143) else CAUSE_CRASHED), True, detail
+            return PodFailure(disruption, True, detail, code)
+        if code == SIGTERM_EXIT:  # torchrun's own exit once SIGTERM reached it: preempted
+            return PodFailure(CAUSE_PREEMPTED, True, detail, code)
+        cause = CAUSE_SIGNALLED if code == SIGKILL_EXIT else CAUSE_CRASHED
+        return PodFailure(cause, True, detail, code)
     if status.get("reason") == "Evicted":
-        return CAUSE_EVICTED, True, f"pod {name} was evicted: {status.get('message', '')}".strip()
+        message = f"pod {name} was evicted: {status.get('message', '')}".strip()
+        return PodFailure(CAUSE_EVICTED, True, message)
     disruption = _disruption_cause(pod)
     if disruption:
-        return disruption, True, f"pod {name}: {status.get('message') or disruption}"
-    return CAUSE_CRASHED, True, f"pod {name} failed: {status.get('reason') or 'no reason given'}"
+        return PodFailure(disruption, True, f"pod {name}: {status.get('message') or disruption}")
+    return PodFailure(
+        CAUSE_CRASHED, True, f"pod {name} failed: {status.get('reason') or 'no reason given'}"
+    )
+
+
+_FAILURE_RANK = {
+    REASON_CONFIG_ERROR: 0,
+    CAUSE_UNSTABLE: 1,
+    CAUSE_OOM_KILLED: 2,
+    CAUSE_DEVICE_OOM: 2,
+}
+
+
+def _failure_rank(failure: PodFailure) -> int:
+    return _FAILURE_RANK.get(failure.cause, 3)
 
 
 def _disruption_cause(pod: Mapping[str, Any]) -> str | None:
@@ -224,17 +269,23 @@ def observe_attempt(
         for p in pods
         if (p.get("status") or {}).get("phase") == "Failed" and not _ended_before(p, admitted)
     ]
-    config_errors = [f for f in failures if not f[1]]
-    if config_errors:
-        cause, _, message = config_errors[0]
-        return Observation("failed", cause, message, retriable=False, expected_pods=expected_pods)
-    if complete:
+    config_errors = [f for f in failures if not f.retriable]
+    if complete and not config_errors:
         return Observation(
             "succeeded", REASON_COMPLETED, "all pods finished", expected_pods=expected_pods
         )
     if failures:
-        cause, _, message = failures[0]
-        return Observation("failed", cause, message, retriable=True, expected_pods=expected_pods)
+        # A config error wins (no restart can fix it), then what the trainer itself said
+        # (instability, out of memory) over the peers that failed because it did.
+        first = min(failures, key=_failure_rank)
+        return Observation(
+            "failed",
+            first.cause,
+            first.message,
+            retriable=first.retriable,
+            expected_pods=expected_pods,
+            exit_code=first.exit_code,
+        )
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
     if failed:
         said = failed.get("message") or failed.get("reason") or "the workload failed"
@@ -321,6 +372,7 @@ class TrainerMetrics:
     eval_loss: float | None = None
     tokens_per_second: float | None = None
     checkpoint_step: int | None = None
+    heartbeat: float | None = None  # unix time, the trainer's clock
     # Every evaluation so far, oldest first: (step, {metric: value}) with metrics.json names.
     eval_history: tuple[tuple[int, dict[str, float]], ...] = ()
 
@@ -333,6 +385,7 @@ _METRIC_FIELDS = {
     contract.EVAL_LOSS: "eval_loss",
     contract.TOKENS_PER_SECOND: "tokens_per_second",
     contract.CHECKPOINT_STEP: "checkpoint_step",
+    contract.HEARTBEAT: "heartbeat",
 }
 _INTEGER_FIELDS = {"step", "total_steps", "checkpoint_step"}
 
@@ -403,6 +456,7 @@ def progress_status(metrics: TrainerMetrics, eta: float | None) -> dict[str, Any
         tokens_per_second=metrics.tokens_per_second,
         eta=format_duration(eta) if eta is not None else None,
         percent=percent,
+        heartbeat_time=rfc3339(metrics.heartbeat) if metrics.heartbeat is not None else None,
     )
     return progress.model_dump(mode="json", by_alias=True, exclude_none=True)
 

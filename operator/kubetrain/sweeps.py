@@ -33,6 +33,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from kubetrain.api import (
+    FINISHED_PHASES,
     KUEUE_QUEUE_LABEL,
     PHASE_FAILED,
     PHASE_PENDING,
@@ -73,7 +74,6 @@ from kubetrain.status import next_status
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-FINISHED_PHASES = (PHASE_SUCCEEDED, PHASE_FAILED)
 _OPTUNA_STATES = {
     TRIAL_RUNNING: TrialState.RUNNING,
     TRIAL_COMPLETE: TrialState.COMPLETE,

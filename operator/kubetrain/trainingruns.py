@@ -40,22 +40,28 @@ from pydantic import ValidationError
 
 from kubetrain.api import (
     CONDITION_READY,
+    FINISHED_PHASES,
     GROUP,
     KIND,
     LABEL_ATTEMPT,
+    MAX_ATTEMPT_HISTORY,
     PHASE_FAILED,
     PHASE_PENDING,
     PHASE_RUNNING,
     PHASE_SUCCEEDED,
     PHASE_SUSPENDED,
+    REASON_CLEANED_UP,
     REASON_COMPLETED,
     REASON_CONFIG_ERROR,
     REASON_CREATED,
+    REASON_DEADLINE_EXCEEDED,
     REASON_INVALID_SPEC,
+    REASON_NO_PROGRESS,
     REASON_RESTARTING,
     REASON_RESTARTS_EXHAUSTED,
     REASON_SUSPENDED,
     REASON_WAITING_FOR_DEPENDENCIES,
+    AttemptRecord,
     Condition,
     EvalPoint,
     Outputs,
@@ -73,13 +79,16 @@ from kubetrain.render import (
     owner_reference,
     render_trainingrun,
 )
+from kubetrain.restarts import retry_verdict
 from kubetrain.status import (
+    CAUSE_NO_PROGRESS,
     Observation,
     TrainerMetrics,
     checkpoint_uri,
     eta_seconds,
     eval_history_status,
     finished_metrics,
+    format_duration,
     headline_metric,
     next_status,
     observe_attempt,
@@ -90,7 +99,6 @@ from kubetrain.status import (
 from kubetrain_trainer.config import format_validation_error
 
 STARTED_SPEC_ANNOTATION = f"{GROUP}/started-spec"
-TERMINAL_PHASES = (PHASE_SUCCEEDED, PHASE_FAILED)
 # Old pods must be gone before the next attempt starts, so deletion waits for them.
 PROPAGATION = "Foreground"
 # A pod still terminating this long past its grace period is on a node that does not answer.
@@ -100,6 +108,7 @@ REASON_NAME_TAKEN = "NameTaken"  # a child's name is held by an object that is n
 REASON_FORBIDDEN = "Forbidden"  # the apiserver refused a child with 403 (RBAC, quota, policy)
 REASON_API_NOT_INSTALLED = "APINotInstalled"  # 404 on create: the kind is not served
 REASON_PODS_STUCK_TERMINATING = "PodsStuckTerminating"
+MAX_RECORD_MESSAGE = 500  # characters of a pod's message kept in status.attempts
 
 # How the kubelet says a pod's env names an object that does not exist.
 _MISSING_REFERENCE = re.compile(r'(secret|configmap) "([^"]+)" not found', re.IGNORECASE)
@@ -249,11 +258,11 @@ class _Decision:
         refused_spec = refused_spec and ready.reason == REASON_INVALID_SPEC
         if self.observed.refusal is not None:
             return self.refused(self.observed.refusal)
-        if status.phase in TERMINAL_PHASES and not refused_spec:
-            # Finished runs keep their verdict; only acknowledge the generation (kstatus).
-            # Their children are never re-created, their restart budget never reset.
-            reason, message = (ready.reason, ready.message) if ready else ("", "")
-            return self.done(status.phase, reason, message)
+        if status.phase in FINISHED_PHASES and not refused_spec:
+            return self.finished(status.phase, ready)
+        past_deadline = self.past_deadline()
+        if past_deadline is not None:
+            return past_deadline
         if self.spec.get("suspend"):
             return self.suspend()
         attempt = status.attempt or 0
@@ -305,9 +314,13 @@ class _Decision:
         if ready is None or (ready.reason, ready.message) != (reason, message):
             self.announce(reason, prefix + message, warning=warn)
 
-    def fail(self, reason: str, message: str) -> TrainingRunPlan:
+    def fail(
+        self, reason: str, message: str, actions: Sequence[Action] = (), **changes: Any
+    ) -> TrainingRunPlan:
         self.announce_once(reason, message, prefix="Failed: ")
-        return self.done(PHASE_FAILED, reason, message, completion_time=self.now_text)
+        return self.done(
+            PHASE_FAILED, reason, message, actions, completion_time=self.now_text, **changes
+        )
 
     def wait(self, reason: str, message: str, actions: Sequence[Action] = ()) -> TrainingRunPlan:
         """Pending for a reason a person may have to act on: announced once, as a warning."""
@@ -330,6 +343,50 @@ class _Decision:
                 "spec.backend: jobset) or use spec.backend: job",
             )
         return self.wait(REASON_FORBIDDEN, f"{said}; retried every interval")
+
+    def finished(self, phase: Phase, ready: Condition | None) -> TrainingRunPlan:
+        """A finished run keeps its verdict; only acknowledge the generation (kstatus).
+
+        Its children are never re-created, its restart budget never reset. With
+        ttlSecondsAfterFinished, its workload (and so its pods) is deleted that long after
+        the verdict was recorded; the run, its status and outputs stay.
+        """
+        reason, message = (ready.reason, ready.message) if ready else ("", "")
+        ttl = self.spec.get("ttlSecondsAfterFinished")
+        completed = self.status.completion_time
+        if ttl is None or self.status.cleaned_up_time or not completed:
+            return self.done(phase, reason, message)
+        if self.observed.now < parse_rfc3339(completed) + ttl:
+            return self.done(phase, reason, message)
+        workloads = self.owned_workloads()
+        if workloads:
+            why = f"ttlSecondsAfterFinished ({ttl}s) passed since the run finished"
+            return self.done(phase, reason, message, self.delete(workloads, why)[1])
+        self.announce(
+            REASON_CLEANED_UP,
+            f"Deleted the workload and pods: ttlSecondsAfterFinished ({ttl}s) passed since "
+            f"the run finished at {completed}; the run and its outputs stay",
+        )
+        return self.done(phase, reason, message, cleaned_up_time=self.now_text)
+
+    def past_deadline(self) -> TrainingRunPlan | None:
+        """Fail with DeadlineExceeded once spec.activeDeadlineSeconds passed since startTime."""
+        limit = self.spec.get("activeDeadlineSeconds")
+        started = self.status.start_time
+        if not limit or not started:
+            return None
+        ran = self.observed.now - parse_rfc3339(started)
+        if ran < limit:
+            return None
+        _, actions = self.delete(self.owned_workloads(), "spec.activeDeadlineSeconds passed")
+        checkpoint = self.status.latest_checkpoint
+        message = (
+            f"ran {format_duration(ran)} since it started at {started}, past "
+            f"spec.activeDeadlineSeconds ({limit}s); its pods were stopped (the trainer saves "
+            "a checkpoint on SIGTERM) and checkpoints are kept"
+            + (f" (newest seen: {checkpoint})" if checkpoint else "")
+        )
+        return self.fail(REASON_DEADLINE_EXCEEDED, message, actions)
 
     def suspend(self) -> TrainingRunPlan:
         deleting, actions = self.delete(self.owned_workloads(), "the run is suspended")
@@ -430,12 +487,13 @@ class _Decision:
             )
         if observation.state == "failed":
             return self.after_failure(run, attempt, workload, observation, ignored)
-        return self.progress(run, attempt, observation, pods, ensure, ignored)
+        return self.progress(run, attempt, workload, observation, pods, ensure, ignored)
 
     def progress(
         self,
         run: TrainingRun,
         attempt: int,
+        workload: Mapping[str, Any],
         observation: Observation,
         pods: Sequence[Mapping[str, Any]],
         ensure: Sequence[Action],
@@ -461,6 +519,20 @@ class _Decision:
             if metrics.eval_history:
                 history = eval_history_status(metrics)
                 changes["eval_history"] = [EvalPoint.model_validate(p) for p in history]
+        if running:
+            before = self.status.progress
+            progress = changes.get("progress") or before
+            advanced = "progress" in changes and (
+                before is None
+                or (before.step, before.heartbeat_time) != (progress.step, progress.heartbeat_time)
+            )
+            last = self.status.last_progress_time
+            if last is None or advanced:
+                last = changes["last_progress_time"] = self.now_text
+            stalled = self.stalled(run, progress, last, answered=metrics is not None)
+            if stalled is not None:
+                hung = Observation("failed", CAUSE_NO_PROGRESS, stalled, retriable=True)
+                return self.after_failure(run, attempt, workload, hung, ignored)
         phase = PHASE_RUNNING if running else PHASE_PENDING
         reason, message = observation.reason, observation.message
         missing = _missing_references(run, pods, self.namespace)
@@ -479,6 +551,44 @@ class _Decision:
             **changes,
         )
 
+    def stalled(
+        self, run: TrainingRun, progress: Progress | None, last: str, *, answered: bool
+    ) -> str | None:
+        """Why a running attempt counts as hung (NoProgress), None while it is not.
+
+        Until the trainer's first sample of training (a heartbeat, or a step past 0) the
+        bound is startupTimeoutSeconds, which covers loading the model and data; then it is
+        stallTimeoutSeconds without the step or the heartbeat advancing.
+        """
+        policy = run.spec.restart_policy
+        if not policy.stall_timeout_seconds:
+            return None
+        trained = progress is not None and bool(progress.heartbeat_time or progress.step)
+        limit = policy.stall_timeout_seconds if trained else policy.startup_timeout_seconds
+        quiet = self.observed.now - parse_rfc3339(last)
+        if quiet < limit:
+            return None
+        if not trained:
+            said = "does not answer on its metrics port" if not answered else (
+                "answers but has not begun training (loading the model or data?)"
+            )  # fmt: skip
+            return (
+                f"no training step within restartPolicy.startupTimeoutSeconds ({limit}s) "
+                f"of the attempt's pods running; rank 0's trainer {said}"
+            )
+        if not answered:
+            return (
+                f"rank 0's trainer stopped answering on its metrics port: no sign of life for "
+                f"{format_duration(quiet)} (restartPolicy.stallTimeoutSeconds {limit}s); the "
+                "process is frozen or gone"
+            )
+        return (
+            f"step {progress.step} has not advanced and the trainer's heartbeat stopped: no "
+            f"progress for {format_duration(quiet)} (restartPolicy.stallTimeoutSeconds "
+            f"{limit}s); the training loop hangs (a collective waiting for a lost peer, a "
+            "deadlock, storage that does not answer)"
+        )
+
     def after_failure(
         self,
         run: TrainingRun,
@@ -487,33 +597,58 @@ class _Decision:
         observation: Observation,
         ignored: str | None,
     ) -> TrainingRunPlan:
-        if not observation.retriable:
-            return self.fail(REASON_CONFIG_ERROR, observation.message)
+        """Restart or fail as restartPolicy says (kubetrain.restarts); record the attempt."""
+        history = list(self.status.attempts or [])
+        cause = observation.reason if observation.retriable else REASON_CONFIG_ERROR
+        verdict = retry_verdict(
+            run.spec, cause, observation.exit_code, observation.message, history
+        )
+        record = AttemptRecord(
+            attempt=attempt,
+            cause=observation.reason,
+            exit_code=observation.exit_code,
+            message=observation.message[:MAX_RECORD_MESSAGE],
+            counted=verdict.restart and verdict.counted,
+            finished_at=self.now_text,
+        )
+        history = [*history, record][-MAX_ATTEMPT_HISTORY:]
+        if not verdict.restart:
+            return self.fail(verdict.reason, verdict.message, attempts=history)
         restarts = self.status.restarts or 0
         max_restarts = run.spec.restart_policy.max_restarts
         what = f"attempt {attempt} failed ({observation.reason}): {observation.message}"
-        if restarts >= max_restarts:
+        if verdict.counted and restarts >= max_restarts:
             return self.fail(
                 REASON_RESTARTS_EXHAUSTED,
                 f"{what}; restartPolicy.maxRestarts ({max_restarts}) restarts used",
+                attempts=history,
             )
         following = attempt + 1
+        budget = (
+            f"restart {restarts + 1} of {max_restarts}"
+            if verdict.counted
+            else "not counted against restartPolicy.maxRestarts"
+        )
         self.announce(
-            REASON_RESTARTING,
-            f"{what}; starting attempt {following} (restart {restarts + 1} of {max_restarts})",
+            REASON_NO_PROGRESS if observation.reason == CAUSE_NO_PROGRESS else REASON_RESTARTING,
+            f"{what}; starting attempt {following} ({budget})",
             warning=True,
         )
         # Status with the deletion: should the operator stop right after, the next one sees
-        # attempt N+1, deletes the old workload (no longer the attempt's) and goes on.
+        # attempt N+1, deletes the old workload (no longer the attempt's) and goes on. The
+        # progress is the attempt's own: the next one starts without it.
         return self.done(
             PHASE_PENDING,
             REASON_RESTARTING,
-            f"{what}; attempt {following} starts once its pods are gone",
+            f"{what}; attempt {following} starts once its pods are gone ({budget})",
             [DeleteWorkload(workload, f"attempt {following} replaces it")],
             spec_change_ignored=ignored,
             restart_cause=observation.reason,
             attempt=following,
-            restarts=restarts + 1,
+            restarts=restarts + 1 if verdict.counted else restarts,
+            attempts=history,
+            progress=None,
+            last_progress_time=None,
         )
 
     # --- what the observation says -----------------------------------------------------

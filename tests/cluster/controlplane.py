@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,9 +258,9 @@ class ControlPlane:
                     f"{name} exited {process.returncode}; see {self.logs / name}.log"
                 )
 
-    def _run(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _run(self, name: str, args: list[str], binary_name: str | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
-        binary = self.bin / ("jobset-controller" if name == "jobset" else name)
+        binary = self.bin / (binary_name or ("jobset-controller" if name == "jobset" else name))
         # setpriv: the component dies with the test session, however the session ends.
         process = subprocess.Popen(
             [*DIE_WITH_PARENT, str(binary), *args],
@@ -321,7 +321,7 @@ class ControlPlane:
         self._write_kubeconfig(path, user)
         return path
 
-    def _write_kubeconfig(self, path: Path, user: str) -> None:
+    def _write_kubeconfig(self, path: Path, user: str, server: str | None = None) -> None:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -329,7 +329,7 @@ class ControlPlane:
                 {
                     "name": "kubetrain",
                     "cluster": {
-                        "server": self.server,
+                        "server": server or self.server,
                         "certificate-authority": str(self.ca.cert_file),
                     },
                 }
@@ -378,15 +378,20 @@ class ControlPlane:
             process,
         )
 
-    def _start_apiserver(self) -> None:
+    def _start_apiserver(
+        self, name: str = "kube-apiserver", port: int | None = None, etcd_prefix: str = "/registry"
+    ) -> None:
         pki = self.pki
+        port = port or self.ports.apiserver
+        server = f"https://{self.host_ip}:{port}"
         process = self._run(
-            "kube-apiserver",
+            name,
             [
                 f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
+                f"--etcd-prefix={etcd_prefix}",
                 f"--bind-address={self.host_ip}",
                 f"--advertise-address={self.host_ip}",
-                f"--secure-port={self.ports.apiserver}",
+                f"--secure-port={port}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={self.ca.cert_file}",
@@ -402,13 +407,14 @@ class ControlPlane:
                 "--allow-privileged=false",
                 "--profiling=false",
                 "--event-ttl=1h",
-                *self._audit_flags(),
+                *(self._audit_flags() if name == "kube-apiserver" else []),
             ],
+            binary_name="kube-apiserver",
         )
         context = self.ssl_context()
         wait_until(
             lambda: (
-                urllib.request.urlopen(f"{self.server}/readyz", context=context, timeout=5)
+                urllib.request.urlopen(f"{server}/readyz", context=context, timeout=5)
                 .read()
                 .strip()
                 == b"ok"
@@ -417,6 +423,23 @@ class ControlPlane:
             START_TIMEOUT_SECONDS,
             process,
         )
+
+    @contextlib.contextmanager
+    def bare_apiserver(self) -> Iterator[Path]:
+        """A second kube-apiserver over the same etcd under a key prefix of its own: a cluster
+        with nothing installed (no CRDs, no controllers), for what a user meets there. Yields
+        its admin kubeconfig; it stops when the block ends."""
+        port = free_port()
+        self._start_apiserver("kube-apiserver-bare", port, etcd_prefix="/bare")
+        name, process = self.processes[-1]
+        try:
+            path = self.root / "bare.kubeconfig"
+            self._write_kubeconfig(path, "admin", server=f"https://{self.host_ip}:{port}")
+            yield path
+        finally:
+            self.processes.remove((name, process))
+            process.terminate()
+            process.wait(30)
 
     def _audit_flags(self) -> list[str]:
         if not self.audit:

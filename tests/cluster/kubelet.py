@@ -20,7 +20,8 @@ that the real scheduler binds to it as local processes:
   source leaves it `ContainerCreating` with a FailedMount event, until it appears;
 - status is reported as the kubelet reports it (phase, conditions, container state,
   exit code, termination message, FallbackToLogsOnError, restarts for restartPolicy Always
-  and OnFailure, reason OOMKilled for `oom_kill`); deletion sends SIGTERM, then SIGKILL
+  and OnFailure, reason OOMKilled for `oom_kill`; `terminate` sends SIGTERM and leaves the pod
+  in place, as a spot reclaim notice does); deletion sends SIGTERM, then SIGKILL
   after the grace period, and removes the pod; `/containerLogs` is served over TLS the way
   the kubelet's API serves it, so `kubectl logs [-f]` works through the apiserver.
 
@@ -398,6 +399,14 @@ class Kubelet:
         """The container dies at once, every process in it (a crash)."""
         with self.lock:
             self.pods[namespace, pod].kill()
+
+    def terminate(self, namespace: str, pod: str) -> None:
+        """SIGTERM to the container's main process, the pod left in place: what a spot
+        instance's reclaim notice or a node drain's handler does. It exits as it will."""
+        with self.lock:
+            runtime = self.pods[namespace, pod]
+            if runtime.running():
+                runtime.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
 
     # --- the node ----------------------------------------------------------------------
 
@@ -1519,3 +1528,6 @@ class Nodes:
 
     def oom_kill(self, namespace: str, pod: str) -> None:
         self.find(namespace, pod).oom_kill(namespace, pod)
+
+    def terminate(self, namespace: str, pod: str) -> None:
+        self.find(namespace, pod).terminate(namespace, pod)

@@ -3,10 +3,12 @@
 `kubetrain submit` applies a run file; `kubetrain logs -f` streams rank 0's lines as they
 are written and, after rank 0's pod is killed, goes on into attempt 2's pod; `kubetrain get
 runs NAME --watch` shows the step advancing; `kubetrain wait` exits 0 when the run succeeds
-and 1 with the reason on a configuration error. Refusals (not found, no kube context) are
-one line. Each command is the installed entry point, run with the cluster's kubeconfig.
-The Python client makes the same calls against the cluster and, with backend "local",
-against this machine, in one parametrised test.
+and 1 with the reason on a configuration error. Refusals are one line that says what to
+do: not found, no kube context, forbidden (a service account no one bound a role to) and no
+CRDs (a second apiserver over the same etcd, with nothing installed). Each command is the
+installed entry point, run with the cluster's kubeconfig. The Python client makes the same
+calls against the cluster and, with backend "local", against this machine, in one
+parametrised test.
 """
 
 from __future__ import annotations
@@ -150,6 +152,37 @@ def test_refusals_are_one_line(runs: Runs, tmp_path: Path) -> None:
     assert no_cluster.returncode == 2
     (line,) = no_cluster.stderr.strip().splitlines()
     assert line.startswith("error: no Kubernetes cluster is configured"), line
+
+
+def test_a_user_without_rights_is_told_whom_to_ask(runs: Runs, tmp_path: Path) -> None:
+    # A service account nobody bound a role to: RBAC refuses it, as it would a new colleague.
+    plane = runs.cluster.plane
+    plane.kubectl("create", "serviceaccount", "newcomer", "-n", runs.namespace)
+    token = plane.kubectl("create", "token", "newcomer", "-n", runs.namespace).stdout.strip()
+    config = yaml.safe_load(plane.kubeconfig.read_text())
+    config["users"] = [{"name": "admin", "user": {"token": token}}]
+    kubeconfig = tmp_path / "newcomer.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    refused = kubetrain(runs, "get", "runs", env={**plane.env(), "KUBECONFIG": str(kubeconfig)})
+    assert refused.returncode == 2, (refused.stdout, refused.stderr)
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("error: forbidden: "), line
+    assert f"system:serviceaccount:{runs.namespace}:newcomer" in line
+    assert "kubetrain-edit" in line
+
+
+def test_a_cluster_without_the_crds_says_how_to_install_them(runs: Runs, tmp_path: Path) -> None:
+    with runs.cluster.plane.bare_apiserver() as kubeconfig:
+        env = {**runs.cluster.plane.env(), "KUBECONFIG": str(kubeconfig)}
+        run = run_file(tmp_path, "x", tiny_spec("trainingrun-sft-tiny.yaml", "x"))
+        for args in (("get", "runs"), ("submit", str(run)), ("describe", "x")):
+            refused = kubetrain(runs, *args, env=env)
+            assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+            (line,) = refused.stderr.strip().splitlines()
+            assert line == (
+                "error: the kubetrain CRDs are not installed in this cluster: helm install "
+                "kubetrain charts/kubetrain (or kubectl apply -f crds/)"
+            ), (args, line)
 
 
 @pytest.mark.parametrize("backend", ["local", "kubernetes"])

@@ -12,11 +12,12 @@ import json
 import pytest
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException
+from rich.console import Console
 
 from kubetrain import k8s
 from kubetrain.api import TrainingRun
 from kubetrain.client import ClientProblem, split_kind
-from kubetrain.cluster_cli import describe_lines, progress_bar, row_cells
+from kubetrain.cluster_cli import describe_lines, objects_table, progress_bar, row_cells
 
 NOT_FOUND_RESOURCE = {  # GET .../trainingruns/x when the CRD is not installed
     "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
@@ -111,6 +112,23 @@ def test_the_table_row_of_a_running_run() -> None:
     ]  # fmt: skip
     assert progress_bar(40) == "████████░░░░░░░░░░░░ 40%"
     assert row_cells(run(), now)[2:5] == ["-", "-", "-"]
+
+
+def test_a_terminal_gets_rich_progress_bars_and_a_pipe_characters() -> None:
+    running = run(phase="Running", progress={"step": 60, "totalSteps": 150, "percent": 40})
+
+    def drawn(terminal: bool) -> str:
+        console = Console(
+            width=120, force_terminal=terminal, color_system="truecolor" if terminal else None
+        )
+        with console.capture() as captured:
+            console.print(objects_table([running, run()], now=0, terminal=terminal))
+        return captured.get()
+
+    on_terminal, in_pipe = drawn(True), drawn(False)
+    assert "\x1b[" in on_terminal and "40%" in on_terminal  # rich's coloured bar
+    assert "\x1b[" not in in_pipe and progress_bar(40) in in_pipe
+    assert progress_bar(40) not in on_terminal
 
 
 def test_describe_shows_conditions_outputs_and_events() -> None:

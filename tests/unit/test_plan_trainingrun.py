@@ -703,3 +703,175 @@ def test_a_succeeded_run_reports_rank_0s_metrics(
         assert outputs["headline"] in next(
             c.message for c in plan.status.conditions if c.type == "Succeeded"
         )
+
+
+# --- safety nets: hangs, deadlines, cleanup, the restart policy ---------------------------
+
+RUNNING_PODS = [pod(1, 0), pod(1, 1)]
+
+
+def hung_run(quiet: float, spec: dict[str, Any] | None = None, **progress: Any) -> dict[str, Any]:
+    """A running attempt 1 that last advanced `quiet` seconds ago, at step 40."""
+    status = {
+        **running_status(),
+        "startTime": rfc3339(NOW - 5000),
+        "lastProgressTime": rfc3339(NOW - quiet),
+        "progress": {"step": 40, "heartbeatTime": rfc3339(NOW - quiet), **progress},
+    }
+    return run_body(status, spec=spec)
+
+
+def following(run: dict[str, Any], metrics: TrainerMetrics | None, **fields: Any) -> Observed:
+    return observe(run, 1, workloads=[workload(1)], pods=RUNNING_PODS, metrics=metrics, **fields)
+
+
+STUCK = TrainerMetrics(step=40, heartbeat=NOW - 1801)  # the heartbeat the status holds
+
+
+@pytest.mark.parametrize(
+    ("case", "run", "metrics", "hung", "said"),
+    [
+        ("quiet for less than the stall timeout", hung_run(1700), TrainerMetrics(
+            step=40, heartbeat=NOW - 1700), False, ""),
+        ("quiet past the stall timeout", hung_run(1801), STUCK, True,
+         "step 40 has not advanced and the trainer's heartbeat stopped"),
+        ("no answer past the stall timeout", hung_run(1801), None, True,
+         "stopped answering on its metrics port"),
+        ("no training yet, within the startup timeout", hung_run(3000, step=0, heartbeatTime=None),
+         TrainerMetrics(step=0), False, ""),
+        ("no training past the startup timeout", hung_run(3601, step=0, heartbeatTime=None),
+         TrainerMetrics(step=0), True, "no training step within restartPolicy.startupTimeout"),
+        ("hang detection off", hung_run(99999, spec={**SPEC, "restartPolicy": {
+            "stallTimeoutSeconds": 0}}), STUCK, False, ""),
+    ],
+)  # fmt: skip
+def test_a_hung_attempt_restarts_with_no_progress(
+    case: str, run: dict[str, Any], metrics: TrainerMetrics | None, hung: bool, said: str
+) -> None:
+    plan = plan_trainingrun(following(run, metrics))
+    if not hung:
+        assert plan.status.phase == "Running" and kinds(plan) == [], case
+        return
+    assert kinds(plan) == ["Delete pretrain-1"], case
+    assert plan.restart_cause == "NoProgress"
+    assert "NoProgress" in announced(plan)
+    assert (plan.status.attempt, plan.status.restarts) == (2, 1)
+    assert plan.status.phase == "Pending" and plan.status.progress is None
+    (record,) = plan.status.attempts
+    assert (record.attempt, record.cause, record.counted) == (1, "NoProgress", True)
+    assert said in record.message and said in ready(plan)[1], ready(plan)
+
+
+def test_a_heartbeat_or_a_step_is_progress_and_moves_the_stall_clock() -> None:
+    quiet = hung_run(4000)
+    beating = plan_trainingrun(following(quiet, TrainerMetrics(step=40, heartbeat=NOW - 2)))
+    assert beating.status.phase == "Running"
+    assert beating.status.last_progress_time == rfc3339(NOW)
+    stepping = plan_trainingrun(following(quiet, TrainerMetrics(step=41, heartbeat=NOW - 4000)))
+    assert stepping.status.last_progress_time == rfc3339(NOW)
+    # The first pass that sees the attempt running starts the clock.
+    fresh = plan_trainingrun(following(run_body(running_status(phase="Pending")), None))
+    assert fresh.status.phase == "Running" and fresh.status.last_progress_time == rfc3339(NOW)
+
+
+def test_a_run_past_its_deadline_fails_and_stops_its_pods() -> None:
+    spec = {**SPEC, "activeDeadlineSeconds": 3600}
+    status = {**running_status(), "startTime": rfc3339(NOW - 3600),
+              "latestCheckpoint": "pvc://models/pretrain/checkpoint-40"}  # fmt: skip
+    plan = plan_trainingrun(following(run_body(status, spec=spec), STUCK))
+    assert plan.status.phase == "Failed" and ready(plan)[0] == "DeadlineExceeded"
+    assert kinds(plan) == ["Delete pretrain-1"]
+    assert plan.status.completion_time == rfc3339(NOW)
+    assert "past spec.activeDeadlineSeconds (3600s)" in ready(plan)[1]
+    assert "checkpoint-40" in ready(plan)[1]
+    # A suspended run's clock runs on: it fails too, with nothing left to stop.
+    suspended = {**status, "phase": "Suspended"}
+    plan = plan_trainingrun(observe(run_body(suspended, spec={**spec, "suspend": True}), 1))
+    assert ready(plan)[0] == "DeadlineExceeded" and kinds(plan) == []
+    # Within the deadline nothing happens.
+    early = {**status, "startTime": rfc3339(NOW - 3599)}
+    assert plan_trainingrun(following(run_body(early, spec=spec), STUCK)).status.phase == "Running"
+
+
+def finished_status(ago: float, **fields: Any) -> dict[str, Any]:
+    return {
+        "phase": "Succeeded",
+        "attempt": 1,
+        "restarts": 0,
+        "completionTime": rfc3339(NOW - ago),
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Completed",
+                        "message": "attempt 1 completed",
+                        "lastTransitionTime": rfc3339(NOW - ago)}],
+        **fields,
+    }  # fmt: skip
+
+
+def test_ttl_deletes_the_workload_after_the_verdict_and_never_recreates_it() -> None:
+    spec = {**SPEC, "ttlSecondsAfterFinished": 60}
+    done = workload(1, conditions=[{"type": "Complete", "status": "True"}])
+    early = plan_trainingrun(observe(run_body(finished_status(59), spec=spec), workloads=[done]))
+    assert kinds(early) == [] and early.status.cleaned_up_time is None
+    due = plan_trainingrun(observe(run_body(finished_status(60), spec=spec), workloads=[done]))
+    assert kinds(due) == ["Delete pretrain-1"]
+    assert due.status.phase == "Succeeded" and ready(due) == ("Completed", "attempt 1 completed")
+    gone = plan_trainingrun(observe(run_body(finished_status(90), spec=spec), workloads=[]))
+    assert kinds(gone) == [] and "CleanedUp" in announced(gone)
+    assert gone.status.cleaned_up_time == rfc3339(NOW) and gone.status.phase == "Succeeded"
+    cleaned = finished_status(900, cleanedUpTime=rfc3339(NOW - 800))
+    later = plan_trainingrun(observe(run_body(cleaned, spec=spec), workloads=[]))
+    assert kinds(later) == [] and announced(later) == []
+    # Without a TTL, a finished run's workload stays.
+    kept = plan_trainingrun(observe(run_body(finished_status(99999)), workloads=[done]))
+    assert kinds(kept) == []
+
+
+def oom_killed(attempt: int, index: int) -> dict[str, Any]:
+    failed = pod(attempt, index, "Failed", exit_code=137)
+    failed["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] = "OOMKilled"
+    return failed
+
+
+def test_out_of_memory_is_retried_once_then_fails_with_the_runs_values() -> None:
+    first = plan_trainingrun(
+        observe(run_body(running_status()), 1, workloads=[workload(1)],
+                pods=[pod(1, 0), oom_killed(1, 1)])
+    )  # fmt: skip
+    assert (first.status.attempt, first.status.restarts) == (2, 1)
+    assert first.restart_cause == "OOMKilled"
+    again = {**running_status(attempt=2, restarts=1),
+             "attempts": status_body(first.status)["attempts"]}  # fmt: skip
+    second = plan_trainingrun(
+        observe(run_body(again), 2, workloads=[workload(2)], pods=[oom_killed(2, 0), pod(2, 1)])
+    )
+    assert second.status.phase == "Failed" and ready(second)[0] == "OutOfMemory"
+    assert "out of memory again after one retry" in ready(second)[1]
+    assert "perDeviceTrainBatchSize 8 -> try 4 with gradientAccumulationSteps 2" in ready(second)[1]
+    assert [r.cause for r in second.status.attempts] == ["OOMKilled", "OOMKilled"]
+
+
+def test_a_preemption_restarts_without_using_the_budget() -> None:
+    spent = running_status(restarts=2)  # maxRestarts is 2: a crash now would fail the run
+    plan = plan_trainingrun(
+        observe(run_body(spent), 1, workloads=[workload(1)],
+                pods=[pod(1, 0, "Failed", exit_code=75, message="preempted: step 40"), pod(1, 1)])
+    )  # fmt: skip
+    assert (plan.status.attempt, plan.status.restarts) == (2, 2)
+    assert plan.restart_cause == "Preempted"
+    assert "not counted against restartPolicy.maxRestarts" in ready(plan)[1]
+    assert plan.status.attempts[0].counted is False
+    crash = plan_trainingrun(
+        observe(run_body(spent), 1, workloads=[workload(1)],
+                pods=[pod(1, 0, "Failed", exit_code=1), pod(1, 1)])
+    )  # fmt: skip
+    assert ready(crash)[0] == "RestartsExhausted"
+
+
+def test_instability_fails_at_once_with_the_stability_knobs() -> None:
+    said = "training unstable: step 5: loss is nan; step 6: loss is nan; step 7: loss is nan"
+    plan = plan_trainingrun(
+        observe(run_body(running_status()), 1, workloads=[workload(1)],
+                pods=[pod(1, 0, "Failed", exit_code=72, message=said), pod(1, 1)])
+    )  # fmt: skip
+    assert plan.status.phase == "Failed" and ready(plan)[0] == "InstabilityDetected"
+    assert said in ready(plan)[1] and "learningRate 2e-05 -> try 1e-05" in ready(plan)[1]
+    assert kinds(plan) == []

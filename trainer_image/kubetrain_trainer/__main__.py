@@ -5,8 +5,10 @@ Run as: python -m kubetrain_trainer --config FILE
 
 Exit codes (contract.ExitCode): 0 done; 78 the config or data is wrong (the message says which
 field, file and line; retrying cannot help); 75 stopped by SIGTERM after saving a
-checkpoint (rerun to resume). The failure message also goes to the container's termination
-message file, where the operator reads it into the TrainingRun's conditions.
+checkpoint (rerun to resume); 72 training became unstable (NaN/inf loss, exploding
+gradients: training.stability); 71 the device ran out of memory. The failure message also
+goes to the container's termination message file, where the operator reads it into the
+TrainingRun's conditions.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 
 from kubetrain_trainer.config import ConfigError, TrainerConfig, load_trainer_config
 from kubetrain_trainer.contract import (
+    OUT_OF_MEMORY_PREFIX,
     TERMINATION_LOG,
+    UNSTABLE_PREFIX,
     ExitCode,
     TrainerMetricsFile,
     config_error_message,
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     from kubetrain_trainer.session import Preempted
+    from kubetrain_trainer.stability import TrainingUnstable
 
     try:
         cfg = load_trainer_config(args.config)
@@ -145,14 +150,38 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s; checkpoint saved, rerun to resume", e)
         write_termination_message(preempted_message(str(e)))
         return ExitCode.PREEMPTED
+    except TrainingUnstable as e:
+        message = f"{UNSTABLE_PREFIX}: {e}"
+        log.error("%s", message)
+        write_termination_message(message)
+        return ExitCode.TRAINING_UNSTABLE
     except Exception as e:
-        # Anything else (OOM, lost peer, storage) is worth a retry: say what it was.
+        oom = device_out_of_memory(e)
+        if oom is not None:
+            said = str(oom).strip() or type(oom).__name__
+            message = f"{OUT_OF_MEMORY_PREFIX}: {said.splitlines()[0]}"
+            log.error("%s", message)
+            write_termination_message(message)
+            return ExitCode.DEVICE_OUT_OF_MEMORY
+        # Anything else (lost peer, storage) is worth a retry: say what it was.
         write_termination_message(f"{type(e).__name__}: {e}")
         raise
     log.info("done: %s", json.dumps(summary, default=str))
     # The operator copies these into status.outputs.metrics (it cannot read the output).
     write_termination_message(outputs_message(summary))
     return ExitCode.OK
+
+
+def device_out_of_memory(error: BaseException) -> BaseException | None:
+    """torch's OutOfMemoryError (CUDA and other accelerators) behind `error`, if any: the
+    libraries between the step and here may have wrapped it."""
+    torch = sys.modules.get("torch")
+    seen: BaseException | None = error
+    while seen is not None and torch is not None:
+        if isinstance(seen, torch.OutOfMemoryError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def exit_process(code: int) -> None:

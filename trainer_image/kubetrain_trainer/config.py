@@ -235,6 +235,35 @@ class DataSpec(Spec):
         return None
 
 
+class Stability(Spec):
+    """When training counts as unstable, and stops (exit 72) rather than train on garbage.
+
+    Checked on every logged step (training.loggingSteps): the loss as logged (NaN and inf
+    are not averaged away) and the total gradient norm before clipping. The stability
+    chapter of the guide is what the message advises then: a lower learning rate, warmup,
+    clipping, weight decay.
+    """
+
+    grad_norm_limit: float | None = Field(
+        1e4,
+        gt=0,
+        description="A logged gradient norm above this counts as exploding; null turns the "
+        "check off. Clipping (maxGradNorm) bounds the update, not this measure.",
+    )
+    patience_steps: StrictInt = Field(
+        3,
+        ge=1,
+        description="Consecutive logged steps with a non-finite loss or an exploding gradient "
+        "before the run stops with reason InstabilityDetected.",
+    )
+    layer_checks: StrictBool = Field(
+        True,
+        description="Log the layers whose gradient is non-finite, large (norm > 10) or "
+        "vanishing (< 1e-8), as the guide's TrainingDebugger does: at most once per "
+        "loggingSteps, the worst few by name.",
+    )
+
+
 class Training(Spec):
     """Optimisation, precision, evaluation and checkpoint cadence (TrainingArguments names)."""
 
@@ -310,6 +339,10 @@ class Training(Spec):
         False,
         description="Drop dataset columns the model's forward() does not take, after TRL "
         "has tokenized the rows (raw columns such as messages are always kept until then).",
+    )
+    stability: Stability = Field(
+        default_factory=Stability,
+        description="When the run stops as unstable (NaN/inf loss, exploding gradients).",
     )
 
     @model_validator(mode="after")

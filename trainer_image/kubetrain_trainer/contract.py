@@ -47,6 +47,10 @@ PERPLEXITY = "kubetrain_trainer_perplexity"  # language-modelling methods only
 REWARDS_ACCURACY = "kubetrain_trainer_rewards_accuracy"  # DPO only
 REWARDS_MARGIN = "kubetrain_trainer_rewards_margin"  # DPO only
 GPU_MEMORY_BYTES = "kubetrain_trainer_gpu_memory_bytes"  # only where there is a GPU
+# Unix time of the training loop's last sign of life (a micro-batch, an evaluation batch, a
+# save): with the step it tells a hung trainer from a slow one, and from none at all (no
+# answer). The operator compares its changes, never its value, with its own clock.
+HEARTBEAT = "kubetrain_trainer_heartbeat_timestamp_seconds"
 # Every evaluation during training, one sample per (metric, step): a sweep's pruner must see
 # the whole history however seldom the operator polls. Bounded: the newest MAX_EVAL_HISTORY
 # evaluations are kept.
@@ -57,7 +61,7 @@ MAX_EVAL_HISTORY = 50
 TRAINER_GAUGES = (
     STEP, TOTAL_STEPS, EPOCH, LOSS, EVAL_LOSS, LEARNING_RATE, GRAD_NORM, TOKENS_TOTAL,
     TOKENS_PER_SECOND, CHECKPOINT_STEP, START_TIME_SECONDS, INFO, PERPLEXITY,
-    REWARDS_ACCURACY, REWARDS_MARGIN, GPU_MEMORY_BYTES, EVAL_HISTORY,
+    REWARDS_ACCURACY, REWARDS_MARGIN, GPU_MEMORY_BYTES, EVAL_HISTORY, HEARTBEAT,
 )  # fmt: skip
 
 EVAL_GAUGE_PREFIX = "kubetrain_eval_"  # kubetrain_eval_<metric>{suite=...}
@@ -224,6 +228,9 @@ TERMINATION_LOG = "/dev/termination-log"
 # a message starting with it as a configuration error, whatever the exit code.
 CONFIG_ERROR_PREFIX = "config error"
 PREEMPTED_PREFIX = "preempted"
+# The termination messages of exit 71 and 72 start with these.
+OUT_OF_MEMORY_PREFIX = "device out of memory"
+UNSTABLE_PREFIX = "training unstable"
 
 
 def config_error_message(detail: str) -> str:

@@ -7,8 +7,9 @@ Locally, torchrun options may come first:
 torchrun takes its topology from the PET_* environment the operator sets (PET_NNODES,
 PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT). Plain torchrun exits 1
 whenever a worker fails, which hides whether a rank hit a configuration error (78: retrying
-cannot help) or was preempted after saving a checkpoint (75: resume). This runs torchrun's own
-code in-process and passes those worker exit codes through.
+cannot help), became unstable (72), ran out of device memory (71) or was preempted after
+saving a checkpoint (75: resume). This runs torchrun's own code in-process and passes those
+worker exit codes through.
 
 Before torchrun starts, every node waits for rank 0's address (PET_MASTER_ADDR, a DNS name
 that exists only once rank 0's pod is scheduled) to resolve, for as long as the rendezvous
@@ -45,8 +46,14 @@ def torchrun_argv(argv: list[str]) -> list[str]:
 
 def exit_code(failure: ChildFailedError) -> int:
     codes = {f.exitcode for f in failure.failures.values()}
-    # A config error on any rank decides the outcome; it is never worth a retry.
-    for meaningful in (ExitCode.CONFIG_ERROR, ExitCode.PREEMPTED):
+    # A config error on any rank decides the outcome; it is never worth a retry. Then the
+    # codes a retry policy tells apart: instability, out of memory, preemption.
+    for meaningful in (
+        ExitCode.CONFIG_ERROR,
+        ExitCode.TRAINING_UNSTABLE,
+        ExitCode.DEVICE_OUT_OF_MEMORY,
+        ExitCode.PREEMPTED,
+    ):
         if meaningful in codes:
             return meaningful
     return 1

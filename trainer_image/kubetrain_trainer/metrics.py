@@ -205,6 +205,11 @@ class PrometheusCallback(TrainerCallback):
             [contract.EVAL_HISTORY_METRIC_LABEL, contract.EVAL_HISTORY_STEP_LABEL],
             registry=self.registry,
         )
+        self.heartbeat = gauge(
+            contract.HEARTBEAT,
+            "Unix time of the training loop's last sign of life (a micro-batch, an "
+            "evaluation batch, a save); NaN until training begins.",
+        )
         self.gpu_memory_bytes = None
         if _cuda_available():
             self.gpu_memory_bytes = gauge(
@@ -236,6 +241,7 @@ class PrometheusCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.start_time.set(time.time())
+        self.heartbeat.set(time.time())
         self.total_steps.set(state.max_steps)
         self.step.set(state.global_step)
         self.epoch.set(state.epoch or 0)
@@ -258,6 +264,21 @@ class PrometheusCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.step.set(state.global_step)
             self.epoch.set(state.epoch or 0)
+            self.heartbeat.set(time.time())
+
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # A micro-batch of a step with gradient accumulation: a long step is not a hang.
+        if state.is_world_process_zero:
+            self.heartbeat.set(time.time())
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # An evaluation batch: a long evaluation does not advance the step, nor is it a hang.
+        if state.is_world_process_zero:
+            self.heartbeat.set(time.time())
 
     def on_log(
         self,
@@ -291,6 +312,7 @@ class PrometheusCallback(TrainerCallback):
     ) -> None:
         if state.is_world_process_zero:
             self.checkpoint_step.set(state.global_step)
+            self.heartbeat.set(time.time())
 
     def _record_eval(self, step: int, logs: dict[str, Any]) -> None:
         """One evaluation into the history gauge, dropping the oldest beyond the bound."""

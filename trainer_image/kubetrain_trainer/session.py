@@ -33,6 +33,7 @@ from kubetrain_trainer.metrics import (
     progress_callbacks,
     serve_metrics,
 )
+from kubetrain_trainer.stability import StabilityCallback
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def training_arguments(
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # A NaN loss must reach the logs (and the stability check), not be averaged away.
+        logging_nan_inf_filter=False,
         load_best_model_at_end=t.load_best_model_at_end,
         metric_for_best_model=t.metric_for_best_model,
         greater_is_better=t.greater_is_better,
@@ -139,7 +142,12 @@ class Session:
     def callbacks(self) -> list:
         # The marker callback runs before Prometheus so checkpoint_step never names an
         # unmarked folder.
-        callbacks = [*self.progress, CompleteMarkerCallback(), self.preemption]
+        callbacks = [
+            *self.progress,
+            CompleteMarkerCallback(),
+            self.preemption,
+            StabilityCallback(self.cfg.training.stability),
+        ]
         if self.prometheus is not None:
             callbacks.append(self.prometheus)
         if self.cfg.training.early_stopping_patience:

@@ -48,7 +48,12 @@ from kubetrain_trainer.config import (
     Training,
     check_method_blocks,
 )
-from kubetrain_trainer.contract import MAX_EVAL_HISTORY, MAX_OUTPUT_METRICS, METRICS_PORT
+from kubetrain_trainer.contract import (
+    MAX_EVAL_HISTORY,
+    MAX_OUTPUT_METRICS,
+    METRICS_PORT,
+    ExitCode,
+)
 
 GROUP = "kubetrain.dev"
 VERSION = "v1alpha1"
@@ -100,6 +105,8 @@ PHASE_RUNNING: Phase = "Running"
 PHASE_SUCCEEDED: Phase = "Succeeded"
 PHASE_FAILED: Phase = "Failed"
 PHASE_SUSPENDED: Phase = "Suspended"
+# A run, stage or sweep in one of these has its verdict and keeps it.
+FINISHED_PHASES: tuple[Phase, ...] = (PHASE_SUCCEEDED, PHASE_FAILED)
 
 # Condition types. Ready is True only once the run Succeeded (kstatus: the resource has
 # reached its desired state); Running, Succeeded, Failed and Suspended mirror the phase so
@@ -137,6 +144,14 @@ REASON_COMPLETED = "Completed"  # every pod exited 0
 REASON_CONFIG_ERROR = "ConfigError"  # the trainer refused its config or data (exit 78)
 REASON_INVALID_SPEC = "InvalidSpec"  # the operator could not render the spec
 REASON_RESTARTS_EXHAUSTED = "RestartsExhausted"  # failed again after maxRestarts restarts
+REASON_NO_PROGRESS = "NoProgress"  # neither step nor heartbeat advanced: restarted (a hang)
+REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"  # ran past spec.activeDeadlineSeconds
+REASON_OUT_OF_MEMORY = "OutOfMemory"  # OOM-killed or CUDA OOM again after its one retry
+REASON_INSTABILITY_DETECTED = "InstabilityDetected"  # NaN/inf loss or exploding gradients
+REASON_EXIT_CODE_NOT_RETRIED = "ExitCodeNotRetried"  # an exit code in restartPolicy.failOn
+REASON_CLEANED_UP = "CleanedUp"  # workload deleted ttlSecondsAfterFinished after the verdict
+# How many ended attempts status.attempts keeps (the newest).
+MAX_ATTEMPT_HISTORY = 20
 
 
 class K8sObject(BaseModel):
@@ -651,6 +666,26 @@ class Resources(K8sObject):
 class RestartPolicy(K8sObject):
     """When the operator starts the whole gang again after a failure."""
 
+    # The same two rules as `_codes_consistent`, for the apiserver (CEL).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                rule(
+                    "!has(self.retryOn) || !has(self.failOn) || "
+                    "!self.retryOn.exists(c, c in self.failOn)",
+                    "an exit code cannot be in both retryOn and failOn",
+                    field_path=".retryOn",
+                ),
+                rule(
+                    "!has(self.retryOn) || !(78 in self.retryOn)",
+                    "78 is a config or data error, which no restart can fix: take it out of "
+                    "retryOn and fix the spec or data",
+                    field_path=".retryOn",
+                ),
+            ]
+        }
+    )
+
     max_restarts: StrictInt = Field(
         3,
         ge=0,
@@ -676,6 +711,43 @@ class RestartPolicy(K8sObject):
         "node no longer answers. Unset: wait, and name the pods and their node in the status "
         "after 300s. Force-deleting is safe only if the node is really gone (or fenced).",
     )
+    stall_timeout_seconds: StrictInt = Field(
+        1800,
+        ge=0,
+        description="Hang detection: when neither rank 0's step nor its heartbeat has advanced "
+        "for this long while the attempt runs, the attempt ends with reason NoProgress and "
+        "restarts from its newest checkpoint (a retriable failure). Until the trainer's "
+        "first sample the bound is startupTimeoutSeconds (model download, rendezvous). 0 "
+        "turns hang detection off.",
+    )
+    retry_on: list[Annotated[int, Field(ge=1, le=255)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Exit codes always restarted within maxRestarts, whatever their default "
+        "(e.g. 72 to retry instability). The defaults: 78 (config or data error) is never "
+        "retried; 75 and 143 (preempted, checkpoint saved) and pod disruptions (eviction, "
+        "node loss) are always retried and not counted against maxRestarts; OOMKilled and "
+        "71 (CUDA out of memory) are retried once, then fail with advice; 72 (training "
+        "unstable) is not retried; any other code is retried within maxRestarts.",
+    )
+    fail_on: list[Annotated[int, Field(ge=1, le=255)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Exit codes that fail the run at once (reason ExitCodeNotRetried), e.g. "
+        "an exit code of your own image that means the data is bad.",
+    )
+
+    @model_validator(mode="after")
+    def _codes_consistent(self) -> RestartPolicy:
+        both = sorted(set(self.retry_on) & set(self.fail_on))
+        if both:
+            raise ValueError(f"restartPolicy: exit codes {both} are in both retryOn and failOn")
+        if int(ExitCode.CONFIG_ERROR) in self.retry_on:
+            raise ValueError(
+                "restartPolicy.retryOn: 78 is a config or data error, which no restart can fix; "
+                "fix the spec or data instead"
+            )
+        return self
 
 
 # The rule that every method but from_scratch names its starting model. Pipeline stages
@@ -960,6 +1032,21 @@ class TrainingRunSpec(Spec):
     restart_policy: RestartPolicy = Field(
         default_factory=RestartPolicy, description="Restarts after retriable failures."
     )
+    active_deadline_seconds: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="The most seconds the run may take, counted from status.startTime (its "
+        "pods first all ran) across restarts and suspensions. Past it the workload is "
+        "stopped (the trainer saves a checkpoint on SIGTERM) and the run fails with reason "
+        "DeadlineExceeded, which is final.",
+    )
+    ttl_seconds_after_finished: StrictInt | None = Field(
+        None,
+        ge=0,
+        description="Delete the finished run's workload and pods this long after the "
+        "operator recorded its verdict (the run, its status and outputs stay; nothing is "
+        "re-created). Unset: they stay until the run is deleted.",
+    )
     backend: Literal["job", "jobset"] = Field(
         "job",
         description="Workload kind: job (an Indexed Job and a headless Service, plain "
@@ -1021,6 +1108,12 @@ class Progress(K8sObject):
     percent: int | None = Field(
         None, ge=0, le=100, description="step / totalSteps as a whole percentage."
     )
+    heartbeat_time: str | None = Field(
+        None,
+        description="The training loop's last sign of life by the trainer's own clock (a "
+        "micro-batch, an evaluation batch, a save), RFC 3339.",
+        json_schema_extra={"format": "date-time"},
+    )
 
 
 class EvalPoint(K8sObject):
@@ -1078,6 +1171,26 @@ class KstatusStatus(K8sObject):
     )
 
 
+class AttemptRecord(K8sObject):
+    """One ended attempt: why it ended, and whether its restart used the budget."""
+
+    attempt: int = Field(ge=1, description="The attempt number (the Job <run>-<attempt>).")
+    cause: str = Field(
+        description="Why it ended: OOMKilled, DeviceOutOfMemory, Preempted, Evicted, NodeLost, "
+        "NetworkError, NoProgress, Crashed, Signalled, TrainingUnstable, ..."
+    )
+    exit_code: int | None = Field(None, description="The failed container's exit code.")
+    message: str = Field("", description="What the pod or the operator said.")
+    counted: bool = Field(
+        True, description="Whether its restart counted against restartPolicy.maxRestarts."
+    )
+    finished_at: str | None = Field(
+        None,
+        description="When the operator saw it end (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+
+
 class TrainingRunStatus(KstatusStatus):
     """Observed state of a TrainingRun, written by the operator only."""
 
@@ -1095,7 +1208,30 @@ class TrainingRunStatus(KstatusStatus):
         None, ge=0, description="Current attempt; the Job is named <run>-<attempt>."
     )
     restarts: int | None = Field(
-        None, ge=0, description="Gang restarts so far (at most restartPolicy.maxRestarts)."
+        None,
+        ge=0,
+        description="Restarts that counted against restartPolicy.maxRestarts; one after a "
+        "preemption or a pod disruption does not (the attempt number counts every restart, "
+        "status.attempts says why each ended).",
+    )
+    attempts: list[AttemptRecord] | None = Field(
+        None,
+        max_length=MAX_ATTEMPT_HISTORY,
+        description=f"How each ended attempt ended, oldest first (the newest "
+        f"{MAX_ATTEMPT_HISTORY}).",
+    )
+    last_progress_time: str | None = Field(
+        None,
+        description="When the operator last saw the current attempt advance (its step or "
+        "the trainer's heartbeat), or saw it start running; the stall timeout counts from "
+        "here (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+    cleaned_up_time: str | None = Field(
+        None,
+        description="When the operator deleted the finished run's workload and pods "
+        "(ttlSecondsAfterFinished) (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
     )
     progress: Progress | None = Field(None, description="Training progress of the attempt.")
     eval_history: list[EvalPoint] | None = Field(

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -33,9 +31,7 @@ from pydantic import ValidationError
 
 from kubetrain import k8s, opmetrics
 from kubetrain.api import (
-    PHASE_FAILED,
     REASON_CREATED,
-    REASON_INVALID_SPEC,
     REASON_SUSPENDED,
     SWEEP_KIND,
     Pipeline,
@@ -45,21 +41,13 @@ from kubetrain.api import (
     TrainingRun,
     stage_run_name,
 )
-from kubetrain.handlers.passes import ObjectPass, rfc3339
+from kubetrain.handlers.passes import OwnerPass
 from kubetrain.pipelines import (
-    FINISHED_PHASES,
     plan_pipeline,
     stage_run,
     stage_sweep,
     suspend_patch,
     upstream_model_uris,
-)
-from kubetrain.status import (
-    CONDITION_READY,
-    condition_of,
-    invalid_spec_status,
-    merge_patch,
-    next_status,
 )
 from kubetrain_trainer.config import format_validation_error
 
@@ -81,32 +69,14 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo) -> None:
         PipelinePass(body).run()
 
 
-class PipelinePass(ObjectPass):
+class PipelinePass(OwnerPass):
     """One pass over one Pipeline, as read at the start of the pass."""
 
-    def __init__(self, body: dict[str, Any]) -> None:
-        super().__init__(body)
-        self.now = rfc3339(time.time())
-
     def run(self) -> None:
-        ready = condition_of(self.status, CONDITION_READY) or {}
-        phase = self.status.get("phase")
-        if phase in FINISHED_PHASES and ready.get("reason") != REASON_INVALID_SPEC:
-            # A finished pipeline keeps its verdict; only acknowledge the generation (kstatus).
-            reason, message = ready.get("reason", ""), ready.get("message", "")
-            self.write(
-                next_status(
-                    self.status,
-                    phase=phase,
-                    reason=reason,
-                    message=message,
-                    now=self.now,
-                    generation=self.generation,
-                )
-            )
+        if self.keeps_verdict():
             return
         try:
-            pipeline = self.validated()
+            pipeline = self.validated(Pipeline, PipelineStatus)
         except ValidationError as e:
             self.invalid(format_validation_error(e, f"Pipeline {self.qualified}"))
             return
@@ -136,20 +106,6 @@ class PipelinePass(ObjectPass):
 
     # --- steps ---------------------------------------------------------------------------
 
-    def validated(self) -> Pipeline:
-        """The pipeline as a model (ValidationError if its spec is bad), with its status."""
-        pipeline = Pipeline.model_validate(
-            {key: value for key, value in self.body.items() if key != "status"}
-        )
-        # The status is read apart, so that it can never make the spec look invalid; one
-        # that does not parse (edited by hand) is rebuilt from the stage runs.
-        try:
-            pipeline.status = PipelineStatus.model_validate(self.status) if self.status else None
-        except ValidationError as e:
-            log.warning("Pipeline %s: rebuilding an unreadable status: %s", self.qualified, e)
-            pipeline.status = None
-        return pipeline
-
     def stage_runs(self, pipeline: Pipeline) -> dict[str, dict[str, Any]]:
         """Stage name -> its TrainingRun, for the stages that have one owned by this pipeline."""
         stage_of = {
@@ -166,11 +122,6 @@ class PipelinePass(ObjectPass):
             if stage is not None and self.owns(run):
                 runs[stage] = run
         return runs
-
-    def owns(self, run: Mapping[str, Any]) -> bool:
-        """Whether `run` is this pipeline object's (not a namesake's, nor a user's)."""
-        references = run["metadata"].get("ownerReferences") or []
-        return any(ref.get("uid") == self.uid for ref in references)
 
     def propagate_suspend(self, pipeline: Pipeline, run: dict[str, Any]) -> None:
         """Copy spec.suspend to an unfinished stage run; its own handlers stop or resume it."""
@@ -204,31 +155,13 @@ class PipelinePass(ObjectPass):
         if (previous.get(stage.name) or {}).get("message") != stage.message:
             self.announce(REASON_NAME_TAKEN, f"Stage {stage.name} {stage.message}", warning=True)
 
-    def invalid(self, message: str) -> None:
-        ready = condition_of(self.status, CONDITION_READY) or {}
-        if (ready.get("reason"), ready.get("message")) != (REASON_INVALID_SPEC, message):
-            self.announce(REASON_INVALID_SPEC, f"Failed: {message}", warning=True)
-        self.write(
-            invalid_spec_status(self.status, message, now=self.now, generation=self.generation)
-        )
+    # --- status ------------------------------------------------------------------------
 
-    # --- helpers -------------------------------------------------------------------------
+    def patch_status(self, patch: dict[str, Any]) -> None:
+        k8s.patch_pipeline_status(self.namespace, self.name, patch)
 
-    def write(self, new: dict[str, Any]) -> None:
-        """Patch the status to `new` (only what changed), announce a new phase, count it."""
-        patch = merge_patch(self.status, new)
-        if patch:
-            k8s.patch_pipeline_status(self.namespace, self.name, patch)
-        phase = new.get("phase", "")
-        ready = condition_of(new, CONDITION_READY) or {}
-        reason = ready.get("reason", "")
-        # InvalidSpec was announced with its message already.
-        if phase != self.status.get("phase") and reason != REASON_INVALID_SPEC:
-            self.announce(
-                reason, f"{phase}: {ready.get('message', '')}", warning=phase == PHASE_FAILED
-            )
-        opmetrics.observe_pipeline_phase(self.namespace, self.name, phase)
-        self.status = new
+    def observe(self, status: dict[str, Any]) -> None:
+        opmetrics.observe_pipeline_phase(self.namespace, self.name, status.get("phase", ""))
 
 
 def forget(namespace: str, name: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 
 from kubetrain import k8s, opmetrics
-from kubetrain.api import LABEL_ATTEMPT
+from kubetrain.api import FINISHED_PHASES, LABEL_ATTEMPT
 from kubetrain.handlers.children import Children
 from kubetrain.handlers.passes import ObjectPass
 from kubetrain.render import config_map_name, service_name
@@ -40,7 +40,6 @@ from kubetrain.status import (
 from kubetrain.trainingruns import (
     PROPAGATION,
     STARTED_SPEC_ANNOTATION,
-    TERMINAL_PHASES,
     Announce,
     CreateChild,
     DeleteWorkload,
@@ -123,7 +122,7 @@ def observe(
     now = time.time()
     status = body.get("status") or {}
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    if refusal is not None or status.get("phase") in TERMINAL_PHASES:
+    if refusal is not None or (status.get("phase") in FINISHED_PHASES and not _cleanup_due(body)):
         return Observed(run=body, now=now, refusal=refusal, first_sample=memory.first_sample)
     found = found or {}
     pods = children.pods(namespace, name)
@@ -255,6 +254,15 @@ def forget(namespace: str, name: str, memo: kopf.Memo | None = None) -> None:
             memo.setdefault("runs", {}).pop((namespace, name), None)
 
 
-def is_unfinished(status: Mapping[str, Any], **_: Any) -> bool:
-    """kopf `when` filter: finished runs need no timer (spec edits still reach them)."""
-    return status.get("phase") not in TERMINAL_PHASES
+def is_unfinished(spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
+    """kopf `when` filter: finished runs need no timer (spec edits still reach them), but
+    for the deletion of their workload that ttlSecondsAfterFinished asks for."""
+    return status.get("phase") not in FINISHED_PHASES or _cleanup_due(
+        {"spec": spec, "status": status}
+    )
+
+
+def _cleanup_due(body: Mapping[str, Any]) -> bool:
+    """Whether a finished run's workload is still to be deleted (ttlSecondsAfterFinished)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    return spec.get("ttlSecondsAfterFinished") is not None and not status.get("cleanedUpTime")

@@ -42,8 +42,12 @@ from kubetrain.api import (
     Sweep,
     TrainingRun,
 )
-from kubetrain.local.runner import finished_metrics, local_output_dir
-from kubetrain.local.sweep import free_port, read_local_metrics
+from kubetrain.local.runner import (
+    finished_metrics,
+    free_port,
+    local_output_dir,
+    read_local_metrics,
+)
 from kubetrain.status import next_status, parse_trainer_metrics, progress_status
 from kubetrain_trainer.contract import ExitCode, output_metrics
 

@@ -10,6 +10,7 @@ image has none); the trainer's exit code comes back unchanged.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -134,3 +135,22 @@ def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRu
     exit_code = subprocess.call(trainer_command(config_path, processes))
     metrics = (finished_metrics(output_dir) if exit_code == 0 else None) or {}
     return LocalRun(name=name, exit_code=exit_code, output_dir=output_dir, metrics=metrics)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (each local trainer serves its metrics on its own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_local_metrics(port: int) -> str | None:
+    """GET http://127.0.0.1:port/metrics; None while nothing answers there."""
+    import requests
+
+    try:
+        response = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        response.raise_for_status()
+    except requests.RequestException:
+        return None
+    return response.text

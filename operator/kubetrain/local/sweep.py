@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import json
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from rich.live import Live
 from rich.table import Table
 
 from kubetrain.api import (
+    FINISHED_PHASES,
     PHASE_FAILED,
     PHASE_RUNNING,
     PHASE_SUCCEEDED,
@@ -44,12 +44,14 @@ from kubetrain.local.runner import (
     CONFIG_FILE,
     clear_previous_run,
     finished_metrics,
+    free_port,
     local_output_dir,
+    read_local_metrics,
     resolve_local_uri,
     trainer_command,
 )
 from kubetrain.status import eval_history_status, parse_trainer_metrics
-from kubetrain.sweeps import FINISHED_PHASES, parameter_importances, plan_sweep
+from kubetrain.sweeps import parameter_importances, plan_sweep
 from kubetrain_trainer.config import ConfigError, dump_trainer_config
 from kubetrain_trainer.contract import output_metrics
 from kubetrain_trainer.report import SweepTrial, write_sweep_report
@@ -125,13 +127,6 @@ class LocalSweepRun:
         return 0 if self.phase == PHASE_SUCCEEDED else 1
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (each trial serves its metrics on its own)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_trial(run: TrainingRun) -> LocalTrial:
     """Write the trial's TrainerConfig and start its trainer, its output going to trial.log."""
     try:
@@ -169,18 +164,6 @@ def poll_trial(trial: LocalTrial, read_metrics: Callable[[int], str | None]) -> 
         trial.exit_code = code
         if trial.log is not None:
             trial.log.close()
-
-
-def read_local_metrics(port: int) -> str | None:
-    """GET http://127.0.0.1:port/metrics; None while nothing answers there."""
-    import requests
-
-    try:
-        response = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
-        response.raise_for_status()
-    except requests.RequestException:
-        return None
-    return response.text
 
 
 def run_sweep_locally(
