@@ -4,6 +4,7 @@
     kubetrain run examples/pipeline-tiny.yaml [--rerun]    run a pipeline's stages here
     kubetrain run examples/sweep-tiny.yaml                 a hyperparameter sweep here
     kubetrain validate examples/*.yaml                     check files without running them
+    kubetrain validate --preflight FILE --gpu-memory 80Gi  will it fit? memory per GPU
     kubetrain render examples/trainingrun-sft-tiny.yaml    the objects the operator creates
     kubetrain report outputs/pipeline-tiny                 a run's or pipeline's summary
     kubetrain generate outputs/sft-tiny --chat             talk to a trained model or adapter
@@ -39,6 +40,7 @@ from kubetrain.api import (
     load_documents,
     stage_output_uri,
 )
+from kubetrain.api.trainingrun import check_quantity, quantity_value
 from kubetrain_trainer.config import ConfigError
 from kubetrain_trainer.contract import REPORT_FILE
 
@@ -81,6 +83,9 @@ def _run_trainingrun(run: TrainingRun, args: argparse.Namespace) -> int:
             f"output kept in {result.output_dir}",
             file=sys.stderr,
         )
+        advice = failure_advice(run, result.exit_code)
+        if advice:
+            print(advice, file=sys.stderr)
         return result.exit_code
     print(f"==> {run.metadata.name} done: model in {result.output_dir}", flush=True)
     if (result.output_dir / REPORT_FILE).is_file():
@@ -124,11 +129,90 @@ def _run_sweep(sweep: Sweep) -> int:
     return result.exit_code
 
 
+def failure_advice(run: TrainingRun, exit_code: int) -> str | None:
+    """The guide's remedies for a run that ran out of memory or went unstable here."""
+    from kubetrain_trainer.advice import memory_advice, stability_advice
+    from kubetrain_trainer.contract import ExitCode
+
+    if exit_code == ExitCode.TRAINING_UNSTABLE:
+        return stability_advice(run.spec)
+    if exit_code == ExitCode.DEVICE_OUT_OF_MEMORY:
+        return memory_advice(run.spec)
+    return None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    gpu_memory = None
+    if args.gpu_memory is not None:
+        try:
+            gpu_memory = quantity_value(check_quantity(args.gpu_memory))
+        except ValueError as e:
+            raise ConfigError(f"--gpu-memory: {e}") from e
+    does_not_fit = False
     for file in args.files:
         for obj in load_documents(file):
             print(f"{file}: {obj.kind} {obj.metadata.name}: valid")
-    return 0
+            if args.preflight:
+                runs = pipeline_stage_runs(obj) if isinstance(obj, Pipeline) else [obj]
+                for run in runs:
+                    if isinstance(run, TrainingRun) and run.spec.method != "evaluate":
+                        line, fits = preflight_line(run, gpu_memory)
+                        print(f"  {run.metadata.name}: {line}")
+                        does_not_fit = does_not_fit or not fits
+    return 1 if does_not_fit else 0
+
+
+def preflight_line(run: TrainingRun, gpu_memory: float | None) -> tuple[str, bool]:
+    """The memory estimate of one run and whether it fits the GPU size given (or the one its
+    node selector names), as the trainer's own preflight would judge it."""
+    from kubetrain_trainer.advice import memory_advice
+    from kubetrain_trainer.preflight import (
+        GPU_PRODUCT_LABEL,
+        KNOWN_GPUS,
+        does_not_fit_message,
+        estimate_memory,
+        gib,
+    )
+
+    shape = model_shape(run)
+    if isinstance(shape, str):
+        return f"preflight: no estimate ({shape})", True
+    spec = run.spec
+    estimate = estimate_memory(
+        spec.method, spec.model, spec.training, spec.data, spec.lora, spec.dpo, shape
+    )
+    product = spec.resources.node_selector.get(GPU_PRODUCT_LABEL)
+    if gpu_memory is None and product in KNOWN_GPUS:
+        gpu_memory = KNOWN_GPUS[product]
+    if gpu_memory is None:
+        return f"preflight: {estimate.summary()} (pass --gpu-memory to compare)", True
+    if not estimate.fits(gpu_memory):
+        return does_not_fit_message(estimate, gpu_memory, memory_advice(spec)), False
+    return f"preflight: {estimate.summary()}; fits a {gib(gpu_memory)} GPU", True
+
+
+def model_shape(run: TrainingRun) -> Any:
+    """The run's model shape, or why it cannot be known here (a str)."""
+    from kubetrain_trainer.preflight import KNOWN_MODELS, ModelShape, read_model_shape
+
+    model = run.spec.model
+    if model.architecture is not None:
+        return ModelShape.of_architecture(model.architecture)
+    name = model.name or ""
+    if name in KNOWN_MODELS:
+        return ModelShape.of_config(KNOWN_MODELS[name])
+    if name.startswith("pvc://"):
+        return f"{name} is on a cluster volume; copy its config.json here to estimate"
+    folder = Path(name)
+    if (folder / "config.json").is_file():
+        return read_model_shape(folder)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config = hf_hub_download(name, "config.json", revision=model.revision)
+    except Exception as e:  # no network, no such repo, gated: say which and go on
+        return f"the config.json of {name} cannot be read here: {type(e).__name__}"
+    return read_model_shape(Path(config).parent)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -265,6 +349,16 @@ def parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check spec files without running them")
     validate.add_argument("files", type=Path, nargs="+")
+    validate.add_argument(
+        "--preflight", action="store_true",
+        help="also estimate each run's memory per GPU (weights, gradients, optimizer states, "
+        "activations) and exit 1 if one cannot fit",
+    )  # fmt: skip
+    validate.add_argument(
+        "--gpu-memory", default=None, metavar="QUANTITY",
+        help="the GPU size to compare with, e.g. 80Gi (default: the nvidia.com/gpu.product "
+        "of the run's nodeSelector, when it is a known one)",
+    )  # fmt: skip
     validate.set_defaults(func=cmd_validate)
 
     render = sub.add_parser("render", help="print the Kubernetes objects for a spec")

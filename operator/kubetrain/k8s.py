@@ -286,6 +286,16 @@ def plural_of(kind: str) -> str:
     return {KIND: PLURAL, PIPELINE_KIND: PIPELINE_PLURAL, SWEEP_KIND: SWEEP_PLURAL}[kind]
 
 
+def status_of(e: ApiException) -> dict[str, Any]:
+    """The apiserver's Status object in an error, {} when the body is none (a group it does
+    not serve answers with the plain text `404 page not found`)."""
+    try:
+        body = json.loads(e.body or "{}")
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def explain(e: Exception, what: str) -> ClientProblem:
     """The one line a person reads for a failed call about `what` (e.g. TrainingRun ns/x)."""
     if isinstance(e, config.ConfigException):
@@ -294,10 +304,7 @@ def explain(e: Exception, what: str) -> ClientProblem:
             "pass --context, or train on this machine with `kubetrain run FILE`"
         )
     if isinstance(e, ApiException):
-        try:
-            body = json.loads(e.body or "{}")
-        except ValueError:
-            body = {}
+        body = status_of(e)
         message = body.get("message") or str(e.reason)
         if e.status == 404 and not (body.get("details") or {}).get("name"):
             return ClientProblem(
@@ -353,7 +360,7 @@ def get_object(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
             )
         )
     except ApiException as e:
-        if e.status == 404 and (json.loads(e.body or "{}").get("details") or {}).get("name"):
+        if e.status == 404 and (status_of(e).get("details") or {}).get("name"):
             return None
         raise
 
@@ -457,10 +464,7 @@ class Refused(Exception):
 
 def _api_message(e: ApiException) -> str:
     """The apiserver's own message (its Status object), else the HTTP reason."""
-    try:
-        return json.loads(e.body or "{}").get("message") or str(e.reason)
-    except (ValueError, AttributeError):
-        return str(e.reason)
+    return status_of(e).get("message") or str(e.reason)
 
 
 def create(obj: dict[str, Any]) -> bool:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from example_specs import example, with_spec
 
 from kubetrain.api import parse_document
@@ -27,6 +30,7 @@ from kubetrain_trainer.contract import (
 from kubetrain_trainer.stability import gradient_anomalies, logged_problem
 
 INF, NAN = math.inf, math.nan
+KUBETRAIN = str(Path(sys.executable).parent / "kubetrain")
 
 
 @pytest.mark.parametrize(
@@ -75,15 +79,31 @@ def train_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **training) -> t
 def test_a_learning_rate_of_1e4_stops_as_unstable_within_a_few_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code, said = train_tiny(
-        tmp_path, monkeypatch, learningRate=1e4, loggingSteps=1, maxSteps=60, warmupRatio=0
+    # As a user meets it: `kubetrain run FILE` exits 72 and says what to change.
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETRAIN_TERMINATION_LOG", str(termination))
+    training = {"learningRate": 1e4, "loggingSteps": 1, "maxSteps": 60, "warmupRatio": 0,
+                "evalStrategy": "no", "saveSteps": 1000}  # fmt: skip
+    doc = with_spec(
+        example("trainingrun-from-scratch-tiny.yaml"),
+        output=str(tmp_path / "out"),
+        training=training,
     )
-    assert code == ExitCode.TRAINING_UNSTABLE, said
+    spec_file = tmp_path / "unstable.yaml"
+    spec_file.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        [KUBETRAIN, "run", str(spec_file), "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    said = termination.read_text()
+    assert done.returncode == ExitCode.TRAINING_UNSTABLE, done.stderr[-3000:]
     assert said.startswith(f"{UNSTABLE_PREFIX}: "), said
     assert "3 logged steps in a row" in said
     steps = [int(step) for step in re.findall(r"step (\d+):", said)]
     assert len(steps) == 3 and steps[-1] <= 10, said  # it stopped early, not at step 60
     assert not (tmp_path / "out" / METRICS_FILE).exists()  # no finished model is claimed
+    assert "Try: learningRate 10000 -> try 5000 (or lower)" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.slow

@@ -534,6 +534,20 @@ CROSS_FIELD_CASES: list[tuple[str, dict[str, Any], str | None]] = [
         {"method": "evaluate", "data": None, "evaluate": EVALUATE, "model": {}},
         "this method needs model.name",
     ),
+    # Safety nets: the batch-size finder in one process only; exit-code lists that work.
+    ("auto-batch-one-process", {"training": {"autoFindBatchSize": True}}, None),
+    (
+        "auto-batch-two-nodes",
+        {"training": {"autoFindBatchSize": True}, "resources": {"nodes": 2}},
+        "training.autoFindBatchSize works in one process",
+    ),
+    (
+        "retry-and-fail-on-one-code",
+        {"restartPolicy": {"retryOn": [3, 4], "failOn": [4]}},
+        "in both retryOn and failOn",
+    ),
+    ("retry-on-config-error", {"restartPolicy": {"retryOn": [78]}}, "78 is a config or data error"),
+    ("exit-code-lists", {"restartPolicy": {"retryOn": [72], "failOn": [3]}}, None),
     ("env-rank", {"env": [{"name": "RANK", "value": "0"}]}, "env may not set PET_*"),
     ("env-pet", {"env": [{"name": "PET_NNODES", "value": "2"}]}, "env may not set PET_*"),
     ("env-pet-other", {"env": [{"name": "PET_ANYTHING", "value": "2"}]}, "env may not set"),

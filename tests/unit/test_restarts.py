@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from kubetrain.api import AttemptRecord, TrainingRunSpec
-from kubetrain.restarts import Verdict, memory_advice, retry_verdict, stability_advice
+from kubetrain.restarts import Verdict, retry_verdict
+from kubetrain_trainer.advice import memory_advice, stability_advice
 
 SPEC: dict[str, Any] = {
     "method": "sft",
@@ -100,11 +101,11 @@ def test_memory_advice_leaves_out_what_is_already_done() -> None:
         data={"train": "pvc://data/t.jsonl", "maxLength": 512},
         training={"perDeviceTrainBatchSize": 1, "gradientCheckpointing": True, "bf16": True},
     )
-    advice = memory_advice(done, host=False)
+    advice = memory_advice(done)
     assert advice == (
         "Try: perDeviceTrainBatchSize is already 1 (accumulation 1); data.maxLength is 512"
     )
-    lora = memory_advice(spec(method="lora"), host=False)
+    lora = memory_advice(spec(method="lora"))
     assert "lora.loadIn4Bit is off" in lora and "trains every weight" not in lora
     assert "resources.limits.memory" not in lora  # a device OOM is not the host's memory
 

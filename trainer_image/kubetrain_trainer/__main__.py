@@ -97,8 +97,10 @@ def write_report_or_warn(cfg: TrainerConfig) -> None:
 
 def training_summary(cfg: TrainerConfig, session) -> TrainerMetricsFile:
     from kubetrain_trainer.metrics import summarize_run
+    from kubetrain_trainer.session import preflight
 
     method = importlib.import_module(f"kubetrain_trainer.methods.{cfg.method}")
+    preflight(cfg)
     result = method.train(cfg, session)
     state = result.trainer.state
     summary = TrainerMetricsFile.model_validate(
@@ -112,6 +114,8 @@ def training_summary(cfg: TrainerConfig, session) -> TrainerMetricsFile:
         )
     )
     summary.replica_checksums = result.replica_checksums
+    summary.per_device_train_batch_size = result.trainer._train_batch_size
+    summary.gradient_accumulation_steps = result.trainer.args.gradient_accumulation_steps
     if result.merged_dir:
         summary.merged_dir = result.merged_dir
     return summary
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="TrainerConfig YAML or JSON file")
     args = parser.parse_args(argv)
     setup_logging()
-    from kubetrain_trainer.session import Preempted
+    from kubetrain_trainer.session import NoBatchSizeFits, Preempted
     from kubetrain_trainer.stability import TrainingUnstable
 
     try:
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(message)
         return ExitCode.TRAINING_UNSTABLE
     except Exception as e:
-        oom = device_out_of_memory(e)
+        oom = e if isinstance(e, NoBatchSizeFits) else device_out_of_memory(e)
         if oom is not None:
             said = str(oom).strip() or type(oom).__name__
             message = f"{OUT_OF_MEMORY_PREFIX}: {said.splitlines()[0]}"

@@ -276,6 +276,14 @@ class Training(Spec):
     gradient_accumulation_steps: StrictInt = Field(
         1, ge=1, description="Micro-batches summed before each optimizer step."
     )
+    auto_find_batch_size: StrictBool = Field(
+        False,
+        description="On a device out-of-memory error, train again from the start with a "
+        "smaller perDeviceTrainBatchSize (transformers' finder), raising "
+        "gradientAccumulationSteps so the effective batch (batch x accumulation x processes) "
+        "stays the same; the sizes chosen are in the run's final metrics. One process only: "
+        "a rank that runs out of memory alone would leave its peers waiting.",
+    )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
     lr_scheduler_type: SchedulerType = Field("cosine", description="Learning-rate schedule.")
     warmup_steps: StrictInt = Field(0, ge=0, description="Linear warmup steps (wins over ratio).")

@@ -177,6 +177,10 @@ class TrainerMetricsFile(BaseModel):
     rewards_margin: float | None = None  # DPO, eval set first, else training batches
     replica_checksums: list[float] | None = None  # one per data-parallel rank: equal weights
     merged_dir: str | None = None  # where the merged model went (lora with merge: true)
+    # The batch trained with (training.autoFindBatchSize may have made it smaller, and the
+    # accumulation larger, keeping their product).
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
     # Every evaluation during training, oldest first: {"step": N, "<metric>": value, ...}
     # with intermediate_metrics(method) keys; at most MAX_EVAL_HISTORY entries.
     eval_history: list[dict[str, float | int]] | None = None

@@ -19,6 +19,7 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
+from kubetrain_trainer.advice import memory_advice
 from kubetrain_trainer.checkpoints import (
     CompleteMarkerCallback,
     PreemptionCallback,
@@ -33,6 +34,7 @@ from kubetrain_trainer.metrics import (
     progress_callbacks,
     serve_metrics,
 )
+from kubetrain_trainer.preflight import ModelShape, does_not_fit_message, estimate_memory, gib
 from kubetrain_trainer.stability import StabilityCallback
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ def training_arguments(
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
+        auto_find_batch_size=t.auto_find_batch_size,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio.
@@ -161,6 +164,8 @@ class Session:
         rank 0 also saves that history as the output's trainer_state.json for the report.
         """
         drop_printer_callback(trainer)
+        if trainer.args.auto_find_batch_size:
+            keep_effective_batch(trainer)
         checkpoint = resume_checkpoint(self.cfg.output_dir)
         if checkpoint:
             log.info("resuming from %s", checkpoint)
@@ -183,6 +188,92 @@ class Session:
     def tokens_at_start(self) -> int:
         """Tokens already seen by the checkpoint this run resumed from."""
         return self.prometheus.tokens_at_start if self.prometheus is not None else 0
+
+
+def preflight(cfg: TrainerConfig) -> None:
+    """Log the memory estimate; refuse (ConfigError, exit 78) a run that cannot fit its GPU.
+
+    On rank 0 before any weights load: the shape comes from the architecture or the
+    model's config.json (a hub model's is its only file fetched here). Without a GPU the
+    estimate is only logged. A shape that cannot be read is no reason to refuse a run.
+    """
+    if cfg.method == "evaluate" or int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        if cfg.model.architecture is not None:
+            shape = ModelShape.of_architecture(cfg.model.architecture)
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(
+                cfg.model.name,
+                revision=cfg.model.revision,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+            shape = ModelShape.of_config(config.to_dict())
+    except (OSError, ValueError, KeyError) as e:
+        log.info("preflight: no memory estimate (the model's config cannot be read: %s)", e)
+        return
+    estimate = estimate_memory(
+        cfg.method, cfg.model, cfg.training, cfg.data, cfg.lora, cfg.dpo, shape
+    )
+    if not torch.cuda.is_available():
+        log.info("preflight: %s", estimate.summary())
+        return
+    device = torch.cuda.get_device_properties(0).total_memory
+    if not estimate.fits(device):
+        raise ConfigError(does_not_fit_message(estimate, device, memory_advice(cfg)))
+    log.info("preflight: %s of the %s device", estimate.summary(), gib(device))
+
+
+class NoBatchSizeFits(RuntimeError):
+    """Out of device memory at every batch size that keeps the effective batch."""
+
+
+def smaller_batch(current: int, offered: int, effective: int) -> int | None:
+    """The batch size to try after an out-of-memory error at `current`.
+
+    transformers' finder offers 90% of the last size it tried; the effective batch stays
+    `effective` only with a size that divides it, so this takes the largest divisor of
+    `effective` at most `offered` and below `current`. None when there is none (at 1).
+    """
+    for size in range(min(offered, current - 1), 0, -1):
+        if effective % size == 0:
+            return size
+    return None
+
+
+def keep_effective_batch(trainer: Trainer) -> None:
+    """Make transformers' batch-size finder keep the effective batch: each smaller
+    per-device batch comes with the accumulation that gives the same product."""
+    args = trainer.args
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    update = trainer._update_auto_batch_size
+    tried: list[int] = []
+
+    def update_keeping_effective(batch_size: int) -> None:
+        size = batch_size
+        if tried:
+            found = smaller_batch(tried[-1], batch_size, effective)
+            if found is None:
+                raise NoBatchSizeFits(
+                    f"the device ran out of memory at every per-device batch size from "
+                    f"{tried[0]} down to {tried[-1]} (training.autoFindBatchSize)"
+                )
+            size = found
+        elif effective % size:  # resumed at a size a checkpoint kept from another effective
+            size = smaller_batch(size + 1, size, effective) or 1
+        tried.append(size)
+        args.gradient_accumulation_steps = effective // size
+        if len(tried) > 1:
+            log.warning(
+                "out of device memory at perDeviceTrainBatchSize %d: retrying with %d and "
+                "gradientAccumulationSteps %d (the effective batch stays %d)",
+                tried[-2], size, args.gradient_accumulation_steps, effective,
+            )  # fmt: skip
+        update(size)
+
+    trainer._update_auto_batch_size = update_keeping_effective  # type: ignore[method-assign]
 
 
 def replica_checksums(model: torch.nn.Module) -> list[float]:

@@ -863,6 +863,11 @@ def spec_rules(model_name_rule: dict[str, str] = MODEL_NAME_RULE) -> list[dict[s
             field_path=".resources",
         ),
         rule(
+            f"!{flag('training.autoFindBatchSize')} || ({nodes} == 1 && {procs} == 1)",
+            AUTO_BATCH_ONE_PROCESS_MESSAGE,
+            field_path=".training.autoFindBatchSize",
+        ),
+        rule(
             f"self.method == 'dpo' || !({present('data.maxPromptLength')})",
             "data.maxPromptLength applies to method dpo only",
             field_path=".data.maxPromptLength",
@@ -957,10 +962,22 @@ EVALUATE_ONE_PROCESS_MESSAGE = (
 )
 
 
+AUTO_BATCH_ONE_PROCESS_MESSAGE = (
+    "training.autoFindBatchSize works in one process: a rank that runs out of memory alone "
+    "would leave its peers waiting in the gradient all-reduce. Find the size on a run with "
+    "resources.nodes and resources.procPerNode 1, then set perDeviceTrainBatchSize"
+)
+
+
 def check_evaluate_resources(method: str, resources: Resources) -> None:
     """Evaluation is not data-parallel: every rank would score the same rows again."""
     if method == "evaluate" and (resources.nodes != 1 or resources.proc_per_node != 1):
         raise ValueError(EVALUATE_ONE_PROCESS_MESSAGE)
+
+
+def check_one_process_batch_finder(training: Training, resources: Resources) -> None:
+    if training.auto_find_batch_size and (resources.nodes != 1 or resources.proc_per_node != 1):
+        raise ValueError(AUTO_BATCH_ONE_PROCESS_MESSAGE)
 
 
 def scheme_rules() -> list[dict[str, str]]:
@@ -1068,6 +1085,7 @@ class TrainingRunSpec(Spec):
         # Same attribute names as TrainerConfig, so the trainer's own rule applies as is.
         check_method_blocks(self)  # type: ignore[arg-type]
         check_evaluate_resources(self.method, self.resources)
+        check_one_process_batch_finder(self.training, self.resources)
         return self
 
 

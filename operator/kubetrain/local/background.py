@@ -36,6 +36,8 @@ from kubetrain.api import (
     PHASE_SUSPENDED,
     REASON_COMPLETED,
     REASON_CONFIG_ERROR,
+    REASON_INSTABILITY_DETECTED,
+    REASON_OUT_OF_MEMORY,
     REASON_SUSPENDED,
     REASON_TRAINING,
     Pipeline,
@@ -54,7 +56,13 @@ from kubetrain_trainer.contract import ExitCode, output_metrics
 Object = TrainingRun | Pipeline | Sweep
 LOG_FILE = "kubetrain-run.log"
 TERMINATION_FILE = "termination-log"
-REASON_EXITED = "Exited"  # the process ended with an exit code other than 0 and 78
+REASON_EXITED = "Exited"  # the process ended with an exit code none of these name
+# The reasons the operator gives the same exit codes (it does not retry any of them here).
+EXIT_REASONS = {
+    ExitCode.CONFIG_ERROR: REASON_CONFIG_ERROR,
+    ExitCode.TRAINING_UNSTABLE: REASON_INSTABILITY_DETECTED,
+    ExitCode.DEVICE_OUT_OF_MEMORY: REASON_OUT_OF_MEMORY,
+}
 
 
 @dataclass
@@ -184,7 +192,7 @@ class LocalRuns:
                 local, PHASE_SUCCEEDED, REASON_COMPLETED, "completed", **fields
             )
         else:
-            reason = REASON_CONFIG_ERROR if code == ExitCode.CONFIG_ERROR else REASON_EXITED
+            reason = EXIT_REASONS.get(code, REASON_EXITED)
             said = _last_words(local)
             local.status = self._next(local, PHASE_FAILED, reason, f"exit {code}: {said}")
 
