@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import signal
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -77,6 +78,8 @@ def _run_trainingrun(run: TrainingRun, args: argparse.Namespace) -> int:
 
     print(f"==> TrainingRun {run.metadata.name} ({run.spec.method})", flush=True)
     result = run_locally(run, metrics_port=args.metrics_port)
+    if result.interrupted_by is not None:
+        return result.exit_code  # the runner said where the checkpoint is, in one line
     if not result.succeeded:
         print(
             f"TrainingRun {run.metadata.name} failed (exit {result.exit_code}); "
@@ -255,6 +258,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Ctrl-C while no trainer runs (loading, reading, following): nothing to save.
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     # Text cells, never markup: run and stage names are the user's and may hold "[...]".
     table = Table(title=Text(report.title))
     for column in report.table.columns:
@@ -492,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         # forbidden, not found): one line, never a traceback.
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Ctrl-C while no trainer runs (loading, reading, following): nothing to save.
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -30,7 +30,13 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from kubetrain_trainer.contract import CHECKPOINT_MARKER, checkpoint_dir_name, checkpoint_dir_step
+from kubetrain_trainer.contract import (
+    CHECKPOINT_MARKER,
+    checkpoint_dir_name,
+    checkpoint_dir_step,
+    is_complete,
+    list_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,33 +102,6 @@ def mark_complete(folder: str | Path, step: int, epoch: float | None = None) -> 
         },
     )
     return marker
-
-
-def is_complete(folder: str | Path) -> bool:
-    """Whether a checkpoint folder has a readable marker naming the folder's own step.
-
-    A marker whose step differs from the folder name (a folder copied or renamed by hand)
-    does not count: the state inside would resume at a different step than it claims.
-    """
-    folder = Path(folder)
-    try:
-        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("step") == checkpoint_step(folder)
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """All `checkpoint-<step>` folders under output_dir as (step, path), oldest step first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for child in output_dir.iterdir():
-        step = checkpoint_step(child)
-        if step is not None and child.is_dir():
-            found.append((step, child))
-    return sorted(found)
 
 
 def resume_checkpoint(output_dir: str | Path) -> str | None:

@@ -22,6 +22,7 @@ import json
 import math
 import re
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -224,6 +225,40 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.PREEMPTED: "stopped by SIGTERM after saving a checkpoint; rerun to resume",
     ExitCode.CONFIG_ERROR: "the configuration or data is wrong; retrying cannot help",
 }
+
+
+def is_complete(folder: str | Path) -> bool:
+    """Whether a checkpoint folder has a readable marker naming the folder's own step.
+
+    A marker whose step differs from the folder name (a folder copied or renamed by hand)
+    does not count: the state inside would resume at a different step than it claims.
+    """
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("step") == checkpoint_dir_step(folder.name)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """All `checkpoint-<step>` folders under output_dir as (step, path), oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        step = checkpoint_dir_step(child.name)
+        if step is not None and child.is_dir():
+            found.append((step, child))
+    return sorted(found)
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint folder under output_dir that has its completion marker."""
+    complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
+
 
 # Where Kubernetes reads a container's termination message (its terminationMessagePath
 # default); the trainer's env KUBETRAIN_TERMINATION_LOG overrides it outside a pod.

@@ -63,6 +63,7 @@ from kubetrain_trainer.report import PipelineStage, write_pipeline_report
 TRAINED = "trained"
 REUSED = "reused"  # its output kept the finished model of an earlier run; not trained again
 FAILED = "failed"
+INTERRUPTED = "interrupted"  # stopped by a signal with a checkpoint; the next run resumes it
 NOT_RUN = "not run"  # the plan never started it: a stage failed first (or one it needs did)
 GATE_FAILED_EXIT = 1  # no stage failed, but a gate's metric was out of bounds
 
@@ -97,8 +98,12 @@ class LocalPipelineRun:
 
     @property
     def exit_code(self) -> int:
-        """0; the exit code of the first stage that failed (78 config, 75 preempted); or
-        GATE_FAILED_EXIT when a gate held a stage back and no stage failed."""
+        """128 + the signal that interrupted a stage; 0; the exit code of the first stage
+        that failed (78 config, 75 preempted); or GATE_FAILED_EXIT when a gate held a stage
+        back and no stage failed."""
+        interrupted = [s for s in self.stages if s.status == INTERRUPTED]
+        if interrupted:
+            return interrupted[0].exit_code
         if self.failed:
             return self.failed[0].exit_code
         return GATE_FAILED_EXIT if self.gate_failure else 0
@@ -157,6 +162,8 @@ def run_pipeline_locally(
             rerun=rerun, metrics_port=metrics_port, train=train, say=say,
         )  # fmt: skip
         outcomes[name] = outcome
+        if outcome.status == INTERRUPTED:
+            break  # a person stopped it: no other stage starts
         # Finished stages as their runs' statuses read on a cluster, metrics for the gates.
         observed[name] = {
             "phase": PHASE_FAILED if outcome.status == FAILED else PHASE_SUCCEEDED,
@@ -173,7 +180,9 @@ def run_pipeline_locally(
                 stage.spec.method,
                 NOT_RUN,
                 local_output_dir(stage_output_uri(pipeline.spec, planned.name)),
-                note=(planned.message or "").removeprefix(NOT_RUN_PREFIX),
+                note="interrupted"
+                if any(o.status == INTERRUPTED for o in outcomes.values())
+                else (planned.message or "").removeprefix(NOT_RUN_PREFIX),
             )
 
     result = LocalPipelineRun(pipeline.metadata.name, [outcomes[n] for n in order])
@@ -257,7 +266,9 @@ def run_stage(
     result = train(run, metrics_port=metrics_port)
     outcome.exit_code, outcome.metrics = result.exit_code, result.metrics
     outcome.status = TRAINED if result.succeeded else FAILED
-    if not result.succeeded:
+    if result.interrupted_by is not None:
+        outcome.status = INTERRUPTED  # the runner said where its checkpoint is
+    elif not result.succeeded:
         say(
             f"==> stage {name} failed (exit {result.exit_code}); run again to resume from "
             f"its newest checkpoint in {output_dir}"

@@ -5,14 +5,27 @@ local paths instead of volume mounts; then the trainer starts as a child process
 `python -m kubetrain_trainer` for one process, or the torchrun launcher with
 nodes x procPerNode processes on this host. This module never imports torch (the operator
 image has none); the trainer's exit code comes back unchanged.
+
+Signals. The trainer runs in a process group of its own, so a terminal's Ctrl-C reaches
+only this runner, which hands SIGINT, SIGTERM and SIGHUP on to the whole group as SIGTERM:
+every trainer process (the torchrun tree included) saves a checkpoint at the next step
+boundary and exits 75. The runner then says where the checkpoint is in one line and exits
+128 + the signal (130 for Ctrl-C, 143 for SIGTERM). A second Ctrl-C within
+FORCE_STOP_SECONDS kills the group at once; a checkpoint it interrupts has no completion
+marker, so it is never resumed from. No trainer process outlives the runner.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +40,8 @@ from kubetrain_trainer.contract import (
     REPORT_PLOTS_DIR,
     TRAINER_STATE_FILE,
     TrainerMetricsFile,
+    checkpoint_dir_step,
+    newest_complete_checkpoint,
 )
 
 CONFIG_FILE = "kubetrain-trainer-config.yaml"
@@ -103,18 +118,78 @@ def trainer_command(config_path: Path, processes: int) -> list[str]:
     ]  # fmt: skip
 
 
+FORCE_STOP_SECONDS = 5  # a second Ctrl-C this soon after the first stops at once
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @dataclass
 class LocalRun:
-    """What a finished local run left behind."""
+    """What a finished local run left behind; `interrupted_by` the signal that stopped it."""
 
     name: str
     exit_code: int
     output_dir: Path
     metrics: dict = field(default_factory=dict)
+    interrupted_by: int | None = None
 
     @property
     def succeeded(self) -> bool:
         return self.exit_code == 0
+
+
+def run_trainer(command: list[str]) -> tuple[int, int | None]:
+    """Run the trainer in a process group of its own, forwarding signals (module doc).
+
+    Returns (exit code, the first signal this runner received or None). Outside the main
+    thread signal handlers cannot be set; the trainer then just runs.
+    """
+    process = subprocess.Popen(command, start_new_session=True)
+    received: list[tuple[int, float]] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        now = time.monotonic()
+        last = received[-1][1] if received else None
+        again = signum == signal.SIGINT and last is not None and now - last < FORCE_STOP_SECONDS
+        received.append((signum, now))
+        with_signal = signal.SIGKILL if again else signal.SIGTERM
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, with_signal)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS} if in_main else {}
+    try:
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stop_group(process)
+    return code, received[0][0] if received else None
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Kill whatever of the trainer's process group is left (a worker torchrun left behind,
+    or all of it if this runner is leaving on an exception)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    if process.poll() is None:
+        process.wait()
+
+
+def interrupted_message(output_dir: Path) -> str:
+    """The one line a person reads after stopping a run here."""
+    checkpoint = newest_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return (
+            f"interrupted before the first checkpoint; nothing saved in {output_dir}; run the "
+            "same command again to start over"
+        )
+    step = checkpoint_dir_step(checkpoint.name)
+    return (
+        f"interrupted at step {step}; checkpoint saved in {checkpoint}; run the same command "
+        "again to resume"
+    )
 
 
 def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRun:
@@ -132,9 +207,18 @@ def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRu
     config_path.write_text(dump_trainer_config(cfg))
 
     processes = spec.resources.nodes * spec.resources.proc_per_node
-    exit_code = subprocess.call(trainer_command(config_path, processes))
+    exit_code, interrupted_by = run_trainer(trainer_command(config_path, processes))
+    if interrupted_by is not None:
+        print(interrupted_message(output_dir), file=sys.stderr, flush=True)
+        exit_code = 128 + interrupted_by
     metrics = (finished_metrics(output_dir) if exit_code == 0 else None) or {}
-    return LocalRun(name=name, exit_code=exit_code, output_dir=output_dir, metrics=metrics)
+    return LocalRun(
+        name=name,
+        exit_code=exit_code,
+        output_dir=output_dir,
+        metrics=metrics,
+        interrupted_by=interrupted_by,
+    )
 
 
 def free_port() -> int:

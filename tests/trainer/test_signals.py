@@ -1,0 +1,150 @@
+"""`kubetrain run` stopped by a signal: every trainer process saves and stops, none outlives
+the runner, and the runner says in one line where the checkpoint is.
+
+Each test starts the installed `kubetrain run` on the tiny from_scratch run made long, waits
+for training steps in its output, signals the runner alone (as a terminal's Ctrl-C reaches
+the runner's process group, which the trainer is not in), and checks the exit code, the last
+line, that the newest checkpoint is complete and that no process of the run is left. A
+pipeline's interrupted stage is resumed by the next `kubetrain run`.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from example_specs import example, with_spec
+
+from kubetrain_trainer.contract import is_complete, newest_complete_checkpoint
+
+pytestmark = pytest.mark.slow
+
+KUBETRAIN = str(Path(sys.executable).parent / "kubetrain")
+STEP = re.compile(r"^step (\d+)/", re.MULTILINE)
+
+
+class Runner:
+    """`kubetrain run FILE` in the background, its output collected as it comes."""
+
+    def __init__(self, spec_file: Path) -> None:
+        self.process = subprocess.Popen(
+            [KUBETRAIN, "run", str(spec_file), "--metrics-port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output = ""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output += line
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.output, re.MULTILINE):
+            assert self.process.poll() is None, f"exited {self.process.returncode}:\n{self.output}"
+            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.output[-3000:]}"
+            time.sleep(0.2)
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def finish(self, timeout: float = 180) -> int:
+        code = self.process.wait(timeout)
+        self.reader.join(10)
+        return code
+
+
+def long_run(tmp_path: Path, procs: int = 1, name: str = "long") -> Path:
+    doc = with_spec(
+        example("trainingrun-from-scratch-tiny.yaml"),
+        output=str(tmp_path / name),
+        training={"maxSteps": 5000, "saveSteps": 5000, "loggingSteps": 5, "evalStrategy": "no"},
+        resources={"procPerNode": procs},
+    )
+    doc["metadata"]["name"] = name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def assert_nothing_left(pids: list[int]) -> None:
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not alive, f"processes outlived the runner: {alive}"
+
+
+@pytest.mark.parametrize(
+    ("signum", "procs", "exit_code"),
+    [(signal.SIGINT, 1, 130), (signal.SIGTERM, 2, 143)],
+    ids=["ctrl-c", "sigterm-torchrun"],
+)
+def test_a_signalled_run_saves_stops_and_says_where(
+    tmp_path: Path, signum: int, procs: int, exit_code: int
+) -> None:
+    runner = Runner(long_run(tmp_path, procs))
+    runner.wait_for(r"^step 10/")
+    pids = [p.pid for p in runner.descendants()]
+    assert len(pids) >= procs  # the trainer (and torchrun's workers)
+    runner.process.send_signal(signum)
+    assert runner.finish() == exit_code, runner.output[-3000:]
+    last = runner.output.strip().splitlines()[-1]
+    checkpoint = newest_complete_checkpoint(tmp_path / "long")
+    assert checkpoint is not None and is_complete(checkpoint), runner.output[-3000:]
+    step = int(checkpoint.name.split("-")[1])
+    assert last == (
+        f"interrupted at step {step}; checkpoint saved in {checkpoint}; run the same command "
+        "again to resume"
+    )
+    assert step >= 10 and step >= max(int(s) for s in STEP.findall(runner.output))
+    assert "Traceback" not in runner.output and "KeyboardInterrupt" not in runner.output
+    assert_nothing_left(pids)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_no_false_checkpoint(tmp_path: Path) -> None:
+    runner = Runner(long_run(tmp_path))
+    runner.wait_for(r"^step 10/")
+    pids = [p.pid for p in runner.descendants()]
+    runner.process.send_signal(signal.SIGINT)
+    runner.process.send_signal(signal.SIGINT)
+    assert runner.finish(60) == 130
+    assert "Traceback" not in runner.output
+    assert_nothing_left(pids)
+    # Whatever the kill cut short has no marker: a complete checkpoint is a whole one.
+    for folder in (tmp_path / "long").glob("checkpoint-*"):
+        if is_complete(folder):
+            assert (folder / "trainer_state.json").is_file() and (folder / "optimizer.pt").is_file()
+
+
+def test_an_interrupted_pipeline_stage_resumes_on_the_next_run(tmp_path: Path) -> None:
+    stage = yaml.safe_load(long_run(tmp_path).read_text())["spec"]
+    stage.pop("output")
+    stages = [{"name": "first", "spec": stage},
+              {"name": "second", "dependsOn": ["first"], "spec": stage}]  # fmt: skip
+    doc = {"apiVersion": "kubetrain.dev/v1alpha1", "kind": "Pipeline",
+           "metadata": {"name": "chain"},
+           "spec": {"outputRoot": str(tmp_path / "chain"), "stages": stages}}  # fmt: skip
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    first = Runner(path)
+    first.wait_for(r"^step 10/")
+    first.process.send_signal(signal.SIGTERM)
+    assert first.finish() == 143, first.output[-3000:]
+    assert "stage second" not in first.output  # nothing else started
+    assert re.search(r"^\s*first\s+interrupted", first.output, re.MULTILINE), first.output[-2000:]
+    checkpoint = newest_complete_checkpoint(tmp_path / "chain" / "first")
+    assert checkpoint is not None
+    again = Runner(path)
+    again.wait_for(rf"resuming from {re.escape(str(checkpoint))}")
+    again.process.send_signal(signal.SIGTERM)
+    assert again.finish() == 143
