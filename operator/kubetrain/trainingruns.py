@@ -429,6 +429,9 @@ class _Decision:
             attempt=attempt,
             restarts=self.status.restarts or 0,
             completion_time=None,
+            # The progress is the attempt's own (a resumed run's was the last attempt's).
+            progress=None,
+            last_progress_time=None,
         )
 
     def follow(self, attempt: int) -> TrainingRunPlan:

@@ -875,3 +875,19 @@ def test_instability_fails_at_once_with_the_stability_knobs() -> None:
     assert plan.status.phase == "Failed" and ready(plan)[0] == "InstabilityDetected"
     assert said in ready(plan)[1] and "learningRate 2e-05 -> try 1e-05" in ready(plan)[1]
     assert kinds(plan) == []
+
+
+def test_a_resumed_run_starts_its_stall_clock_afresh() -> None:
+    # Suspended for hours: the old attempt's progress and clock must not count as a hang.
+    suspended = {**running_status(phase="Suspended"), "lastProgressTime": rfc3339(NOW - 9999),
+                 "progress": {"step": 40, "heartbeatTime": rfc3339(NOW - 9999)}}  # fmt: skip
+    resumed = plan_trainingrun(observe(run_body(suspended, started=False)))
+    assert resumed.status.attempt == 2
+    assert resumed.status.progress is None and resumed.status.last_progress_time is None
+    body = status_body(resumed.status)
+    running = plan_trainingrun(
+        observe(run_body({**body, "phase": "Pending"}), 2, workloads=[workload(2)],
+                pods=[pod(2, 0), pod(2, 1)])
+    )  # fmt: skip
+    assert running.status.phase == "Running" and kinds(running) == []
+    assert running.status.last_progress_time == rfc3339(NOW)
