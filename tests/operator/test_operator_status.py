@@ -78,7 +78,19 @@ FAILURES = [
     (pod(0, "Failed", exit_code=1, message="config error: bad row"), "ConfigError", False),
     (pod(0, "Failed", exit_code=75, message="preempted: SIGTERM"), "Preempted", True),
     (pod(0, "Failed", exit_code=137, reason="OOMKilled"), "OOMKilled", True),
-    (pod(0, "Failed", exit_code=143), "Signalled", True),
+    # torchrun exits 143 once SIGTERM reached it: a preemption, whoever sent it.
+    (pod(0, "Failed", exit_code=143), "Preempted", True),
+    (pod(0, "Failed", exit_code=137), "Signalled", True),  # SIGKILL without OOMKilled
+    (
+        pod(0, "Failed", exit_code=71, message="device out of memory: CUDA out of memory."),
+        "DeviceOutOfMemory",
+        True,
+    ),
+    (
+        pod(0, "Failed", exit_code=72, message="training unstable: step 5: loss is nan"),
+        "TrainingUnstable",
+        True,
+    ),
     (
         pod(0, "Failed", exit_code=1, message="torch.distributed.DistNetworkError: c10d timed out"),
         "NetworkError",

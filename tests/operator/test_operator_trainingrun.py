@@ -227,14 +227,19 @@ def test_retriable_failure_starts_the_next_attempt(
 
     wait_for(lambda: runs.jobs() == ["sft-demo-2"], "attempt 2 replacing attempt 1")
     status = wait_for(lambda: (s := runs.status()).get("attempt") == 2 and s, "status.attempt 2")
-    assert status["restarts"] == 1
+    # A preemption is not the run's fault: it costs none of the restart budget.
+    assert status["restarts"] == 0
     assert status["phase"] == "Pending"
+    assert status["attempts"][0]["cause"] == "Preempted" and not status["attempts"][0]["counted"]
     live_pods = [p.metadata.name for p in k8s_api.core.list_namespaced_pod(NAMESPACE).items]
     assert not set(old_pods) & set(live_pods), "attempt 1's pods must be gone"
     after = REGISTRY.get_sample_value("kubetrain_restarts_total", {"cause": "Preempted"})
     assert after == before + 1
     wait_for(
-        lambda: any("starting attempt 2 (restart 1 of 2)" in m for m in runs.events()),
+        lambda: any(
+            "starting attempt 2 (not counted against restartPolicy.maxRestarts)" in m
+            for m in runs.events()
+        ),
         "a restart event",
     )
 
@@ -248,11 +253,14 @@ def test_restart_limit_fails_the_run(
     runs.create(spec={**SPEC, "restartPolicy": {"maxRestarts": 1}})
     wait_for(lambda: "sft-demo-1" in runs.jobs(), "Job sft-demo-1")
     jobs.start_pods("sft-demo-1")
-    jobs.evict_pod("sft-demo-1", 0)
+    jobs.evict_pod("sft-demo-1", 0)  # a disruption: restarted, and free
     wait_for(lambda: runs.jobs() == ["sft-demo-2"], "attempt 2")
     jobs.start_pods("sft-demo-2")
+    jobs.terminate_pod("sft-demo-2", 1, exit_code=1, message="ValueError: boom")  # counted
+    wait_for(lambda: runs.jobs() == ["sft-demo-3"], "attempt 3")
+    jobs.start_pods("sft-demo-3")
     jobs.terminate_pod(
-        "sft-demo-2", 0, exit_code=1, message="RuntimeError: NCCL error: unhandled system error"
+        "sft-demo-3", 0, exit_code=1, message="RuntimeError: NCCL error: unhandled system error"
     )
 
     wait_for(phase_is(runs, "Failed"), "phase Failed")
@@ -262,7 +270,9 @@ def test_restart_limit_fails_the_run(
     assert "NCCL error" in failed["message"]
     assert "maxRestarts (1)" in failed["message"]
     assert runs.status()["restarts"] == 1
-    hold(lambda: runs.jobs() == ["sft-demo-2"], "no attempt 3 after the limit")
+    causes = [(a["cause"], a["counted"]) for a in runs.status()["attempts"]]
+    assert causes == [("Evicted", False), ("Crashed", True), ("NetworkError", True)]
+    hold(lambda: runs.jobs() == ["sft-demo-3"], "no attempt 4 after the limit")
 
 
 def test_config_error_fails_at_once_with_the_trainers_message(
