@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -61,7 +62,7 @@ class ObjectPass:
         )
 
 
-class OwnerPass(ObjectPass):
+class OwnerPass(ObjectPass, ABC):
     """One pass over a kind whose status is decided from the runs it owns (Pipeline, Sweep).
 
     Subclasses say how their status is patched and counted; this class keeps a finished
@@ -72,12 +73,13 @@ class OwnerPass(ObjectPass):
         super().__init__(body)
         self.now = rfc3339(time.time())
 
+    @abstractmethod
     def patch_status(self, patch: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Merge-patch this object's status subresource with `patch`."""
 
+    @abstractmethod
     def observe(self, status: dict[str, Any]) -> None:
         """Count the written status in the operator's metrics."""
-        raise NotImplementedError
 
     def validated(self, model: type[Model], status_model: type[BaseModel]) -> Model:
         """The object as `model` (ValidationError if its spec is bad), with its status.
