@@ -63,6 +63,8 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("rewards_margin", "DPO rewards margin"),
     ("tokens_total", "tokens trained on"),
     ("tokens_per_second", "tokens/s"),
+    ("per_device_train_batch_size", "batch per device"),
+    ("gradient_accumulation_steps", "gradient accumulation"),
     ("train_runtime_seconds", "training time"),
     ("runtime_seconds", "wall clock"),
     ("merged_dir", "merged model"),
