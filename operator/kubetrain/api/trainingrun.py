@@ -663,6 +663,11 @@ class Resources(K8sObject):
         return self
 
 
+# A process exit code that restartPolicy.retryOn / failOn may name, and how many each holds.
+ExitCodeNumber = Annotated[int, Field(ge=1, le=255)]
+MAX_EXIT_CODES = 32
+
+
 class RestartPolicy(K8sObject):
     """When the operator starts the whole gang again after a failure."""
 
@@ -720,9 +725,9 @@ class RestartPolicy(K8sObject):
         "first sample the bound is startupTimeoutSeconds (model download, rendezvous). 0 "
         "turns hang detection off.",
     )
-    retry_on: list[Annotated[int, Field(ge=1, le=255)]] = Field(
+    retry_on: list[ExitCodeNumber] = Field(
         default_factory=list,
-        max_length=32,
+        max_length=MAX_EXIT_CODES,
         description="Exit codes always restarted within maxRestarts, whatever their default "
         "(e.g. 72 to retry instability). The defaults: 78 (config or data error) is never "
         "retried; 75 and 143 (preempted, checkpoint saved) and pod disruptions (eviction, "
@@ -730,9 +735,9 @@ class RestartPolicy(K8sObject):
         "71 (CUDA out of memory) are retried once, then fail with advice; 72 (training "
         "unstable) is not retried; any other code is retried within maxRestarts.",
     )
-    fail_on: list[Annotated[int, Field(ge=1, le=255)]] = Field(
+    fail_on: list[ExitCodeNumber] = Field(
         default_factory=list,
-        max_length=32,
+        max_length=MAX_EXIT_CODES,
         description="Exit codes that fail the run at once (reason ExitCodeNotRetried), e.g. "
         "an exit code of your own image that means the data is bad.",
     )
