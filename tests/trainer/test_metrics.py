@@ -1,4 +1,4 @@
-"""Prometheus gauges, the /metrics endpoint, the plain progress line and metrics.json.
+"""Prometheus gauges, the /metrics endpoint, the progress display and metrics.json.
 
 One tiny Qwen2 (hidden 32, 2 layers, vocab 128) trains 6 steps on CPU with eval every 3
 steps; the gauges, the printed lines and the summary are checked against what the Trainer
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import shutil
 import socket
+import sys
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ import pytest
 import torch
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
 from tiny_models import tiny_model
 from transformers import (
     PrinterCallback,
@@ -34,15 +37,19 @@ from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging as transformers_logging
 
 from kubetrain_trainer.metrics import (
-    ConsoleProgressCallback,
     PrometheusCallback,
     ThroughputWindow,
-    drop_printer_callback,
-    format_progress_line,
-    progress_callbacks,
     serve_metrics,
     summarize_run,
     write_metrics_json,
+)
+from kubetrain_trainer.progress import (
+    ConsoleProgressCallback,
+    TerminalProgressCallback,
+    drop_printer_callback,
+    format_bar_stats,
+    format_progress_line,
+    progress_callbacks,
 )
 
 pytestmark = pytest.mark.slow
@@ -332,17 +339,67 @@ def test_console_prints_one_plain_line_per_log(run):
     assert not any(isinstance(cb, PrinterCallback) for cb in run.trainer.callback_handler.callbacks)
 
 
-def test_progress_policy_keeps_tqdm_on_a_terminal():
-    assert progress_callbacks(is_tty=True) == ([], False)
-    assert transformers_logging.is_progress_bar_enabled()
+@pytest.mark.parametrize(
+    ("is_tty", "shows_progress", "datasets_bars"),
+    [(True, TerminalProgressCallback, True), (False, ConsoleProgressCallback, False)],
+)
+def test_progress_policy_replaces_tqdm_everywhere(is_tty, shows_progress, datasets_bars):
     try:
-        callbacks, disable_tqdm = progress_callbacks(is_tty=False)
-        assert disable_tqdm is True
-        assert [type(cb) for cb in callbacks] == [ConsoleProgressCallback]
+        callbacks = progress_callbacks(is_tty=is_tty, run_name="tiny")
+        assert [type(cb) for cb in callbacks] == [shows_progress]
         assert not transformers_logging.is_progress_bar_enabled()
+        assert datasets.is_progress_bar_enabled() is datasets_bars
     finally:
         transformers_logging.enable_progress_bar()
         datasets.enable_progress_bars()
+
+
+def test_a_terminal_gets_a_live_bar_and_keeps_evaluations_in_the_scrollback(tmp_path):
+    """The rich display on a (forced) terminal: bar frames with step/total and the stats,
+    eval and summary lines printed above it, log records routed above it, no raw dicts."""
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=160, color_system=None)
+    bar = TerminalProgressCallback("tiny-run", console=console)
+
+    class WarnAtStep4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                logging.getLogger("kubetrain_trainer").warning("a warning at step 4")
+
+    trainer = tiny_trainer(tmp_path, [bar, WarnAtStep4()])
+    drop_printer_callback(trainer)
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger("kubetrain_trainer").addHandler(handler)
+    transformers_logging.disable_progress_bar()  # as progress_callbacks does
+    try:
+        trainer.train()
+    finally:
+        logging.getLogger("kubetrain_trainer").removeHandler(handler)
+        transformers_logging.enable_progress_bar()
+    assert handler.stream is sys.stderr  # given back once the bar stopped
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # cursor moves, erasing
+    assert "{'loss'" not in text and "it/s" not in text
+    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+    frame = re.compile(r"^tiny-run(?: \(evaluating\))? ━* *(\d)/6 epoch \d\.\d\d")
+    steps = [int(m.group(1)) for m in map(frame.match, lines) if m]
+    assert steps == sorted(steps) and steps[-1] == 6
+    assert sum(line.startswith("eval step ") for line in lines) == 2
+    assert sum(line.startswith("done step 6/6 train_loss ") for line in lines) == 1
+    assert "a warning at step 4" in lines  # printed above the bar, on a line of its own
+    # The last frame stays on screen: every figure of the run, the ETA run down to zero.
+    assert re.fullmatch(
+        r"tiny-run ━{30} 6/6 epoch 1\.00  loss \d+\.\d{3}  eval \d+\.\d{3}  "
+        r"lr \d\.\de-\d\d  \d+ tok/s  eta 0:00:00",
+        lines[-1],
+    )
+
+
+def test_bar_stats_leave_out_what_is_not_known_yet():
+    assert format_bar_stats(None, None, None, None, None, None) == "epoch 0.00"
+    assert (
+        format_bar_stats(0.4, 2.3141, 2.401, 1.9e-05, 5123.4, 62.2)
+        == "epoch 0.40  loss 2.314  eval 2.401  lr 1.9e-05  5123 tok/s  eta 0:01:02"
+    )
 
 
 def test_progress_line_format():

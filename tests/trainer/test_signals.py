@@ -5,12 +5,16 @@ Each test starts the installed `kubetrain run` on the tiny from_scratch run made
 for training steps in its output, signals the runner alone (as a terminal's Ctrl-C reaches
 the runner's process group, which the trainer is not in), and checks the exit code, the last
 line, that the newest checkpoint is complete and that no process of the run is left. A
-pipeline's interrupted stage is resumed by the next `kubetrain run`.
+pipeline's interrupted stage is resumed by the next `kubetrain run`. One test types the
+command into a real terminal (tmux) and presses Ctrl-C there: what a person sees, the rich
+progress bar included, is read back from the screen.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,3 +152,88 @@ def test_an_interrupted_pipeline_stage_resumes_on_the_next_run(tmp_path: Path) -
     again.wait_for(rf"resuming from {re.escape(str(checkpoint))}")
     again.process.send_signal(signal.SIGTERM)
     assert again.finish() == 143
+
+
+TMUX = shutil.which("tmux")
+
+
+class Terminal:
+    """A shell in a detached tmux session of its own server: keys in, the screen out."""
+
+    def __init__(self, cwd: Path, columns: int = 160, rows: int = 40) -> None:
+        assert TMUX is not None
+        self.server = ["-L", f"kubetrain-test-{os.getpid()}"]
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        env.pop("TMUX", None)
+        self.tmux("new-session", "-d", "-s", "run", "-x", str(columns), "-y", str(rows),
+                  "-c", str(cwd), "bash --norc --noprofile", env=env)  # fmt: skip
+
+    def tmux(self, *args: str, env: dict | None = None) -> str:
+        done = subprocess.run([TMUX, *self.server, *args], env=env, capture_output=True,
+                              text=True, check=True, timeout=30)  # fmt: skip
+        return done.stdout
+
+    def type(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "run", *keys)
+
+    def screen(self) -> str:
+        """The pane and its scrollback, wrapped lines joined, blank lines dropped."""
+        text = self.tmux("capture-pane", "-p", "-J", "-S", "-2000", "-t", "run")
+        return "\n".join(line.rstrip() for line in text.splitlines() if line.strip())
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while (match := re.search(pattern, self.screen(), re.MULTILINE)) is None:
+            assert time.monotonic() < deadline, f"no {pattern!r} on screen:\n{self.screen()}"
+            time.sleep(0.5)
+        return match
+
+    def close(self) -> None:
+        subprocess.run([TMUX, *self.server, "kill-server"], capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(TMUX is None, reason="needs tmux on PATH (apt-get install tmux)")
+def test_ctrl_c_in_a_terminal_shows_the_bar_then_one_line(tmp_path: Path) -> None:
+    spec = long_run(tmp_path)
+    terminal = Terminal(tmp_path)
+    try:
+        terminal.type(f"kubetrain run {spec.name} --metrics-port 0; echo exit=$?", "Enter")
+        # The rich bar, redrawn in place: name, bar, step/total, then the run's figures.
+        bar = (
+            r"^long [━╸╺ ]+ +(\d+)/5000 epoch \d+\.\d\d  loss \d+\.\d{3}  "
+            r"lr \d\.\de-\d\d  \d+ tok/s  eta \d+:\d\d:\d\d$"
+        )
+        deadline = time.monotonic() + 240
+        while int(terminal.wait_for(bar).group(1)) < 10:
+            assert time.monotonic() < deadline, terminal.screen()
+            time.sleep(0.5)
+        trainer = [p.pid for p in psutil.process_iter(["cmdline"])
+                   if any("kubetrain-trainer-config.yaml" in a for a in p.info["cmdline"] or ())
+                   and str(tmp_path) in " ".join(p.info["cmdline"])]  # fmt: skip
+        assert trainer, "no trainer process of this run"
+        terminal.type("C-c")
+        terminal.wait_for(r"^exit=\d+$", timeout=180)
+        screen = terminal.screen()
+    finally:
+        terminal.close()
+    checkpoint = newest_complete_checkpoint(tmp_path / "long")
+    assert checkpoint is not None and is_complete(checkpoint), screen
+    lines = screen.splitlines()
+    assert "exit=130" in lines, screen
+    assert lines[lines.index("exit=130") - 1] == (
+        f"interrupted at step {checkpoint_step(checkpoint)}; checkpoint saved in {checkpoint}; "
+        "run the same command again to resume"
+    ), screen
+    # The bar's last frame stays, at the step the checkpoint holds.
+    frames = [int(m.group(1)) for m in re.finditer(bar, screen, re.MULTILINE)]
+    assert frames[-1] == checkpoint_step(checkpoint), screen
+    assert "{'loss'" not in screen and "it/s]" not in screen, screen  # no raw dicts, no tqdm
+    assert "Traceback" not in screen and "KeyboardInterrupt" not in screen, screen
+    assert_nothing_left(trainer)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])

@@ -8,9 +8,8 @@ checkpoint saved); method-specific gauges exist only for their methods (perplexi
 language modelling, rewards for DPO). Tokens are the Trainer's own count
 (`include_num_input_tokens_seen="non_padding"`, summed over all ranks); tokens/s is measured
 over a sliding window of the most recent log events, so it tracks the current speed instead
-of an average dragged down by start-up. When stderr is not a terminal (a pod's log),
-`ConsoleProgressCallback` replaces tqdm with one line per logging step. At the end
-`summarize_run` + `write_metrics_json` leave `metrics.json`.
+of an average dragged down by start-up (kubetrain_trainer.progress shows the same figures to
+a person). At the end `summarize_run` + `write_metrics_json` leave `metrics.json`.
 """
 
 from __future__ import annotations
@@ -19,17 +18,13 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 from collections import deque
-from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from transformers import (
-    PrinterCallback,
-    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -391,116 +386,6 @@ def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0")
         return None
     log.info("serving Prometheus metrics on %s:%d/metrics", addr, port)
     return server
-
-
-def format_duration(seconds: float) -> str:
-    """H:MM:SS, the form tqdm and `kubectl get` users read at a glance."""
-    return str(timedelta(seconds=round(seconds)))
-
-
-def format_progress_line(
-    logs: dict[str, Any],
-    step: int,
-    max_steps: int,
-    epoch: float | None,
-    tokens_per_second: float | None = None,
-    eta_seconds: float | None = None,
-) -> str:
-    """One log line for a log event: training, eval, or the end-of-training summary."""
-    # Training log events carry train_runtime too (with token counting on), so the
-    # end-of-training summary is the one with train_loss and no loss.
-    if "train_loss" in logs and "loss" not in logs:
-        parts = [f"done step {step}/{max_steps}"]
-        if "train_loss" in logs:
-            parts.append(f"train_loss {logs['train_loss']:.3f}")
-        if "train_runtime" in logs:
-            parts.append(f"runtime {format_duration(logs['train_runtime'])}")
-        return " ".join(parts)
-    evaluating = "eval_loss" in logs
-    prefix = "eval_" if evaluating else ""
-    parts = [f"{'eval ' if evaluating else ''}step {step}/{max_steps}"]
-    if epoch is not None:
-        parts.append(f"epoch {epoch:.2f}")
-    if evaluating:
-        parts.append(f"eval_loss {logs['eval_loss']:.3f}")
-    if "loss" in logs:
-        parts.append(f"loss {logs['loss']:.3f}")
-    if f"{prefix}rewards/accuracies" in logs:
-        parts.append(f"acc {logs[f'{prefix}rewards/accuracies']:.3f}")
-    if f"{prefix}rewards/margins" in logs:
-        parts.append(f"margin {logs[f'{prefix}rewards/margins']:.3f}")
-    if "learning_rate" in logs:
-        parts.append(f"lr {logs['learning_rate']:.1e}")
-    if not evaluating and tokens_per_second is not None:
-        parts.append(f"tok/s {tokens_per_second:.0f}")
-    if not evaluating and eta_seconds is not None:
-        parts.append(f"eta {format_duration(eta_seconds)}")
-    return " ".join(parts)
-
-
-class ConsoleProgressCallback(TrainerCallback):
-    """Prints one plain line per log event on world rank 0, for logs that are not a terminal.
-
-    e.g. `step 20/100 epoch 0.40 loss 2.314 lr 1.9e-05 tok/s 5123 eta 0:01:02`. A tqdm bar
-    redraws with carriage returns, which `kubectl logs` shows as one ever-growing line.
-    """
-
-    def __init__(self, stream: IO[str] | None = None) -> None:
-        self._stream = stream
-        self._window = ThroughputWindow()
-
-    def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._window.reset(time.monotonic(), state.global_step, tokens_seen(args, state, {}))
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        if "loss" in logs:
-            self._window.add(time.monotonic(), state.global_step, tokens_seen(args, state, logs))
-        line = format_progress_line(
-            logs,
-            state.global_step,
-            state.max_steps,
-            state.epoch,
-            self._window.tokens_per_second(),
-            self._window.eta_seconds(state.global_step, state.max_steps),
-        )
-        print(line, file=self._stream or sys.stdout, flush=True)
-
-
-def progress_callbacks(is_tty: bool) -> tuple[list[TrainerCallback], bool]:
-    """Progress policy: (callbacks to add, TrainingArguments.disable_tqdm).
-
-    On a terminal keep transformers' tqdm bar; otherwise turn tqdm off and print plain
-    lines. Off a terminal this also switches off the libraries' own bars (transformers'
-    "Writing model shards" at every checkpoint, huggingface_hub downloads, datasets' map),
-    which would otherwise litter the pod log with carriage-return redraws. With tqdm off
-    the Trainer adds its PrinterCallback, which prints every log dict; call
-    `drop_printer_callback(trainer)` after building the trainer to keep only plain lines.
-    """
-    if is_tty:
-        return [], False
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    return [ConsoleProgressCallback()], True
-
-
-def drop_printer_callback(trainer: Trainer) -> None:
-    """Remove the Trainer's PrinterCallback (raw log dicts) when ConsoleProgressCallback runs."""
-    if any(isinstance(cb, ConsoleProgressCallback) for cb in trainer.callback_handler.callbacks):
-        trainer.remove_callback(PrinterCallback)
 
 
 def _last(log_history: list[dict[str, Any]], key: str) -> float | None:

@@ -28,13 +28,9 @@ from kubetrain_trainer.checkpoints import (
 )
 from kubetrain_trainer.config import ConfigError, TrainerConfig
 from kubetrain_trainer.contract import TRAINER_STATE_FILE
-from kubetrain_trainer.metrics import (
-    PrometheusCallback,
-    drop_printer_callback,
-    progress_callbacks,
-    serve_metrics,
-)
+from kubetrain_trainer.metrics import PrometheusCallback, serve_metrics
 from kubetrain_trainer.preflight import ModelShape, does_not_fit_message, estimate_memory, gib
+from kubetrain_trainer.progress import drop_printer_callback, progress_callbacks
 from kubetrain_trainer.stability import StabilityCallback
 
 log = logging.getLogger(__name__)
@@ -100,7 +96,8 @@ def training_arguments(
         # Without a GPU, only use_cpu makes transformers set up DDP (gloo) across processes.
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=not sys.stderr.isatty(),
+        # kubetrain_trainer.progress shows progress instead of tqdm, on a terminal or not.
+        disable_tqdm=True,
     )
     try:
         return args_class(**{**arguments, **method_args})
@@ -131,7 +128,7 @@ class Session:
     def __post_init__(self) -> None:
         install_sigterm_handler()
         # Decided before any model or data loads, so the libraries' own bars obey it too.
-        self.progress, _ = progress_callbacks(sys.stderr.isatty())
+        self.progress = progress_callbacks(sys.stderr.isatty(), self.cfg.run_name)
         if self.is_main_process:
             self.prometheus = PrometheusCallback(method=self.cfg.method, run_name=self.cfg.run_name)
             self.server = serve_metrics(self.prometheus.registry, self.cfg.metrics_port)
