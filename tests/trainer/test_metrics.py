@@ -124,7 +124,12 @@ def run(tmp_path_factory):
 
 
 def scrape(text: str) -> dict[str, list]:
-    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+    """Samples by sample name (a counter's family `x` serves `x_total` and `x_created`)."""
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
 
 
 def value(samples: dict[str, list], name: str) -> float:

@@ -179,9 +179,9 @@ def test_checkpoint_folder_names():
         assert contract.checkpoint_dir_step(other) is None
 
 
-def test_gauge_names_are_distinct_and_prometheus_names():
-    assert len(set(contract.TRAINER_GAUGES)) == len(contract.TRAINER_GAUGES)
-    for name in contract.TRAINER_GAUGES:
+def test_metric_names_are_distinct_and_prometheus_names():
+    assert len(set(contract.TRAINER_METRICS)) == len(contract.TRAINER_METRICS)
+    for name in contract.TRAINER_METRICS:
         assert re.fullmatch(r"kubetrain_trainer_[a-z0-9_]+", name), name
 
 

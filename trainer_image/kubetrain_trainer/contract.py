@@ -6,7 +6,7 @@ tests/unit/test_contract.py fails when one of these strings or codes is spelled 
 else. This module is imported by the operator, whose image has no torch: it imports the
 standard library and pydantic only.
 
-- Prometheus gauges rank 0 serves on METRICS_PORT (`kubetrain_trainer_*`), and how evaluation
+- Prometheus metrics rank 0 serves on METRICS_PORT (`kubetrain_trainer_*`), and how evaluation
   metrics are named (`kubetrain_eval_<metric>{suite=...}`, `<suite>.<metric>` in metrics.json).
 - Files under the output dir: metrics.json (`TrainerMetricsFile`, written last, so it means
   the final model is complete), `checkpoint-<step>` folders (transformers' names) with their
@@ -31,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 METRICS_PORT = 9400  # rank 0 serves /metrics here unless the config says otherwise
 
-# Gauges rank 0 serves. NaN until measured (no eval yet, no checkpoint saved yet).
+# What rank 0 serves: gauges, NaN until measured (no eval yet, no checkpoint saved yet), and
+# one counter, TOKENS_TOTAL (its sample name; prometheus-client names the family without
+# `_total`). Every name passes `promtool check metrics` (tests/trainer/test_prometheus.py).
 STEP = "kubetrain_trainer_step"
 TOTAL_STEPS = "kubetrain_trainer_total_steps"
 EPOCH = "kubetrain_trainer_epoch"
@@ -39,7 +41,7 @@ LOSS = "kubetrain_trainer_loss"
 EVAL_LOSS = "kubetrain_trainer_eval_loss"
 LEARNING_RATE = "kubetrain_trainer_learning_rate"
 GRAD_NORM = "kubetrain_trainer_grad_norm"
-TOKENS_TOTAL = "kubetrain_trainer_tokens_total"
+TOKENS_TOTAL = "kubetrain_trainer_tokens_total"  # a counter
 TOKENS_PER_SECOND = "kubetrain_trainer_tokens_per_second"
 CHECKPOINT_STEP = "kubetrain_trainer_checkpoint_step"  # becomes status.latestCheckpoint
 START_TIME_SECONDS = "kubetrain_trainer_start_time_seconds"
@@ -59,7 +61,7 @@ EVAL_HISTORY = "kubetrain_trainer_eval_history"
 EVAL_HISTORY_METRIC_LABEL = "metric"
 EVAL_HISTORY_STEP_LABEL = "step"
 MAX_EVAL_HISTORY = 50
-TRAINER_GAUGES = (
+TRAINER_METRICS = (
     STEP, TOTAL_STEPS, EPOCH, LOSS, EVAL_LOSS, LEARNING_RATE, GRAD_NORM, TOKENS_TOTAL,
     TOKENS_PER_SECOND, CHECKPOINT_STEP, START_TIME_SECONDS, INFO, PERPLEXITY,
     REWARDS_ACCURACY, REWARDS_MARGIN, GPU_MEMORY_BYTES, EVAL_HISTORY, HEARTBEAT,

@@ -23,7 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from transformers import (
     TrainerCallback,
     TrainerControl,
@@ -167,9 +167,13 @@ class PrometheusCallback(TrainerCallback):
         self.grad_norm = gauge(
             contract.GRAD_NORM, "Gradient norm before clipping, last logged step."
         )
-        self.tokens_total = gauge(
-            contract.TOKENS_TOTAL, "Non-padding input tokens trained on, all ranks together.", 0
+        # A counter, so rate() works; it starts at the count a resumed checkpoint holds.
+        self.tokens_total = Counter(
+            contract.TOKENS_TOTAL,
+            "Non-padding input tokens trained on, all ranks together, resumes included.",
+            registry=self.registry,
         )
+        self._tokens_counted = 0
         self.tokens_per_second = gauge(
             contract.TOKENS_PER_SECOND,
             f"Training tokens per second, all ranks, over the last {THROUGHPUT_WINDOW} logs.",
@@ -250,7 +254,7 @@ class PrometheusCallback(TrainerCallback):
         self.tokens_at_start = int(state.num_input_tokens_seen)
         tokens = tokens_seen(args, state, {})
         if tokens is not None:
-            self.tokens_total.set(tokens)
+            self._count_tokens(tokens)
         self._window.reset(time.monotonic(), state.global_step, tokens)
 
     def on_step_end(
@@ -290,7 +294,7 @@ class PrometheusCallback(TrainerCallback):
         self.epoch.set(state.epoch or 0)
         tokens = tokens_seen(args, state, logs)
         if tokens is not None:
-            self.tokens_total.set(tokens)
+            self._count_tokens(tokens)
         if "loss" in logs:
             # Only training log events feed the window; eval events carry no new tokens.
             self._window.add(time.monotonic(), state.global_step, tokens)
@@ -308,6 +312,12 @@ class PrometheusCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.checkpoint_step.set(state.global_step)
             self.heartbeat.set(time.time())
+
+    def _count_tokens(self, tokens: int) -> None:
+        # A count that went down (TRL's per-process num_tokens) is not taken back.
+        if tokens > self._tokens_counted:
+            self.tokens_total.inc(tokens - self._tokens_counted)
+            self._tokens_counted = tokens
 
     def _record_eval(self, step: int, logs: dict[str, Any]) -> None:
         """One evaluation into the history gauge, dropping the oldest beyond the bound."""
