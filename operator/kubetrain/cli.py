@@ -114,6 +114,7 @@ def _run_pipeline(pipeline: Pipeline, args: argparse.Namespace) -> int:
 
 
 def _run_sweep(sweep: Sweep) -> int:
+    from kubetrain.api.sweep import TRIAL_RUNNING
     from kubetrain.local import run_sweep_locally
 
     search = sweep.spec
@@ -124,7 +125,16 @@ def _run_sweep(sweep: Sweep) -> int:
         flush=True,
     )
     result = run_sweep_locally(sweep)
-    print(f"==> Sweep {sweep.metadata.name} {result.phase}: {result.message}", flush=True)
+    if result.interrupted_by is not None:
+        running = sum(t.state == TRIAL_RUNNING for t in result.trials)
+        print(
+            f"interrupted; {running} running trial(s) stopped, each with a checkpoint in its "
+            "output; run the same command again to search again",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        print(f"==> Sweep {sweep.metadata.name} {result.phase}: {result.message}", flush=True)
     if result.best is not None:
         print(f"best: {result.best.name} {json.dumps(result.best.parameters)}", flush=True)
     if result.report is not None:

@@ -241,3 +241,47 @@ def test_ctrl_c_in_a_terminal_shows_the_bar_then_one_line(tmp_path: Path) -> Non
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
+
+
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_stops_every_running_trial_of_a_local_sweep(
+    tmp_path: Path, signum: int, exit_code: int
+) -> None:
+    template = yaml.safe_load(long_run(tmp_path, name="trial").read_text())["spec"]
+    template["training"]["evalStrategy"] = "steps"
+    template["training"]["evalSteps"] = 1000
+    doc = {"apiVersion": "kubetrain.dev/v1alpha1", "kind": "Sweep",
+           "metadata": {"name": "search"},
+           "spec": {"template": {**template, "output": str(tmp_path / "search")},
+                    "parameters": [{"path": "training.learningRate", "type": "categorical",
+                                    "choices": [1e-3, 2e-3, 3e-3]}],
+                    "objective": {"metric": "eval_loss", "direction": "minimize"},
+                    "algorithm": "grid", "maxTrials": 3, "parallelism": 2}}  # fmt: skip
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    runner = Runner(path)
+    logs = [tmp_path / "search" / f"search-{n}" / "trial.log" for n in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not all(log.is_file() and STEP.search(log.read_text()) for log in logs):
+        assert runner.process.poll() is None, runner.output[-3000:]
+        assert time.monotonic() < deadline, runner.output[-3000:]
+        time.sleep(0.5)
+    trainers = [p.pid for p in psutil.process_iter(["cmdline"])
+                if any(str(tmp_path / "search") in a for a in p.info["cmdline"] or ())]  # fmt: skip
+    assert len(trainers) >= 2, "both trials' trainers run"
+    runner.process.send_signal(signum)
+    assert runner.finish() == exit_code, runner.output[-3000:]
+    for trial in ("search-0", "search-1"):
+        checkpoint = newest_complete_checkpoint(tmp_path / "search" / trial)
+        assert checkpoint is not None and is_complete(checkpoint), trial
+    assert not (tmp_path / "search" / "search-2").exists()  # nothing new started
+    assert (
+        "interrupted; 2 running trial(s) stopped, each with a checkpoint in its output; run the "
+        "same command again to search again"
+    ) in runner.output
+    assert "Traceback" not in runner.output and "KeyboardInterrupt" not in runner.output
+    assert_nothing_left(trainers)

@@ -137,33 +137,60 @@ class LocalRun:
         return self.exit_code == 0
 
 
+class ForwardSignals:
+    """While active, SIGINT, SIGTERM and SIGHUP to this runner stop its trainers (module doc).
+
+    Each trainer runs in a process group of its own (`start_new_session=True`), added with
+    `add`; a signal becomes SIGTERM to every group, and a second Ctrl-C within
+    FORCE_STOP_SECONDS SIGKILL. `first` is the first signal received, or None. Outside the
+    main thread signal handlers cannot be set; the trainers then just run. On leaving, every
+    group is killed whatever is left of it, so no trainer outlives the runner.
+    """
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self._processes: list[subprocess.Popen] = []
+        self._last_at: float | None = None
+        self._previous: dict[int, object] = {}
+
+    def add(self, process: subprocess.Popen) -> None:
+        self._processes.append(process)
+        if self.first is not None:  # signalled while it was starting
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        now = time.monotonic()
+        again = signum == signal.SIGINT and self._last_at is not None
+        again = again and now - self._last_at < FORCE_STOP_SECONDS
+        self.first = signum if self.first is None else self.first
+        self._last_at = now
+        for process in self._processes:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL if again else signal.SIGTERM)
+
+    def __enter__(self) -> ForwardSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._forward) for s in FORWARDED_SIGNALS}
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        for process in self._processes:
+            _stop_group(process)
+
+
 def run_trainer(command: list[str]) -> tuple[int, int | None]:
     """Run the trainer in a process group of its own, forwarding signals (module doc).
 
-    Returns (exit code, the first signal this runner received or None). Outside the main
-    thread signal handlers cannot be set; the trainer then just runs.
+    Returns (exit code, the first signal this runner received or None).
     """
-    process = subprocess.Popen(command, start_new_session=True)
-    received: list[tuple[int, float]] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        now = time.monotonic()
-        last = received[-1][1] if received else None
-        again = signum == signal.SIGINT and last is not None and now - last < FORCE_STOP_SECONDS
-        received.append((signum, now))
-        with_signal = signal.SIGKILL if again else signal.SIGTERM
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, with_signal)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS} if in_main else {}
-    try:
+    with ForwardSignals() as signals:
+        process = subprocess.Popen(command, start_new_session=True)
+        signals.add(process)
         code = process.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        _stop_group(process)
-    return code, received[0][0] if received else None
+    return code, signals.first
 
 
 def _stop_group(process: subprocess.Popen) -> None:

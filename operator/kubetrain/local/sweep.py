@@ -7,7 +7,9 @@ pruner sees the same history), and how each process ended (exit 0 with metrics.j
 Succeeded; anything else: Failed). It answers with the trials to start (up to `parallelism`
 at once, each its own process with its log in `<trial output>/trial.log`) and the trials to
 prune, which get SIGTERM: the trainer saves a checkpoint and stops, the way a suspended run
-stops on a cluster. A live table shows every trial while the sweep runs; at the end the
+stops on a cluster. Ctrl-C, SIGTERM or SIGHUP to the runner stop every running trial the same
+way (runner.ForwardSignals); the sweep then ends where it stands, with its report, and exits
+128 + the signal. A live table shows every trial while the sweep runs; at the end the
 sweep's report (kubetrain_trainer.report.write_sweep_report) lands in the template's
 output folder beside the trials. A trial's output is cleared before it starts, so a sweep
 run again searches again rather than resuming old trials.
@@ -42,6 +44,7 @@ from kubetrain.api import (
 from kubetrain.api.sweep import ANNOTATION_PRUNED_AT_STEP, LABEL_TRIAL, TrialStatus
 from kubetrain.local.runner import (
     CONFIG_FILE,
+    ForwardSignals,
     clear_previous_run,
     finished_metrics,
     free_port,
@@ -121,9 +124,12 @@ class LocalSweepRun:
     trials: list[TrialStatus]
     best: TrialStatus | None
     report: Path | None = None
+    interrupted_by: int | None = None  # the signal that stopped the sweep here
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted_by is not None:
+            return 128 + self.interrupted_by
         return 0 if self.phase == PHASE_SUCCEEDED else 1
 
 
@@ -141,8 +147,13 @@ def start_trial(run: TrainingRun) -> LocalTrial:
     config_path.write_text(dump_trainer_config(cfg))
     processes = run.spec.resources.nodes * run.spec.resources.proc_per_node
     trial.log = trial.log_path.open("wb")
+    # A process group of its own: a terminal's Ctrl-C reaches the runner alone, which stops
+    # every trial with SIGTERM (runner.ForwardSignals) so each saves a checkpoint.
     trial.process = subprocess.Popen(
-        trainer_command(config_path, processes), stdout=trial.log, stderr=subprocess.STDOUT
+        trainer_command(config_path, processes),
+        stdout=trial.log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     return trial
 
@@ -177,29 +188,32 @@ def run_sweep_locally(
     # spec.suspend holds a sweep back on a cluster; `kubetrain run` is asked to run it now.
     sweep = sweep.model_copy(update={"spec": sweep.spec.model_copy(update={"suspend": False})})
     trials: dict[int, LocalTrial] = {}
-    try:
-        with Live(console=console, auto_refresh=False, transient=False) as live:
-            while True:
-                for trial in trials.values():
-                    poll_trial(trial, read_metrics)
-                observed = {n: t.as_run() for n, t in trials.items()}
-                plan = plan_sweep(sweep, observed, now=_now())
-                sweep.status = plan.status
-                for pruned in plan.prune:
-                    stop_trial(trials[_number(pruned.name)], pruned.step)
-                for run in plan.create:
-                    trial = start_trial(run)
-                    trials[trial.number] = trial
-                live.update(trials_table(sweep, plan.status.trials), refresh=True)
-                if plan.status.phase in FINISHED_PHASES:
+    plan = plan_sweep(sweep, {}, now=_now())  # what stands if a signal comes before a trial
+    with ForwardSignals() as signals, Live(console=console, auto_refresh=False) as live:
+        while True:
+            for trial in trials.values():
+                poll_trial(trial, read_metrics)
+            if signals.first is not None:
+                # Interrupted: the trials were sent SIGTERM; nothing new starts. Once every
+                # trial has saved its checkpoint and exited, the sweep stops where it stands.
+                if all(t.exit_code is not None for t in trials.values()):
                     break
                 time.sleep(POLL_SECONDS)
-        console.print()
-    finally:
-        for trial in trials.values():
-            if trial.process is not None and trial.process.poll() is None:
-                trial.process.terminate()
-                trial.process.wait()
+                continue
+            observed = {n: t.as_run() for n, t in trials.items()}
+            plan = plan_sweep(sweep, observed, now=_now())
+            sweep.status = plan.status
+            for pruned in plan.prune:
+                stop_trial(trials[_number(pruned.name)], pruned.step)
+            for run in plan.create:
+                trial = start_trial(run)
+                signals.add(trial.process)
+                trials[trial.number] = trial
+            live.update(trials_table(sweep, plan.status.trials), refresh=True)
+            if plan.status.phase in FINISHED_PHASES:
+                break
+            time.sleep(POLL_SECONDS)
+    console.print()
     status = plan.status
     ready = next((c for c in status.conditions if c.type == "Ready"), None)
     best = next(
@@ -211,6 +225,7 @@ def run_sweep_locally(
         message=ready.message if ready else "",
         trials=status.trials,
         best=best,
+        interrupted_by=signals.first,
     )
     result.report = write_report(sweep, status.trials, {t.number: t for t in trials.values()})
     return result
