@@ -24,6 +24,7 @@ import pytest
 import torch
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_tools import check_metrics, needs_promtool
 from rich.console import Console
 from tiny_models import tiny_model
 from transformers import (
@@ -36,6 +37,7 @@ from transformers import (
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging as transformers_logging
 
+from kubetrain_trainer.contract import EVAL_SUITE_METRICS, eval_metric_key
 from kubetrain_trainer.metrics import (
     PrometheusCallback,
     ThroughputWindow,
@@ -434,3 +436,15 @@ def test_throughput_window_forgets_old_samples():
     assert window.tokens_per_second() == 1000
     assert window.steps_per_second() == 10
     assert window.eta_seconds(30, 130) == 10
+
+
+@needs_promtool
+@pytest.mark.parametrize("method", ["sft", "dpo", "evaluate"])
+def test_every_metric_a_method_serves_passes_promtool(run, method):
+    """The trained run's own endpoint (sft), a DPO one, and an evaluation with every suite."""
+    callback = run.prometheus if method == "sft" else PrometheusCallback(method, run_name="r")
+    if method == "evaluate":
+        callback.record_evaluation(
+            {eval_metric_key(suite, m): 0.5 for suite, ms in EVAL_SUITE_METRICS.items() for m in ms}
+        )
+    check_metrics(generate_latest(callback.registry).decode())
