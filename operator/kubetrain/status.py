@@ -53,10 +53,12 @@ from kubetrain_trainer import contract
 from kubetrain_trainer.contract import (
     EVAL_SUITE_METRICS,
     PREEMPTED_PREFIX,
+    DataRecord,
     ExitCode,
     checkpoint_dir_name,
     eval_metric_key,
     is_config_error_message,
+    parse_outputs_data,
     parse_outputs_message,
 )
 
@@ -350,6 +352,18 @@ def finished_metrics(pods: Iterable[Mapping[str, Any]]) -> dict[str, float] | No
             metrics = parse_outputs_message(terminated.get("message") or "")
             if metrics is not None:
                 return metrics
+    return None
+
+
+def finished_data(pods: Iterable[Mapping[str, Any]]) -> DataRecord | None:
+    """The data record rank 0 left in its termination message when it succeeded, if any."""
+    for pod in pods:
+        if _completion_index(pod) != "0" or (pod.get("status") or {}).get("phase") != "Succeeded":
+            continue
+        for terminated in _terminated_containers(pod):
+            data = parse_outputs_data(terminated.get("message") or "")
+            if data is not None:
+                return data
     return None
 
 

@@ -63,6 +63,7 @@ from kubetrain.api import (
     REASON_WAITING_FOR_DEPENDENCIES,
     AttemptRecord,
     Condition,
+    DataStatus,
     EvalPoint,
     Outputs,
     Phase,
@@ -87,6 +88,7 @@ from kubetrain.status import (
     checkpoint_uri,
     eta_seconds,
     eval_history_status,
+    finished_data,
     finished_metrics,
     format_duration,
     headline_metric,
@@ -486,6 +488,7 @@ class _Decision:
                 spec_change_ignored=ignored,
                 completion_time=self.now_text,
                 outputs=outputs,
+                data=finished_data_status(pods),
                 **common,
             )
         if observation.state == "failed":
@@ -841,6 +844,16 @@ def finished_outputs(run: TrainingRun, pods: Sequence[Mapping[str, Any]]) -> Out
         return Outputs(model_uri=run.spec.output, metrics=metrics)
     headline = headline_metric(run.spec.evaluate.suites[0].name, metrics)
     return Outputs(metrics=metrics, headline=headline)
+
+
+def finished_data_status(pods: Sequence[Mapping[str, Any]]) -> DataStatus | None:
+    """status.data: the fingerprint and row counts rank 0 reported (training methods)."""
+    data = finished_data(pods)
+    if data is None:
+        return None
+    return DataStatus(
+        fingerprint=data.fingerprint, train_rows=data.train_rows, eval_rows=data.eval_rows
+    )
 
 
 def describe(obj: Mapping[str, Any]) -> str:

@@ -74,6 +74,13 @@ def test_two_nodes_train_from_the_operators_pods(runs: Runs, backend: str) -> No
     output = runs.claim("models") / "pretrain"
     summary = json.loads((output / "metrics.json").read_text())
     assert summary["global_step"] == 150
+    # The data the model was trained on, in its status as in its metrics.json.
+    assert status["data"] == {
+        "fingerprint": summary["data_fingerprint"],
+        "trainRows": summary["train_rows"],
+        "evalRows": summary["eval_rows"],
+    }
+    assert status["data"]["fingerprint"].startswith("sha256:") and status["data"]["trainRows"] > 0
     checksums = summary["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
 

@@ -16,6 +16,7 @@ from kubetrain_trainer.config import ConfigError, DataSpec
 from kubetrain_trainer.data import (
     MAX_REPORTED_ERRORS,
     LoadedData,
+    data_fingerprint,
     detect_format,
     load_data,
     load_split,
@@ -394,3 +395,39 @@ def test_bundled_files_are_what_the_generator_writes(tmp_path):
     assert {p.name for p in written} == {p.name for p in EXAMPLES_DATA.glob("*.jsonl")}
     for path in written:
         assert path.read_bytes() == (EXAMPLES_DATA / path.name).read_bytes(), path.name
+
+
+# --- Fingerprints ----------------------------------------------------------------------
+
+
+def test_the_fingerprint_follows_the_bytes_not_the_place(tmp_path):
+    """Same bytes elsewhere: same fingerprint; one row changed, or eval added: a new one."""
+    rows = [ROWS["text"], {"text": "A second row."}]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    here = write_jsonl(tmp_path / "a" / "train.jsonl", rows)
+    there = write_jsonl(tmp_path / "b" / "copy.jsonl", rows)
+    first = data_fingerprint(DataSpec(train=str(here)))
+    assert first.startswith("sha256:") and len(first) == len("sha256:") + 64
+    assert data_fingerprint(DataSpec(train=str(there))) == first
+    assert data_fingerprint(DataSpec(train=str(tmp_path / "a"))) != first  # a folder names files
+    write_jsonl(there, [ROWS["text"], {"text": "A changed row."}])
+    assert data_fingerprint(DataSpec(train=str(there))) != first
+    assert data_fingerprint(DataSpec(train=str(here), eval=str(here))) != first
+
+
+def test_a_folder_and_a_saved_dataset_fingerprint_the_files_read(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "0.jsonl", [ROWS["text"]])
+    write_jsonl(folder / "1.jsonl", [{"text": "Another."}])
+    before = data_fingerprint(DataSpec(train=str(folder)))
+    (folder / ".lock").write_text("not data")
+    (folder / "notes.txt").write_text("not data either")
+    assert data_fingerprint(DataSpec(train=str(folder))) == before
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([ROWS["text"]]).save_to_disk(str(saved))
+    fingerprint = data_fingerprint(DataSpec(train=str(saved)))
+    assert load_data(DataSpec(train=str(saved))).fingerprint == fingerprint
+    datasets.Dataset.from_list([{"text": "Different."}]).save_to_disk(str(tmp_path / "other"))
+    assert data_fingerprint(DataSpec(train=str(tmp_path / "other"))) != fingerprint

@@ -16,6 +16,8 @@ from example_specs import example, with_spec
 
 from kubetrain.api import parse_document
 from kubetrain.local import run_locally
+from kubetrain_trainer.config import DataSpec
+from kubetrain_trainer.data import data_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +48,13 @@ def test_from_scratch_learns_and_saves_tokenizer_and_model(base_model: Path):
     assert metrics["method"] == "from_scratch"
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
     assert metrics["tokens_total"] > 0 and metrics["tokens_per_second"] > 0
+    # Which data made the model: the example's files, by their bytes and rows.
+    data = example("trainingrun-from-scratch-tiny.yaml")["spec"]["data"]
+    assert metrics["data_fingerprint"] == data_fingerprint(
+        DataSpec(train=data["train"], eval=data["eval"])
+    )
+    lines = [len(Path(data[split]).read_text().splitlines()) for split in ("train", "eval")]
+    assert [metrics["train_rows"], metrics["eval_rows"]] == lines
     # The trained tokenizer and the model load back, with ChatML ready for the next stage.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -205,3 +205,20 @@ def test_metrics_file_takes_eval_metrics_and_refuses_typos():
     assert read.model_dump(exclude_unset=True) == {"train_loss": 1.5, key: 0.25}
     with pytest.raises(ValidationError, match="trian_loss"):
         TrainerMetricsFile.model_validate({"trian_loss": 1.5})
+
+
+def test_the_outputs_message_carries_the_data_record_beside_the_metrics():
+    fingerprint = "sha256:" + "0" * 64
+    summary = {"method": "sft", "train_loss": 1.5, "qa.f1": 0.5, "global_step": 9,
+               "data_fingerprint": fingerprint, "train_rows": 12, "eval_rows": 0}  # fmt: skip
+    message = contract.outputs_message(summary)
+    assert contract.parse_outputs_message(message) == {"qa.f1": 0.5, "train_loss": 1.5,
+                                                       "global_step": 9.0}  # fmt: skip
+    assert contract.parse_outputs_data(message) == contract.DataRecord(
+        fingerprint=fingerprint, train_rows=12, eval_rows=0
+    )
+    # An evaluate run (no data record), another message, or a torn record: none.
+    plain = contract.outputs_message({"qa.f1": 0.5})
+    assert contract.parse_outputs_data(plain) is None
+    assert contract.parse_outputs_data("config error: x") is None
+    assert contract.parse_outputs_data('outputs: {"data": {"fingerprint": 3}}') is None

@@ -662,12 +662,16 @@ EVALUATE_SPEC: dict[str, Any] = {
 }
 
 
+FINGERPRINT = "sha256:" + "ab" * 32
+
+
 @pytest.mark.parametrize(
     ("spec", "message", "outputs"),
     [
         (
             SPEC,
-            'outputs: {"train_loss":1.25,"eval_loss":1.5,"global_step":150}',
+            'outputs: {"train_loss":1.25,"eval_loss":1.5,"global_step":150,'
+            f'"data":{{"fingerprint":"{FINGERPRINT}","train_rows":400,"eval_rows":40}}}}',
             {
                 "modelUri": "pvc://models/pretrain",
                 "metrics": {"train_loss": 1.25, "eval_loss": 1.5, "global_step": 150.0},
@@ -699,6 +703,9 @@ def test_a_succeeded_run_reports_rank_0s_metrics(
     plan = plan_trainingrun(observed)
     assert plan.status.phase == "Succeeded"
     assert status_body(plan.status)["outputs"] == outputs
+    # The data it trained on, where the trainer said (training methods do).
+    expected_data = {"fingerprint": FINGERPRINT, "trainRows": 400, "evalRows": 40}
+    assert status_body(plan.status).get("data") == (expected_data if "data" in message else None)
     if "headline" in outputs:
         assert outputs["headline"] in next(
             c.message for c in plan.status.conditions if c.type == "Succeeded"

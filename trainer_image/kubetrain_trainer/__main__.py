@@ -113,6 +113,7 @@ def training_summary(cfg: TrainerConfig, session) -> TrainerMetricsFile:
             tokens_at_start=session.tokens_at_start(),
         )
     )
+    session.record_data(summary)
     summary.replica_checksums = result.replica_checksums
     summary.per_device_train_batch_size = result.trainer._train_batch_size
     summary.gradient_accumulation_steps = result.trainer.args.gradient_accumulation_steps

@@ -184,6 +184,11 @@ class TrainerMetricsFile(BaseModel):
     # accumulation larger, keeping their product).
     per_device_train_batch_size: int | None = None
     gradient_accumulation_steps: int | None = None
+    # The data the model was trained on: the fingerprint of the train and eval files' bytes
+    # (`sha256:<hex>`, data.data_fingerprint) and the rows each held after validation.
+    data_fingerprint: str | None = None
+    train_rows: int | None = None
+    eval_rows: int | None = None
     # Every evaluation during training, oldest first: {"step": N, "<metric>": value, ...}
     # with intermediate_metrics(method) keys; at most MAX_EVAL_HISTORY entries.
     eval_history: list[dict[str, float | int]] | None = None
@@ -285,11 +290,33 @@ def preempted_message(detail: str) -> str:
 
 
 # A finished run's termination message: its metrics, which the operator cannot read from
-# the output dir, for status.outputs.metrics (and pipeline gates). Bounded so it fits the
-# 4 KiB Kubernetes keeps and the run's status stays small.
+# the output dir, for status.outputs.metrics (and pipeline gates), and under OUTPUTS_DATA_KEY
+# the data it trained on (DataRecord, for status.data). Bounded so it fits the 4 KiB
+# Kubernetes keeps and the run's status stays small.
 OUTPUTS_PREFIX = "outputs"
+OUTPUTS_DATA_KEY = "data"
 MAX_OUTPUT_METRICS = 32
 _OUTPUT_DIGITS = 6
+# metrics.json's fields that describe the data, not the model: in DataRecord, not metrics.
+DATA_FIELDS = ("data_fingerprint", "train_rows", "eval_rows")
+
+
+class DataRecord(BaseModel):
+    """The data a model was trained on, as metrics.json and the termination message say."""
+
+    fingerprint: str
+    train_rows: int
+    eval_rows: int
+
+    @classmethod
+    def of(cls, summary: dict[str, Any]) -> DataRecord | None:
+        if not isinstance(summary.get("data_fingerprint"), str):
+            return None  # an evaluate run, or a metrics.json from before fingerprints
+        return cls(
+            fingerprint=summary["data_fingerprint"],
+            train_rows=summary.get("train_rows") or 0,
+            eval_rows=summary.get("eval_rows") or 0,
+        )
 
 
 def output_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
@@ -298,19 +325,26 @@ def output_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
     numbers = {
         key: float(f"{value:.{_OUTPUT_DIGITS}g}") if isinstance(value, float) else value
         for key, value in summary.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and key not in DATA_FIELDS
     }
     ordered = sorted(numbers, key=lambda key: "." not in key)  # stable: suites keep their order
     return {key: numbers[key] for key in ordered[:MAX_OUTPUT_METRICS]}
 
 
 def outputs_message(summary: dict[str, Any]) -> str:
-    """`outputs: {json}`, a finished run's termination message (see output_metrics)."""
-    return f"{OUTPUTS_PREFIX}: {json.dumps(output_metrics(summary), separators=(',', ':'))}"
+    """`outputs: {json}`, a finished run's termination message: output_metrics, and the
+    DataRecord under OUTPUTS_DATA_KEY when the summary has one."""
+    outputs: dict[str, Any] = dict(output_metrics(summary))
+    data = DataRecord.of(summary)
+    if data is not None:
+        outputs[OUTPUTS_DATA_KEY] = data.model_dump()
+    return f"{OUTPUTS_PREFIX}: {json.dumps(outputs, separators=(',', ':'))}"
 
 
-def parse_outputs_message(message: str) -> dict[str, float] | None:
-    """The metrics of an `outputs: {json}` termination message; None for any other message."""
+def _outputs_body(message: str) -> dict[str, Any] | None:
     head, _, body = message.strip().partition(":")
     if head != OUTPUTS_PREFIX:
         return None
@@ -318,13 +352,28 @@ def parse_outputs_message(message: str) -> dict[str, float] | None:
         parsed = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(parsed, dict):
+    return parsed if isinstance(parsed, dict) else None
+
+
+def parse_outputs_message(message: str) -> dict[str, float] | None:
+    """The metrics of an `outputs: {json}` termination message; None for any other message."""
+    parsed = _outputs_body(message)
+    if parsed is None:
         return None
     return {
         str(key): float(value)
         for key, value in list(parsed.items())[:MAX_OUTPUT_METRICS]
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
+
+
+def parse_outputs_data(message: str) -> DataRecord | None:
+    """The DataRecord of an `outputs: {json}` termination message, if it carries one."""
+    parsed = _outputs_body(message) or {}
+    try:
+        return DataRecord.model_validate(parsed[OUTPUTS_DATA_KEY])
+    except (KeyError, ValueError):
+        return None
 
 
 def is_config_error_message(message: str) -> bool:

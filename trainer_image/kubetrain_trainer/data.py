@@ -16,6 +16,7 @@ pvc:// claims into the pod as paths.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -59,6 +60,7 @@ class LoadedData:
     train: datasets.Dataset
     eval: datasets.Dataset | None
     format: ResolvedFormat
+    fingerprint: str  # data_fingerprint of the files the rows came from
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,40 @@ def load_data(spec: DataSpec) -> LoadedData:
         evaluation, _ = load_split(
             spec.eval, fmt, text_field=spec.dataset_text_field, field="data.eval"
         )
-    return LoadedData(train=train, eval=evaluation, format=fmt)
+    return LoadedData(train=train, eval=evaluation, format=fmt, fingerprint=data_fingerprint(spec))
+
+
+def data_fingerprint(spec: DataSpec) -> str:
+    """`sha256:<hex>` of the training and evaluation data as stored, which names the data a
+    model was trained on: the same bytes give the same fingerprint wherever they live
+    (another folder, another claim), a change to any row gives a new one.
+
+    Each data file read (a file, a folder's data files, a saved dataset's arrow files)
+    contributes its split, its path inside the folder and the SHA-256 of its bytes.
+    """
+    digest = hashlib.sha256()
+    for split, uri in (("train", spec.train), ("eval", spec.eval)):
+        if not uri:
+            continue
+        root = resolve_data_path(uri, field=f"data.{split}")
+        if root.is_file():
+            files = [root]
+        elif _is_saved_dataset(root):
+            files = sorted(root.glob("*.arrow"))
+        else:
+            files = _folder_files(root)
+        for file in files:
+            inside = "" if file == root else file.relative_to(root).as_posix()
+            digest.update(f"{split}\0{inside}\0{_file_sha256(file)}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_split(
@@ -268,14 +303,10 @@ def _read_folder(folder: Path) -> Iterator[_Row]:
             f"{folder}: is a saved DatasetDict with splits {splits}; point the data field "
             f"at one split folder, e.g. {folder / (splits[0] if splits else 'train')}"
         )
-    if (folder / "dataset_info.json").exists() or (folder / "state.json").exists():
+    if _is_saved_dataset(folder):
         yield from _read_saved_dataset(folder)
         return
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix in DATA_FILE_SUFFIXES and not p.name.startswith(".")
-    )
+    files = _folder_files(folder)
     if not files:
         raise ConfigError(
             f"{folder}: no {', '.join(DATA_FILE_SUFFIXES)} files and not a folder written "
@@ -283,6 +314,19 @@ def _read_folder(folder: Path) -> Iterator[_Row]:
         )
     for file in files:
         yield from _read_file(file)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The data files of a plain folder, in the order they are read."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix in DATA_FILE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_info.json").exists() or (folder / "state.json").exists()
 
 
 def _read_file(path: Path) -> Iterator[_Row]:

@@ -68,6 +68,9 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("train_runtime_seconds", "training time"),
     ("runtime_seconds", "wall clock"),
     ("merged_dir", "merged model"),
+    ("train_rows", "training rows"),
+    ("eval_rows", "evaluation rows"),
+    ("data_fingerprint", "data fingerprint"),
 )
 DURATION_FIELDS = frozenset({"train_runtime_seconds", "runtime_seconds"})
 

@@ -27,7 +27,8 @@ from kubetrain_trainer.checkpoints import (
     resume_checkpoint,
 )
 from kubetrain_trainer.config import ConfigError, TrainerConfig
-from kubetrain_trainer.contract import TRAINER_STATE_FILE
+from kubetrain_trainer.contract import TRAINER_STATE_FILE, TrainerMetricsFile
+from kubetrain_trainer.data import LoadedData, load_data
 from kubetrain_trainer.metrics import PrometheusCallback, serve_metrics
 from kubetrain_trainer.preflight import ModelShape, does_not_fit_message, estimate_memory, gib
 from kubetrain_trainer.progress import drop_printer_callback, progress_callbacks
@@ -124,6 +125,7 @@ class Session:
     prometheus: PrometheusCallback | None = None
     preemption: PreemptionCallback = field(default_factory=PreemptionCallback)
     started: float = field(default_factory=time.monotonic)
+    data: LoadedData | None = None  # what load_data read, for metrics.json
 
     def __post_init__(self) -> None:
         install_sigterm_handler()
@@ -138,6 +140,24 @@ class Session:
         # From torchrun's env, not accelerate's PartialState: creating that before
         # TrainingArguments does would leave the Trainer thinking it is not distributed.
         return int(os.environ.get("RANK", "0")) == 0
+
+    def load_data(self) -> LoadedData:
+        """Read and check cfg.data (kubetrain_trainer.data.load_data), noting what it was."""
+        self.data = load_data(self.cfg.data)
+        eval_rows = len(self.data.eval) if self.data.eval is not None else 0
+        log.info(
+            "data %s: %d train rows, %d eval rows (%s)",
+            self.data.fingerprint, len(self.data.train), eval_rows, self.data.format,
+        )  # fmt: skip
+        return self.data
+
+    def record_data(self, summary: TrainerMetricsFile) -> None:
+        """Put the data's fingerprint and row counts into metrics.json's summary."""
+        if self.data is None:
+            return
+        summary.data_fingerprint = self.data.fingerprint
+        summary.train_rows = len(self.data.train)
+        summary.eval_rows = len(self.data.eval) if self.data.eval is not None else 0
 
     def callbacks(self) -> list:
         # The marker callback runs before Prometheus so checkpoint_step never names an

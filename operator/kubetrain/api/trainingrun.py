@@ -1150,6 +1150,18 @@ class EvalPoint(K8sObject):
     )
 
 
+class DataStatus(K8sObject):
+    """The data a finished run trained on, as its trainer recorded it (metrics.json)."""
+
+    fingerprint: str = Field(
+        max_length=80,
+        description="sha256:<hex> of the train and eval files' bytes: the same data wherever "
+        "it lives gives the same fingerprint, a change to any row a new one.",
+    )
+    train_rows: int = Field(ge=0, description="Training rows, after validation.")
+    eval_rows: int = Field(ge=0, description="Evaluation rows (0 without eval data).")
+
+
 class Outputs(K8sObject):
     """What a finished run leaves behind."""
 
@@ -1267,6 +1279,9 @@ class TrainingRunStatus(KstatusStatus):
         None, description="URI of the newest complete checkpoint (<output>/checkpoint-N)."
     )
     outputs: Outputs | None = Field(None, description="Results of a finished run.")
+    data: DataStatus | None = Field(
+        None, description="The data a finished run trained on: fingerprint and row counts."
+    )
 
 
 class ObjectMeta(BaseModel):

@@ -24,7 +24,6 @@ from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig
 
 from kubetrain_trainer.config import ConfigError, Dpo, Lora, ModelSpec, TrainerConfig
-from kubetrain_trainer.data import load_data
 from kubetrain_trainer.methods.lora import peft_config
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
 from kubetrain_trainer.session import FitResult, Session, sampling_strategy, training_arguments
@@ -65,7 +64,7 @@ def check_rows_left(trainer: DPOTrainer, cfg: TrainerConfig) -> None:
 
 def train(cfg: TrainerConfig, session: Session) -> FitResult:
     dpo = cfg.dpo or Dpo()
-    data = load_data(cfg.data)
+    data = session.load_data()
     if data.format != "preference":
         # `format: auto` may find text or chats; DPO would fail later on a missing "prompt".
         raise ConfigError(

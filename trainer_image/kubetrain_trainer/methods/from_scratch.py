@@ -28,7 +28,6 @@ from transformers import (
 )
 
 from kubetrain_trainer.config import ConfigError, FromScratch, TrainerConfig
-from kubetrain_trainer.data import load_data
 from kubetrain_trainer.models import build_model, describe, load_tokenizer, train_bpe_tokenizer
 from kubetrain_trainer.session import FitResult, Session, training_arguments
 
@@ -77,7 +76,7 @@ def pack(texts: Dataset, tokenizer: PreTrainedTokenizerBase, block: int) -> Data
 
 
 def train(cfg: TrainerConfig, session: Session) -> FitResult:
-    data = load_data(cfg.data)
+    data = session.load_data()
     if data.format != "text":
         raise ConfigError(
             f'data.train: from_scratch pretrains on raw text rows {{"text": ...}}, '

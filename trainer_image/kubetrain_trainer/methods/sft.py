@@ -21,7 +21,6 @@ from peft import PeftConfig
 from trl import SFTConfig
 
 from kubetrain_trainer.config import ConfigError, TrainerConfig
-from kubetrain_trainer.data import load_data
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
 from kubetrain_trainer.session import FitResult, Session, sampling_strategy, training_arguments
 from kubetrain_trainer.throughput import ThroughputLevers, truncated
@@ -37,7 +36,7 @@ def build_trainer(
     cfg: TrainerConfig, session: Session, peft_config: PeftConfig | None = None, model=None
 ) -> SFTTrainer:
     """The SFTTrainer for this config; lora.py passes its adapter config in."""
-    data = load_data(cfg.data)
+    data = session.load_data()
     if data.format == "preference":
         raise ConfigError(
             f"data.train: {cfg.data.train} holds preference pairs; method {cfg.method} needs "
