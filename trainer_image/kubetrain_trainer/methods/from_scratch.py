@@ -7,7 +7,9 @@ Run as: kubetrain run examples/trainingrun-from-scratch-tiny.yaml
    saved to <output>/tokenizer first, so a resumed run reuses the exact same vocabulary.
 2. Model: random weights in the shape of `model.architecture`, seeded by training.seed.
 3. Data: every document gets an end-of-text token, then the stream is cut into blocks of
-   data.maxLength tokens (packing), the usual causal-LM pretraining recipe.
+   data.maxLength tokens (packing), the usual causal-LM pretraining recipe. Rank 0 does it
+   once into <output>/.cache (kubetrain_trainer.datacache); every rank, later attempts and
+   resumed runs read it from there.
 4. Train with transformers' Trainer on next-token prediction; perplexity is exp(eval loss).
 """
 
@@ -28,10 +30,14 @@ from transformers import (
 )
 
 from kubetrain_trainer.config import ConfigError, FromScratch, TrainerConfig
+from kubetrain_trainer.datacache import cache_key, tokenized
 from kubetrain_trainer.models import build_model, describe, load_tokenizer, train_bpe_tokenizer
 from kubetrain_trainer.session import FitResult, Session, training_arguments
 
 log = logging.getLogger(__name__)
+
+# pack()'s version in cache keys: bump it when pack() changes what it writes.
+PACKING_RECIPE = "from_scratch-pack-1"
 
 
 def prepare_tokenizer(
@@ -89,8 +95,19 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
 
     set_seed(cfg.training.seed)  # identical initial weights on every rank
     model = build_model(arch, tokenizer)
-    train_blocks = pack(data.train, tokenizer, block)
-    eval_blocks = pack(data.eval, tokenizer, block) if data.eval is not None else None
+    # Tokenized and packed once (rank 0), then read from <output>/.cache by every rank and
+    # attempt until the data, the tokenizer or the block size changes.
+    key = cache_key(data.fingerprint, tokenizer, recipe=PACKING_RECIPE, block=block)
+    blocks = tokenized(
+        cfg.output_dir,
+        key,
+        lambda: {
+            "train": pack(data.train, tokenizer, block),
+            "eval": pack(data.eval, tokenizer, block) if data.eval is not None else None,
+        },
+        args,
+    )
+    train_blocks, eval_blocks = blocks["train"], blocks["eval"]
 
     trainer = Trainer(
         model=model,
