@@ -256,8 +256,12 @@ class _Decision:
     def plan(self) -> TrainingRunPlan:
         status = self.status
         ready = _condition(status, CONDITION_READY)
+        # An invalid spec fails for good until it is edited (a new generation): only then is
+        # it tried again. Trying the same spec every pass would loop on the refusal, and a
+        # pass in between could show another verdict (waiting on a claim) for a while.
         refused_spec = status.phase == PHASE_FAILED and ready is not None
         refused_spec = refused_spec and ready.reason == REASON_INVALID_SPEC
+        refused_spec = refused_spec and status.observed_generation != self.generation
         if self.observed.refusal is not None:
             return self.refused(self.observed.refusal)
         if status.phase in FINISHED_PHASES and not refused_spec:

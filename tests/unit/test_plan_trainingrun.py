@@ -141,6 +141,19 @@ def running_status(attempt: int = 1, restarts: int = 0, phase: str = "Running") 
     return {"phase": phase, "attempt": attempt, "restarts": restarts, "conditions": []}
 
 
+def refused_status() -> dict[str, Any]:
+    """Failed InvalidSpec at generation 1 (the apiserver refused attempt 1's Job)."""
+    refused = {"type": "Ready", "status": "False", "reason": "InvalidSpec",
+               "message": "the apiserver refused Job team-a/pretrain-1 (422)",
+               "lastTransitionTime": rfc3339(NOW - 50)}  # fmt: skip
+    return {**running_status(phase="Failed"), "observedGeneration": 1, "conditions": [refused]}
+
+
+def edited(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` after a spec edit: the apiserver bumped its generation."""
+    return {**body, "metadata": {**body["metadata"], "generation": 2}}
+
+
 def observe(run: dict[str, Any], attempt: int | None = None, **fields: Any) -> Observed:
     """An observation of `run` with attempt N's ConfigMap and Service in place."""
     present = children(attempt) if attempt else []
@@ -503,6 +516,20 @@ CASES: list[tuple[str, Observed, str, str, list[str]]] = [
         "Pending",
         "APINotInstalled",
         [],
+    ),
+    (
+        "a spec refused as invalid stays Failed while it is unchanged (no retry loop)",
+        observe(run_body(refused_status(), started=False)),
+        "Failed",
+        "InvalidSpec",
+        [],
+    ),
+    (
+        "a spec refused as invalid is tried again once edited (generation 2, observed 1)",
+        observe(edited(run_body(refused_status(), started=False))),
+        "Pending",
+        "Created",
+        ["RecordStartedSpec", "Create ConfigMap", "Create Service", "Create Job"],
     ),
     (
         "an invalid spec fails naming the field",
