@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -339,8 +339,8 @@ def rank0_pod(pods: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return None
 
 
-def finished_metrics(pods: Iterable[Mapping[str, Any]]) -> dict[str, float] | None:
-    """The metrics rank 0 left in its termination message when it succeeded, if any.
+def _rank0_last_words(pods: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """The termination messages of rank 0's containers once it succeeded.
 
     The trainer's last words (`outputs: {...}`, contract.outputs_message) are the only way
     its metrics.json reaches the operator, which does not mount the run's output.
@@ -349,22 +349,19 @@ def finished_metrics(pods: Iterable[Mapping[str, Any]]) -> dict[str, float] | No
         if _completion_index(pod) != "0" or (pod.get("status") or {}).get("phase") != "Succeeded":
             continue
         for terminated in _terminated_containers(pod):
-            metrics = parse_outputs_message(terminated.get("message") or "")
-            if metrics is not None:
-                return metrics
-    return None
+            yield terminated.get("message") or ""
+
+
+def finished_metrics(pods: Iterable[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The metrics rank 0 left in its termination message when it succeeded, if any."""
+    parsed = (parse_outputs_message(message) for message in _rank0_last_words(pods))
+    return next((metrics for metrics in parsed if metrics is not None), None)
 
 
 def finished_data(pods: Iterable[Mapping[str, Any]]) -> DataRecord | None:
     """The data record rank 0 left in its termination message when it succeeded, if any."""
-    for pod in pods:
-        if _completion_index(pod) != "0" or (pod.get("status") or {}).get("phase") != "Succeeded":
-            continue
-        for terminated in _terminated_containers(pod):
-            data = parse_outputs_data(terminated.get("message") or "")
-            if data is not None:
-                return data
-    return None
+    parsed = (parse_outputs_data(message) for message in _rank0_last_words(pods))
+    return next((data for data in parsed if data is not None), None)
 
 
 def headline_metric(suite: str, metrics: Mapping[str, float] | None) -> str | None:
