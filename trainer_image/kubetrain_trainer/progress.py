@@ -103,7 +103,24 @@ def format_bar_stats(
     return "  ".join(parts)
 
 
-class ConsoleProgressCallback(TrainerCallback):
+class _MeasuredProgress(TrainerCallback):
+    """What both displays share: tokens/s and the ETA over the recent training logs."""
+
+    def __init__(self) -> None:
+        self._window = ThroughputWindow()
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._window.reset(time.monotonic(), state.global_step, tokens_seen(args, state, {}))
+
+    def _measure(self, args: TrainingArguments, state: TrainerState, logs: dict[str, Any]) -> None:
+        """Feed a log event to the window; only training logs carry new tokens."""
+        if "loss" in logs:
+            self._window.add(time.monotonic(), state.global_step, tokens_seen(args, state, logs))
+
+
+class ConsoleProgressCallback(_MeasuredProgress):
     """Prints one plain line per log event on world rank 0, for logs that are not a terminal.
 
     e.g. `step 20/100 epoch 0.40 loss 2.314 lr 1.9e-05 tok/s 5123 eta 0:01:02`. A tqdm bar
@@ -111,13 +128,8 @@ class ConsoleProgressCallback(TrainerCallback):
     """
 
     def __init__(self, stream: IO[str] | None = None) -> None:
+        super().__init__()
         self._stream = stream
-        self._window = ThroughputWindow()
-
-    def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._window.reset(time.monotonic(), state.global_step, tokens_seen(args, state, {}))
 
     def on_log(
         self,
@@ -129,8 +141,7 @@ class ConsoleProgressCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        if "loss" in logs:
-            self._window.add(time.monotonic(), state.global_step, tokens_seen(args, state, logs))
+        self._measure(args, state, logs)
         line = format_progress_line(
             logs,
             state.global_step,
@@ -142,7 +153,7 @@ class ConsoleProgressCallback(TrainerCallback):
         print(line, file=self._stream or sys.stdout, flush=True)
 
 
-class TerminalProgressCallback(TrainerCallback):
+class TerminalProgressCallback(_MeasuredProgress):
     """A rich progress bar for the run on world rank 0, from train begin to train end.
 
     `console` defaults to the terminal on stderr (where tqdm drew). While the bar is live,
@@ -151,11 +162,11 @@ class TerminalProgressCallback(TrainerCallback):
     """
 
     def __init__(self, run_name: str, console: Console | None = None) -> None:
+        super().__init__()
         self.run_name = run_name
         self.console = console if console is not None else Console(stderr=True)
         self._progress: Progress | None = None
         self._task: TaskID | None = None
-        self._window = ThroughputWindow()
         self._last: dict[str, float | None] = {}
         self._rerouted: list[tuple[logging.StreamHandler, IO[str]]] = []
 
@@ -164,7 +175,7 @@ class TerminalProgressCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero:
             return
-        self._window.reset(time.monotonic(), state.global_step, tokens_seen(args, state, {}))
+        super().on_train_begin(args, state, control, **kwargs)
         # A resumed run restores its log history: show where it stands from the first frame.
         self._last = {"loss": None, "eval_loss": None, "learning_rate": None}
         for entry in state.log_history:
@@ -215,8 +226,7 @@ class TerminalProgressCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        if "loss" in logs:
-            self._window.add(time.monotonic(), state.global_step, tokens_seen(args, state, logs))
+        self._measure(args, state, logs)
         self._last.update({k: logs[k] for k in self._last if k in logs})
         self._update(state)
         if self._progress is not None:
