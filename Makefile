@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(BIN)/kubetrain run examples/pipeline-tiny.yaml
 
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd and JobSet, built
-# from Go modules (tests/cluster/*/go.mod) into .tools/k8s-<version>/; Go's cache makes a
-# rebuild take seconds.
+# from Go modules (tests/cluster/*/go.mod) into .tools/k8s-<version>/, and the tests' S3
+# server (versitygw) into .tools/versitygw-<version>/; Go's cache makes a rebuild take seconds.
 cluster-tools: $(STAMP)
 	$(BIN)/python scripts/build_cluster.py
 

@@ -11,6 +11,11 @@ versions stamped the way Kubernetes' own build stamps them (hack/lib/version.sh)
 `/version` says e.g. v1.36.3 and Helm's kubeVersion checks pass. A stamp of the go.mod/go.sum
 contents and the flags skips a build that is already there; otherwise Go's build cache
 makes a rebuild take seconds (the first, cold build takes many minutes on 2 cores).
+
+A fourth module, s3/, pins the S3 server the storage tests run against: versitygw
+(github.com/versity/versitygw, Apache-2.0; it checks SigV4 signatures, so a wrong secret is
+refused), built into `.tools/versitygw-<version>/` with a stamp of its own, so neither pin
+rebuilds the other. Not MinIO: its server is AGPL.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ TOOLS = ROOT / ".tools"
 GO_FLAGS = ["-p", "2", "-trimpath", "-tags", "selinux,notest"]
 KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 BINARIES = (*KUBERNETES_COMMANDS, "etcd", "jobset-controller")
+CONTROL_PLANE_MODULES = ("kubernetes", "etcd", "jobset")
+S3_SERVER_MODULE = "github.com/versity/versitygw"
 
 
 def required_version(module_dir: Path, module: str) -> str:
@@ -51,6 +58,15 @@ def tools_dir() -> Path:
     return TOOLS / f"k8s-{kubernetes_version()}"
 
 
+def s3_server_version() -> str:
+    return required_version(MODULES / "s3", S3_SERVER_MODULE)
+
+
+def s3_server_binary() -> Path:
+    """The pinned versitygw binary (it may not be built yet)."""
+    return TOOLS / f"versitygw-{s3_server_version()}" / "versitygw"
+
+
 def kubernetes_ldflags(version: str) -> str:
     major, minor = version.lstrip("v").split(".")[:2]
     fields = {
@@ -68,9 +84,9 @@ def kubernetes_ldflags(version: str) -> str:
     return " ".join(["-s", "-w", *stamps])
 
 
-def stamp() -> str:
+def stamp(modules: tuple[str, ...] = CONTROL_PLANE_MODULES) -> str:
     digest = hashlib.sha256(" ".join(GO_FLAGS).encode())
-    for name in ("kubernetes", "etcd", "jobset"):
+    for name in modules:
         for file in ("go.mod", "go.sum"):
             digest.update((MODULES / name / file).read_bytes())
     return digest.hexdigest()
@@ -116,6 +132,25 @@ def build(force: bool = False) -> Path:
     return out
 
 
+def build_s3_server(force: bool = False) -> Path:
+    """Build versitygw unless its stamp says it is current; returns the binary."""
+    binary = s3_server_binary()
+    stamp_file = binary.parent / ".stamp"
+    current = stamp_file.is_file() and stamp_file.read_text() == stamp(("s3",))
+    if not force and current and binary.is_file():
+        return binary
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    version = s3_server_version()
+    go_build(
+        "s3",
+        binary,
+        [f"{S3_SERVER_MODULE}/cmd/versitygw"],
+        f"-s -w -X 'main.Version={version}'",
+    )
+    stamp_file.write_text(stamp(("s3",)))
+    return binary
+
+
 def jobset_source() -> Path:
     """JobSet's module in Go's module cache (its config/ folder holds the manifests)."""
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly"}
@@ -159,7 +194,9 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     out = build(force=args.force)
-    print(f"control plane binaries in {out} ({time.monotonic() - started:.0f}s)", file=sys.stderr)
+    s3_server = build_s3_server(force=args.force)
+    print(f"control plane binaries in {out}, S3 server {s3_server} "
+          f"({time.monotonic() - started:.0f}s)", file=sys.stderr)  # fmt: skip
     print(out)
 
 
