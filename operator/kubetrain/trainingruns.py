@@ -746,32 +746,36 @@ class _Decision:
 
     def missing_claims(self, run: TrainingRun) -> list[str]:
         """Claims the pods would mount that are missing or that its nodes cannot share."""
-        problems = []
-        seen: set[str] = set()
-        multi_node = run.spec.resources.nodes > 1
+        uses: dict[str, tuple[str, bool]] = {}  # claim -> (where it is named, written to)
         for ref in uri_refs(run.spec):
-            if ref.kind != "pvc":
-                continue
-            claim = parse_pvc_uri(ref.uri).claim
-            if claim in seen:
-                continue
-            seen.add(claim)
-            pvc = self.observed.claims.get(claim)
-            what = f"PersistentVolumeClaim {self.namespace}/{claim} ({ref.field}: {ref.uri})"
-            if pvc is None:
-                problems.append(f"{what} does not exist; create it or fix the URI")
-                continue
-            modes = set((pvc.get("spec") or {}).get("accessModes") or [])
-            writes = ref.field == "spec.output"
-            shared = {"ReadWriteMany"} if writes else {"ReadWriteMany", "ReadOnlyMany"}
-            if multi_node and not modes & shared:
-                need = "ReadWriteMany" if writes else "ReadOnlyMany or ReadWriteMany"
-                problems.append(
-                    f"{what} has access modes {', '.join(sorted(modes)) or 'none'}, but "
-                    f"{run.spec.resources.nodes} nodes mount it at once: use a claim with "
-                    f"{need} (a shared filesystem such as NFS, CephFS or a cloud file store)"
-                )
-        return problems
+            if ref.kind == "pvc":
+                claim = parse_pvc_uri(ref.uri).claim
+                uses.setdefault(claim, (f"{ref.field}: {ref.uri}", ref.field == "spec.output"))
+        cache = run.spec.cache.claim_name if run.spec.cache is not None else None
+        if cache:
+            uses.setdefault(cache, ("spec.cache.claimName", True))
+        return [
+            problem
+            for claim, (where, writes) in uses.items()
+            if (problem := self.claim_problem(run, claim, where, writes))
+        ]
+
+    def claim_problem(self, run: TrainingRun, claim: str, where: str, writes: bool) -> str:
+        """Why the pods cannot mount `claim` (missing, or not shareable by its nodes), or ""."""
+        pvc = self.observed.claims.get(claim)
+        what = f"PersistentVolumeClaim {self.namespace}/{claim} ({where})"
+        if pvc is None:
+            return f"{what} does not exist; create it or fix the reference"
+        modes = set((pvc.get("spec") or {}).get("accessModes") or [])
+        shared = {"ReadWriteMany"} if writes else {"ReadWriteMany", "ReadOnlyMany"}
+        if run.spec.resources.nodes > 1 and not modes & shared:
+            need = "ReadWriteMany" if writes else "ReadOnlyMany or ReadWriteMany"
+            return (
+                f"{what} has access modes {', '.join(sorted(modes)) or 'none'}, but "
+                f"{run.spec.resources.nodes} nodes mount it at once: use a claim with "
+                f"{need} (a shared filesystem such as NFS, CephFS or a cloud file store)"
+            )
+        return ""
 
     def names_blocked(
         self, children: Sequence[Mapping[str, Any]], **changes: Any
@@ -910,6 +914,10 @@ def _referenced_by(run: TrainingRun, kind: str, name: str) -> str:
     token = run.spec.model.token_secret_ref
     if kind == "Secret" and token is not None and token.name == name:
         fields.append("spec.model.tokenSecretRef")
+    s3 = run.spec.storage.s3 if run.spec.storage is not None else None
+    credentials = s3.credentials_secret_ref if s3 is not None else None
+    if kind == "Secret" and credentials is not None and credentials.name == name:
+        fields.append("spec.storage.s3.credentialsSecretRef")
     for env in run.spec.env:
         source = env.value_from
         ref = None

@@ -38,15 +38,6 @@ def test_run_refuses_cluster_storage_with_the_fix(tmp_path: Path, capsys):
     assert "use a local path" in err
 
 
-def test_run_refuses_s3_for_now(tmp_path: Path, capsys):
-    doc = yaml.safe_load((EXAMPLES / "trainingrun-sft-tiny.yaml").read_text())
-    doc["spec"]["output"] = "s3://bucket/sft"
-    run = tmp_path / "run.yaml"
-    run.write_text(yaml.safe_dump(doc))
-    assert main(["run", str(run)]) == 2
-    assert "s3:// URIs are not supported yet" in capsys.readouterr().err
-
-
 def test_render_prints_the_workload(capsys):
     assert main(["render", str(EXAMPLES / "trainingrun-sft.yaml")]) == 0
     objects = list(yaml.safe_load_all(capsys.readouterr().out))

@@ -267,8 +267,11 @@ def test_pod_security_and_scratch_volumes() -> None:
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
     assert "emptyDir" in volumes[mounts["/tmp"]]
-    hf_home = env_of(by_kind(render_trainingrun(run, 0))["Job"])["HF_HOME"]
-    assert "emptyDir" in volumes[mounts[hf_home]]
+    # The cache (downloads, hub models, an s3:// output's local copy) is an emptyDir by
+    # default, named to the trainer in KUBETRAIN_CACHE_DIR, with HF_HOME inside it.
+    env = env_of(by_kind(render_trainingrun(run, 0))["Job"])
+    assert volumes[mounts[env["KUBETRAIN_CACHE_DIR"]]] == {"name": "cache", "emptyDir": {}}
+    assert env["HF_HOME"].startswith(env["KUBETRAIN_CACHE_DIR"] + "/")
     assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == 9400
     assert container["resources"] == {
         "requests": {"cpu": "8", "memory": "64Gi"},
@@ -373,10 +376,6 @@ def test_what_the_operator_must_find_before_starting() -> None:
             "spec.model.name: local path '/models/qwen' does not exist inside the pods; put it "
             "on a PersistentVolumeClaim and write pvc://<claim>/<path> or a Hugging Face hub id",
         ),
-        (
-            {"output": "s3://bucket/runs/x"},
-            "TrainingRun run: spec.output: s3:// storage (s3://bucket/runs/x) is not supported yet",
-        ),
         ({"output": "runs/x"}, "spec.output: local path 'runs/x'"),
     ],
 )
@@ -385,6 +384,66 @@ def test_storage_a_pod_cannot_reach_is_refused(overrides: dict[str, Any], messag
     with pytest.raises(RenderError) as err:
         render_trainingrun(run, 0)
     assert message in str(err.value)
+
+
+def test_s3_and_hub_uris_reach_the_trainer_with_credentials_from_the_secret() -> None:
+    run = make_run(
+        data={"train": "hf://datasets/org/chat@v2/train.jsonl", "eval": "s3://data/eval.jsonl"},
+        output="s3://models/runs/x",
+        storage={
+            "s3": {
+                "endpoint": "http://minio.storage:9000",
+                "region": "eu-west-1",
+                "credentialsSecretRef": {"name": "s3-keys", "secretAccessKeyKey": "secret"},
+            }
+        },
+    )
+    objects = by_kind(render_trainingrun(run, 0))
+    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    assert config["data"]["train"] == "hf://datasets/org/chat@v2/train.jsonl"
+    assert config["data"]["eval"] == "s3://data/eval.jsonl"
+    assert config["outputDir"] == "s3://models/runs/x"
+    # The endpoint and region reach the trainer; the credentials only as Secret references.
+    assert config["storage"] == {
+        "s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1"}
+    }
+    env = env_of(objects["Job"])
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID"}
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-keys", "key": "secret"}}
+    assert secrets_used(run.spec) == ["s3-keys"]
+    # Nothing is mounted for s3:// or hub URIs (no claim), only the cache.
+    assert [v["name"] for v in pod_spec_of(objects["Job"])["volumes"]] == [
+        "config",
+        "cache",
+        "tmp",
+        "dshm",
+    ]
+
+
+def test_without_a_credentials_secret_the_pods_use_their_own_identity() -> None:
+    run = make_run(output="s3://models/runs/x")
+    env = env_of(by_kind(render_trainingrun(run, 0))["Job"])
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+
+
+@pytest.mark.parametrize(
+    ("cache", "volume", "claims"),
+    [
+        ({"claimName": "train-cache"}, {"persistentVolumeClaim": {"claimName": "train-cache"}}, [
+            "datasets", "outputs", "train-cache"
+        ]),
+        ({"sizeLimit": "200Gi"}, {"emptyDir": {"sizeLimit": "200Gi"}}, ["datasets", "outputs"]),
+    ],
+)  # fmt: skip
+def test_the_cache_volume_is_a_claim_or_a_bounded_empty_dir(
+    cache: dict[str, Any], volume: dict[str, Any], claims: list[str]
+) -> None:
+    run = make_run(cache=cache)
+    pod = pod_spec_of(by_kind(render_trainingrun(run, 0))["Job"])
+    assert {v["name"]: v for v in pod["volumes"]}["cache"] == {"name": "cache", **volume}
+    assert claims_used(run.spec) == claims
 
 
 def test_render_is_pure() -> None:

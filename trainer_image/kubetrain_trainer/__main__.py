@@ -67,8 +67,12 @@ def write_termination_message(message: str) -> None:
 def run(cfg: TrainerConfig) -> dict:
     from kubetrain_trainer.metrics import write_metrics_json
     from kubetrain_trainer.session import Session, leave_process_group
+    from kubetrain_trainer.storage import stage
 
-    session = Session(cfg)
+    # From here on the trainer sees local folders only (s3:// and hf:// are fetched, an
+    # s3:// output is worked on locally and published).
+    cfg, remote_output = stage(cfg)
+    session = Session(cfg, remote_output=remote_output)
     if cfg.method == "evaluate":
         summary = evaluation_summary(cfg, session)
     else:
@@ -80,6 +84,8 @@ def run(cfg: TrainerConfig) -> dict:
     if session.is_main_process:
         # After the barrier, so the other ranks need not wait while rank 0 draws.
         write_report_or_warn(cfg)
+        if remote_output is not None:
+            remote_output.publish_final()
     return summary.model_dump(mode="json", exclude_unset=True)
 
 
@@ -147,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_trainer_config(args.config)
         summary = run(cfg)
     except ConfigError as e:
-        message = config_error_message(str(e))
+        from kubetrain_trainer.storage import remote_names
+
+        # A bad line in a downloaded file is named by its remote URI, not the local copy.
+        message = config_error_message(remote_names(str(e)))
         log.error("%s", message)
         write_termination_message(message)
         return ExitCode.CONFIG_ERROR
@@ -193,6 +202,9 @@ def exit_process(code: int) -> None:
     """Exit with `code`; a rank of a process group leaves at once (see leave_process_group)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        from kubetrain_trainer.data import remove_scratch
+
+        remove_scratch()  # os._exit skips the atexit hook that would
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

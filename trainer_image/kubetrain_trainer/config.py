@@ -264,6 +264,36 @@ class Stability(Spec):
     )
 
 
+Sharding = Literal["none", "fsdp", "deepspeed"]
+
+DEEPSPEED_REFUSED = (
+    "sharding: deepspeed is not supported: kubetrain ships no DeepSpeed backend "
+    "(its ZeRO-3 needs the deepspeed package and its compiled ops in the trainer image). "
+    "Use sharding: fsdp, which shards parameters, gradients and optimizer states the same "
+    "way (ZeRO-3), with fsdpCpuOffload for ZeRO-Offload"
+)
+FSDP_KNOBS_NEED_FSDP = (
+    "fsdpCpuOffload and fsdpReshardAfterForward apply to sharding: fsdp only; set "
+    "sharding: fsdp or remove them"
+)
+QLORA_FSDP_REFUSED = (
+    "lora.loadIn4Bit with training.sharding fsdp: FSDP2 cannot shard bitsandbytes' 4-bit "
+    "weights in the installed versions (transformers 5, accelerate 1.x). QLoRA already fits "
+    "a 7B base on one GPU: use sharding: none, or full-precision LoRA (loadIn4Bit: false) "
+    "with sharding: fsdp"
+)
+
+
+def check_sharding(training: Training) -> None:
+    """The sharding rules that read the training block alone (CEL twins in spec_rules)."""
+    if training.sharding == "deepspeed":
+        raise ValueError(DEEPSPEED_REFUSED)
+    if training.sharding != "fsdp" and (
+        training.fsdp_cpu_offload or not training.fsdp_reshard_after_forward
+    ):
+        raise ValueError(FSDP_KNOBS_NEED_FSDP)
+
+
 class Training(Spec):
     """Optimisation, precision, evaluation and checkpoint cadence (TrainingArguments names)."""
 
@@ -352,11 +382,34 @@ class Training(Spec):
         default_factory=Stability,
         description="When the run stops as unstable (NaN/inf loss, exploding gradients).",
     )
+    sharding: Sharding = Field(
+        "none",
+        description="How the model state is spread over the processes: none (data "
+        "parallel, DDP: every process holds all weights, gradients and optimizer states) or "
+        "fsdp (FSDP2 fully_shard: each process holds 1/world-size of them, gathering one "
+        "decoder layer at a time; checkpoints are sharded, the final model is a normal "
+        "folder). deepspeed is refused: kubetrain ships no DeepSpeed backend.",
+    )
+    fsdp_cpu_offload: StrictBool = Field(
+        False,
+        description="sharding fsdp: keep the parameter shards, their gradients and the "
+        "optimizer states in host memory and step on the CPU; the device holds one "
+        "layer's gathered weights and the activations. Slower; needs host memory for "
+        "about 16 bytes per parameter / processes per pod (ask for it in "
+        "resources.requests.memory).",
+    )
+    fsdp_reshard_after_forward: StrictBool = Field(
+        True,
+        description="sharding fsdp: free each layer's gathered weights after its forward "
+        "pass and gather them again for backward (ZeRO-3, least memory). false keeps them "
+        "gathered until backward (ZeRO-2-like: one all-gather less per layer, more memory).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Training:
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are exclusive; pick one")
+        check_sharding(self)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"maxSteps must be -1 (use epochs) or positive, got {self.max_steps}")
         if self.early_stopping_patience and not self.load_best_model_at_end:
@@ -601,6 +654,30 @@ class Evaluate(Spec):
         return suites
 
 
+class S3Storage(Spec):
+    """Where s3:// URIs point: AWS S3 by default, or any S3-compatible store."""
+
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="Endpoint URL of an S3-compatible store (MinIO, Ceph RGW, R2...), e.g. "
+        "http://minio.storage:9000. Empty: AWS S3 of the region.",
+    )
+    region: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9-]+$",
+        description="Region of the bucket (e.g. eu-west-1). Empty: the SDK's default chain "
+        "(AWS_REGION, the instance's region).",
+    )
+
+
+class Storage(Spec):
+    """How the trainer reaches remote storage named by URIs (never its credentials: those
+    come from the environment, a Secret or the pod's own identity)."""
+
+    s3: S3Storage | None = Field(None, description="Settings for s3:// URIs.")
+
+
 class TrainerConfig(Spec):
     """One training job: what `python -m kubetrain_trainer --config FILE` runs."""
 
@@ -619,7 +696,13 @@ class TrainerConfig(Spec):
         None, description="Tokenizer settings for method from_scratch."
     )
     evaluate: Evaluate | None = Field(None, description="Evaluation suites (method evaluate).")
-    output_dir: str = Field(description="Where checkpoints, the final model and metrics go.")
+    storage: Storage | None = Field(
+        None, description="Settings for s3:// URIs (endpoint, region)."
+    )
+    output_dir: str = Field(
+        description="Where checkpoints, the final model and metrics go: a local folder or "
+        "an s3:// prefix (the trainer works in a local copy under the cache and uploads)."
+    )
     run_name: str = Field("kubetrain", description="Name shown in logs and trackers.")
     metrics_port: StrictInt = Field(
         METRICS_PORT,
@@ -670,6 +753,8 @@ def check_method_blocks(cfg: TrainerConfig) -> None:
             )
     elif not cfg.model.name:
         raise ValueError(f"method {method} needs model.name (the model to start from)")
+    if cfg.training.sharding == "fsdp" and cfg.lora is not None and cfg.lora.load_in_4bit:
+        raise ValueError(QLORA_FSDP_REFUSED)
     if method != "dpo" and cfg.data.max_prompt_length is not None:
         raise ValueError("data.maxPromptLength applies to method dpo only")
     if method == "dpo" and cfg.data.format not in ("auto", "preference"):

@@ -14,12 +14,15 @@ standard library and pydantic only.
 - Exit codes (`ExitCode`, BSD sysexits.h values, which nothing else in the stack uses) and
   the termination message the trainer leaves in TERMINATION_LOG, which Kubernetes copies
   into the pod's status and the operator reads into the run's conditions.
+- The cache folder (CACHE_DIR_ENV) and where an s3:// output is staged in it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 from enum import IntEnum
 from pathlib import Path
@@ -265,6 +268,56 @@ def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest checkpoint folder under output_dir that has its completion marker."""
     complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path)]
     return complete[-1] if complete else None
+
+
+# The trainer's cache folder (downloads of s3:// and hf:// inputs, the local copy of an
+# s3:// output, the tokenized-data cache of such a run): the operator mounts the pod's cache
+# volume there and names it in this variable; elsewhere it defaults to ~/.cache/kubetrain.
+CACHE_DIR_ENV = "KUBETRAIN_CACHE_DIR"
+# What the staging of remote storage leaves beside a finished download: the objects' ETags,
+# so a changed object is fetched again and an unchanged one is not.
+DOWNLOAD_MARKER = ".kubetrain-download.json"
+
+
+def cache_root() -> Path:
+    """The trainer's cache folder: $KUBETRAIN_CACHE_DIR, else ~/.cache/kubetrain."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "kubetrain"
+
+
+def staged_output_dir(uri: str) -> Path:
+    """The local folder the trainer works in for a remote (s3://) output URI: under the
+    cache, named by the URI, so a rerun of the same output finds what it left there."""
+    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    return cache_root() / "outputs" / digest
+
+
+# A dataset repository on the Hugging Face hub, as data.train/data.eval may name it.
+HF_DATASETS_SCHEME = "hf://datasets/"
+HF_DATASETS_FORM = "hf://datasets/<org>/<name>[@<revision>][/<path>]"
+
+
+class HubDataset(BaseModel):
+    """`hf://datasets/org/name[@revision][/path/in/repo]` taken apart."""
+
+    model_config = ConfigDict(frozen=True)
+
+    repo_id: str
+    revision: str | None = None
+    path: str = ""
+
+
+def parse_hf_uri(uri: str) -> HubDataset:
+    """Split an hf://datasets/ URI; ValueError naming the form for anything else."""
+    parts = uri[len(HF_DATASETS_SCHEME) :].strip("/").split("/")
+    name, _, revision = parts[1].partition("@") if len(parts) > 1 else ("", "", "")
+    if not uri.startswith(HF_DATASETS_SCHEME) or not parts[0] or not name or "@" in revision:
+        raise ValueError(f"{uri!r}: write {HF_DATASETS_FORM}")
+    if any(p in ("", ".", "..") for p in parts[2:]):
+        raise ValueError(f"{uri!r}: the path inside the repository has an empty, '.' or '..' part")
+    return HubDataset(
+        repo_id=f"{parts[0]}/{name}", revision=revision or None, path="/".join(parts[2:])
+    )
 
 
 # Where Kubernetes reads a container's termination message (its terminationMessagePath

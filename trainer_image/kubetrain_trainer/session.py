@@ -32,7 +32,14 @@ from kubetrain_trainer.data import LoadedData, load_data
 from kubetrain_trainer.metrics import PrometheusCallback, serve_metrics
 from kubetrain_trainer.preflight import ModelShape, does_not_fit_message, estimate_memory, gib
 from kubetrain_trainer.progress import drop_printer_callback, progress_callbacks
+from kubetrain_trainer.sharding import (
+    check_resumable,
+    fsdp_arguments,
+    local_part,
+    save_final_model,
+)
 from kubetrain_trainer.stability import StabilityCallback
+from kubetrain_trainer.storage import PublishCheckpoints, RemoteOutput
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,7 @@ def training_arguments(
         # kubetrain_trainer.progress shows progress instead of tqdm, on a terminal or not.
         disable_tqdm=True,
     )
+    arguments.update(fsdp_arguments(t))
     try:
         return args_class(**{**arguments, **method_args})
     except ValueError as e:
@@ -126,6 +134,7 @@ class Session:
     preemption: PreemptionCallback = field(default_factory=PreemptionCallback)
     started: float = field(default_factory=time.monotonic)
     data: LoadedData | None = None  # what load_data read, for metrics.json
+    remote_output: RemoteOutput | None = None  # an s3:// output the checkpoints go to
 
     def __post_init__(self) -> None:
         install_sigterm_handler()
@@ -165,6 +174,8 @@ class Session:
         callbacks = [
             *self.progress,
             CompleteMarkerCallback(),
+            # After the marker callback: a checkpoint is published once it is complete.
+            *([PublishCheckpoints(self.remote_output)] if self.remote_output else []),
             self.preemption,
             StabilityCallback(self.cfg.training.stability),
         ]
@@ -185,11 +196,12 @@ class Session:
             keep_effective_batch(trainer)
         checkpoint = resume_checkpoint(self.cfg.output_dir)
         if checkpoint:
+            check_resumable(checkpoint, self.cfg.training.sharding, trainer.args.world_size)
             log.info("resuming from %s", checkpoint)
         output = trainer.train(resume_from_checkpoint=checkpoint)
         if self.preemption.preempted:
             raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}")
-        trainer.save_model(self.cfg.output_dir)
+        save_final_model(trainer, self.cfg.output_dir)
         checksums = replica_checksums(trainer.model)
         if trainer.eval_dataset is not None:
             trainer.evaluate()
@@ -297,12 +309,17 @@ def replica_checksums(model: torch.nn.Module) -> list[float]:
     """One weight checksum per rank; data-parallel replicas must end identical.
 
     Cheap insurance against a silent desync (e.g. a rank that skipped a step): the values
-    land in metrics.json, and a mismatch is logged as an error.
+    land in metrics.json, and a mismatch is logged as an error. Under FSDP each rank holds
+    shards: their sums add up (all_reduce) to the checksum of the model every rank saves.
     """
+    parameters = list(model.parameters())
     with torch.no_grad():
-        local = sum(p.detach().double().sum() for p in model.parameters()).reshape(1).cpu()
+        local = sum(local_part(p).detach().double().sum() for p in parameters)
+        local = torch.as_tensor(local, dtype=torch.float64).reshape(1).cpu()
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [local.item()]
+    if any(local_part(p) is not p for p in parameters):
+        torch.distributed.all_reduce(local)
     gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, local)
     values = [t.item() for t in gathered]

@@ -30,9 +30,12 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kubetrain.api.cel import flag, present, rule, value_or_default
-from kubetrain.api.uris import UriRef, check_uri, scheme_rule, uri_refs
+from kubetrain.api.uris import DATA_SCHEMES, SCHEMES, UriRef, check_uri, scheme_rule, uri_refs
 from kubetrain_trainer.config import (
+    DEEPSPEED_REFUSED,
+    FSDP_KNOBS_NEED_FSDP,
     METHOD_DESCRIPTION,
+    QLORA_FSDP_REFUSED,
     Architecture,
     DataSpec,
     Dpo,
@@ -43,7 +46,9 @@ from kubetrain_trainer.config import (
     Method,
     ModelSpec,
     ReferenceModel,
+    S3Storage,
     Spec,
+    Storage,
     TrainerConfig,
     Training,
     check_method_blocks,
@@ -231,7 +236,7 @@ class RunData(DataSpec):
     def _data_uri(cls, value: str | None) -> str | None:
         if value is not None and value and not value.strip():
             raise ValueError("is blank; give a data file or folder (pvc://claim/path or a path)")
-        return check_uri(value) if value is not None else None
+        return check_uri(value, DATA_SCHEMES) if value is not None else None
 
 
 class RunEvalSuite(EvalSuite):
@@ -248,9 +253,14 @@ class RunEvalSuite(EvalSuite):
         description=EvalSuite.model_fields["refusal_classifier"].description,
     )
 
-    @field_validator("data", "refusal_classifier")
+    @field_validator("data")
     @classmethod
-    def _uri(cls, value: str | None) -> str | None:
+    def _data_uri(cls, value: str) -> str:
+        return check_uri(value, DATA_SCHEMES)
+
+    @field_validator("refusal_classifier")
+    @classmethod
+    def _model_uri(cls, value: str | None) -> str | None:
         return check_uri(value) if value is not None else None
 
 
@@ -947,19 +957,154 @@ def spec_rules(model_name_rule: dict[str, str] = MODEL_NAME_RULE) -> list[dict[s
             "numAttentionHeads a multiple of numKeyValueHeads",
             field_path=".model.architecture",
         ),
+        *sharding_rules(),
         env_rule(),
     ]
 
 
-# URI fields whose scheme the CRD checks (the CEL twin of `check_uri`'s scheme check); each
-# is length-bounded so the API server can cost the regex.
-SCHEME_CHECKED_FIELDS = (
-    "model.name",
-    "dpo.referenceModel.name",
-    "data.train",
-    "data.eval",
-    "output",
+def sharding_rules() -> list[dict[str, str]]:
+    """CEL twins of config.check_sharding, the QLoRA rule of check_method_blocks and
+    check_offload_memory."""
+    sharding = value_or_default("training.sharding", Training, "sharding")
+    offload = flag("training.fsdpCpuOffload")
+    keeps_gathered = (
+        f"({present('training.fsdpReshardAfterForward')} && "
+        "!self.training.fsdpReshardAfterForward)"
+    )
+    memory = (
+        f"(({present('resources.requests')} && 'memory' in self.resources.requests) || "
+        f"({present('resources.limits')} && 'memory' in self.resources.limits))"
+    )
+    return [
+        rule(f"{sharding} != 'deepspeed'", DEEPSPEED_REFUSED, field_path=".training.sharding"),
+        rule(
+            f"{sharding} == 'fsdp' || !({offload} || {keeps_gathered})",
+            FSDP_KNOBS_NEED_FSDP,
+            field_path=".training",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            f"{sharding} != 'fsdp' || !{flag('lora.loadIn4Bit')}",
+            QLORA_FSDP_REFUSED,
+            field_path=".lora.loadIn4Bit",
+            reason="FieldValueForbidden",
+        ),
+        rule(
+            f"!{offload} || {memory}",
+            OFFLOAD_MEMORY_MESSAGE,
+            field_path=".resources",
+            reason="FieldValueRequired",
+        ),
+    ]
+
+
+OFFLOAD_MEMORY_MESSAGE = (
+    "training.fsdpCpuOffload keeps the parameter shards, gradients and optimizer states in "
+    "host memory (about 16 bytes per parameter per pod / nodes): request that memory in "
+    "resources.requests.memory (or limits.memory), so the pods land on nodes that have it "
+    "instead of being OOM-killed; `kubetrain validate --preflight` prints the figure"
 )
+
+
+def check_offload_memory(training: Training, resources: Resources) -> None:
+    if training.fsdp_cpu_offload and not (
+        "memory" in resources.requests or "memory" in resources.limits
+    ):
+        raise ValueError(OFFLOAD_MEMORY_MESSAGE)
+
+
+class S3CredentialsRef(K8sObject):
+    """A Secret holding the access key pair the pods use for s3:// URIs."""
+
+    name: str = Field(
+        min_length=1, max_length=253, description="Name of the Secret in the run's namespace."
+    )
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID",
+        min_length=1,
+        max_length=253,
+        description="Key of the Secret holding the access key id (the pods' AWS_ACCESS_KEY_ID).",
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY",
+        min_length=1,
+        max_length=253,
+        description="Key of the Secret holding the secret access key (the pods' "
+        "AWS_SECRET_ACCESS_KEY). Never copied into the spec, the status, events or logs.",
+    )
+
+
+class RunS3Storage(S3Storage):
+    """Where s3:// URIs point, and the credentials the pods use for them."""
+
+    credentials_secret_ref: S3CredentialsRef | None = Field(
+        None,
+        description="Secret with an access key pair for the store. Empty: the pods' own "
+        "identity through the AWS SDK's default chain (IRSA or EKS Pod Identity, GKE/Azure "
+        "workload identity to S3-compatible stores, an instance profile).",
+    )
+
+
+class RunStorage(Storage):
+    """How the pods reach remote storage (s3://): endpoint, region and credentials."""
+
+    s3: RunS3Storage | None = Field(
+        None, description="Settings for s3:// URIs of model, data and output."
+    )
+
+
+CACHE_SIZE_LIMIT_MESSAGE = (
+    "cache.sizeLimit bounds the emptyDir used without a claim; a claim's size is its own, so "
+    "drop sizeLimit or claimName"
+)
+
+
+class CacheVolume(K8sObject):
+    """The pods' cache volume: downloads of s3:// and hub inputs, hub models (HF_HOME), the
+    local copy of an s3:// output and its tokenized-data cache."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                rule(
+                    "!has(self.claimName) || !has(self.sizeLimit)",
+                    CACHE_SIZE_LIMIT_MESSAGE,
+                    field_path=".sizeLimit",
+                )
+            ]
+        }
+    )
+
+    claim_name: str | None = Field(
+        None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="A PersistentVolumeClaim to keep the cache across attempts (a restarted "
+        "attempt then reuses the downloads and the tokenized data). ReadWriteMany when "
+        "resources.nodes > 1. Empty: an emptyDir per pod, gone with the pod.",
+    )
+    size_limit: Quantity | None = Field(
+        None,
+        description="Most the emptyDir may hold (e.g. 200Gi) before the kubelet evicts the "
+        "pod; only without claimName (a claim's size is its own).",
+    )
+
+    @model_validator(mode="after")
+    def _size_limit_for_empty_dir(self) -> CacheVolume:
+        if self.claim_name and self.size_limit is not None:
+            raise ValueError(CACHE_SIZE_LIMIT_MESSAGE)
+        return self
+
+
+# URI fields whose scheme the CRD checks (the CEL twin of `check_uri`'s scheme check), with
+# the schemes each takes; each is length-bounded so the API server can cost the regex.
+SCHEME_CHECKED_FIELDS = {
+    "model.name": SCHEMES,
+    "dpo.referenceModel.name": SCHEMES,
+    "data.train": DATA_SCHEMES,
+    "data.eval": DATA_SCHEMES,
+    "output": SCHEMES,
+}
 
 
 EVALUATE_ONE_PROCESS_MESSAGE = (
@@ -986,15 +1131,15 @@ def check_one_process_batch_finder(training: Training, resources: Resources) -> 
 
 
 def scheme_rules() -> list[dict[str, str]]:
-    """One rule per URI field: no scheme but pvc:// and s3:// (`check_uri` refuses the rest)."""
+    """One rule per URI field: only the schemes it takes (`check_uri` refuses the rest)."""
     return [
         rule(
-            scheme_rule(path),
-            f"{path}: unsupported URI scheme; use pvc:// or s3:// URIs, a hub id (models) or "
-            "a local path",
+            scheme_rule(path, schemes),
+            f"{path}: unsupported URI scheme; use {' or '.join(schemes)} URIs, a hub id "
+            "(models) or a local path",
             field_path=f".{path}",
         )
-        for path in SCHEME_CHECKED_FIELDS
+        for path, schemes in SCHEME_CHECKED_FIELDS.items()
     ]
 
 
@@ -1012,7 +1157,9 @@ class TrainingRunSpec(Spec):
         "architecture.",
     )
     data: RunData | None = Field(
-        None, description="Training and evaluation data (pvc:// URIs); every method but evaluate."
+        None,
+        description="Training and evaluation data (pvc://, s3:// or hf://datasets/ URIs); "
+        "every method but evaluate.",
     )
     training: Training = Field(
         default_factory=Training,
@@ -1029,9 +1176,10 @@ class TrainingRunSpec(Spec):
     output: str = Field(
         min_length=1,
         max_length=MAX_URI_LENGTH,
-        description="Where checkpoints and the final model go: pvc://claim/sub/path on a "
-        "cluster (the claim is mounted read-write), or a local path for `kubetrain run`. "
-        "s3:// is reserved and not supported yet.",
+        description="Where checkpoints and the final model go: pvc://claim/sub/path (the "
+        "claim is mounted read-write), s3://bucket/prefix (each complete checkpoint and the "
+        "final model are uploaded; a restart resumes from the bucket), or a local path for "
+        "`kubetrain run`.",
     )
     image: str = Field(DEFAULT_IMAGE, min_length=1, description="Trainer container image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
@@ -1074,6 +1222,16 @@ class TrainingRunSpec(Spec):
         description="Workload kind: job (an Indexed Job and a headless Service, plain "
         "Kubernetes) or jobset (one JobSet; needs the JobSet controller).",
     )
+    storage: RunStorage | None = Field(
+        None,
+        description="How the pods reach s3:// storage: endpoint, region and a credentials "
+        "Secret (or the pods' own identity).",
+    )
+    cache: CacheVolume | None = Field(
+        None,
+        description="The pods' cache volume (downloads, hub models, the local copy of an "
+        "s3:// output): an emptyDir unless claimName names a claim to keep it across attempts.",
+    )
 
     @field_validator("output")
     @classmethod
@@ -1091,6 +1249,7 @@ class TrainingRunSpec(Spec):
         check_method_blocks(self)  # type: ignore[arg-type]
         check_evaluate_resources(self.method, self.resources)
         check_one_process_batch_finder(self.training, self.resources)
+        check_offload_memory(self.training, self.resources)
         return self
 
 
@@ -1387,6 +1546,12 @@ def to_trainer_config(
             "dpo": dpo,
             "from_scratch": spec.from_scratch.model_dump() if spec.from_scratch else None,
             "evaluate": evaluate,
+            # The endpoint and region only: credentials reach the pods as env from a Secret.
+            "storage": (
+                spec.storage.model_dump(exclude={"s3": {"credentials_secret_ref"}})
+                if spec.storage
+                else None
+            ),
             "output_dir": resolved["spec.output"],
             "run_name": name,
             "metrics_port": metrics_port,

@@ -1,9 +1,10 @@
 """Where a TrainingRun's model, data and output live: classify and take apart their URIs.
 
-A spec names storage in one of four ways: a Hugging Face hub id (`Qwen/Qwen2.5-3B`, models
-only), a PersistentVolumeClaim (`pvc://claim/sub/path`), an S3 object prefix (`s3://...`,
-accepted by the schema, not yet by the cluster renderer), or a local path (for `kubetrain
-run` on one machine). The local runner and the cluster renderer rewrite these to paths in
+A spec names storage in one of five ways: a Hugging Face hub id (`Qwen/Qwen2.5-3B`, models
+only), a hub dataset (`hf://datasets/org/name[@revision][/path]`, data only), a
+PersistentVolumeClaim (`pvc://claim/sub/path`), an S3 object or prefix (`s3://bucket/key`,
+fetched and published by the trainer itself), or a local path (for `kubetrain run` on one
+machine). The local runner and the cluster renderer rewrite these to paths in
 their own way; both start from `uri_refs`, which lists every URI-bearing field of a spec
 with its kind, so neither has to know which fields hold URIs.
 """
@@ -15,17 +16,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from kubetrain.api.cel import present
+from kubetrain_trainer.contract import HF_DATASETS_SCHEME, parse_hf_uri
 
 if TYPE_CHECKING:
     from kubetrain.api.trainingrun import TrainingRunSpec
 
-UriKind = Literal["hub", "pvc", "s3", "local"]
+UriKind = Literal["hub", "hf", "pvc", "s3", "local"]
 
 PVC_SCHEME = "pvc://"
 S3_SCHEME = "s3://"
-SCHEMES = (PVC_SCHEME, S3_SCHEME)
-# Anything that starts like a URI (`ftp://`, `gs://`, `hf://`); read as a local path it would
-# fail only inside the pod, so it is refused here unless it is one of SCHEMES.
+HF_SCHEME = "hf://"
+SCHEMES = (PVC_SCHEME, S3_SCHEME)  # models and outputs
+DATA_SCHEMES = (*SCHEMES, HF_SCHEME)  # data may also be a hub dataset
+# Anything that starts like a URI (`ftp://`, `gs://`); read as a local path it would fail
+# only inside the pod, so it is refused here unless the field takes that scheme.
 URI_SCHEME_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"
 _URI_SCHEME = re.compile(URI_SCHEME_PATTERN)
 
@@ -60,6 +64,8 @@ def classify_uri(uri: str, *, may_be_hub_id: bool) -> UriKind:
         return "pvc"
     if uri.startswith(S3_SCHEME):
         return "s3"
+    if uri.startswith(HF_SCHEME):
+        return "hf"
     if may_be_hub_id and _HUB_ID.match(uri):
         return "hub"
     return "local"
@@ -82,8 +88,9 @@ def parse_pvc_uri(uri: str) -> PvcUri:
     return PvcUri(claim=claim, path="/".join(parts))
 
 
-def check_uri(uri: str) -> str:
-    """Validate the syntax of a pvc:// or s3:// URI; refuse other schemes (`ftp://`).
+def check_uri(uri: str, schemes: tuple[str, ...] = SCHEMES) -> str:
+    """Validate the syntax of a pvc://, s3:// or (where `schemes` has it) hf://datasets/ URI;
+    refuse other schemes (`ftp://`).
 
     Hub ids and local paths are free text. `scheme_rule` is the CEL twin of the scheme check.
     """
@@ -92,18 +99,25 @@ def check_uri(uri: str) -> str:
     elif uri.startswith(S3_SCHEME):
         if not uri[len(S3_SCHEME) :].split("/")[0]:
             raise ValueError(f"{uri!r}: write s3://<bucket>/<prefix>")
+    elif uri.startswith(HF_SCHEME) and HF_SCHEME in schemes:
+        if not uri.startswith(HF_DATASETS_SCHEME):
+            raise ValueError(
+                f"{uri!r}: only hub datasets have URIs (hf://datasets/<org>/<name>); a hub "
+                "model is named by its id alone (model.name: <org>/<name>)"
+            )
+        parse_hf_uri(uri)
     elif _URI_SCHEME.match(uri):
         scheme = uri.split("://", 1)[0]
         raise ValueError(
-            f"{uri!r}: unsupported scheme {scheme}://; use {' or '.join(SCHEMES)} URIs, a hub "
+            f"{uri!r}: unsupported scheme {scheme}://; use {' or '.join(schemes)} URIs, a hub "
             "id (models) or a local path"
         )
     return uri
 
 
-def scheme_rule(path: str) -> str:
+def scheme_rule(path: str, schemes: tuple[str, ...] = SCHEMES) -> str:
     """CEL that is true when the string at `self.<path>` is unset or uses no unknown scheme."""
-    known = " || ".join(f"self.{path}.startsWith('{scheme}')" for scheme in SCHEMES)
+    known = " || ".join(f"self.{path}.startsWith('{scheme}')" for scheme in schemes)
     return f"!({present(path)}) || !self.{path}.matches('{URI_SCHEME_PATTERN}') || {known}"
 
 

@@ -42,6 +42,7 @@ from kubetrain_trainer.contract import (
     TrainerMetricsFile,
     checkpoint_dir_step,
     newest_complete_checkpoint,
+    staged_output_dir,
 )
 
 CONFIG_FILE = "kubetrain-trainer-config.yaml"
@@ -70,10 +71,10 @@ def resolve_local_uri(ref: UriRef) -> str:
             f"{ref.field}: {ref.uri} names a PersistentVolumeClaim, which only exists on a "
             "cluster (the operator mounts it). On this machine use a local path."
         )
-    if ref.kind == "s3":
-        raise ValueError(
-            f"{ref.field}: s3:// URIs are not supported yet; copy the data to a local path"
-        )
+    if ref.kind in ("s3", "hf"):
+        # The trainer fetches these itself (and works on an s3:// output in a local copy),
+        # with this machine's credentials (AWS_* variables, ~/.aws, HF_TOKEN).
+        return ref.uri
     if ref.kind == "hub" and not Path(ref.uri).exists():
         return ref.uri
     # Relative paths are relative to where `kubetrain run` was started, as with any CLI.
@@ -81,13 +82,14 @@ def resolve_local_uri(ref: UriRef) -> str:
 
 
 def local_output_dir(uri: str) -> Path:
-    """The folder a stage writes to here; refuses pvc:// and s3:// like the local runner."""
+    """The folder a run writes to here: the path itself, or for an s3:// output the local
+    copy the trainer works in (it publishes to the bucket); refuses pvc:// URIs."""
+    kind = classify_uri(uri, may_be_hub_id=False)
     try:
-        return Path(
-            resolve_local_uri(UriRef("spec.output", uri, classify_uri(uri, may_be_hub_id=False)))
-        )
+        resolved = resolve_local_uri(UriRef("spec.output", uri, kind))
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    return staged_output_dir(resolved) if kind == "s3" else Path(resolved)
 
 
 def clear_previous_run(output_dir: Path) -> bool:
@@ -228,7 +230,7 @@ def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRu
         raise ConfigError(f"TrainingRun {name}: {e}") from e
     if metrics_port is not None:
         cfg.metrics_port = metrics_port
-    output_dir = Path(cfg.output_dir)
+    output_dir = local_output_dir(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / CONFIG_FILE
     config_path.write_text(dump_trainer_config(cfg))

@@ -1,18 +1,22 @@
 """Map a TrainingRun's storage URIs onto volumes a pod can mount.
 
-On a cluster every model, dataset and output lives on a PersistentVolumeClaim named by a
-`pvc://claim/sub/path` URI (or, for models, on the Hugging Face hub). Each claim becomes
-one volume mounted at `/mnt/pvc/<claim>`: read-only, except the claim that holds the output,
-which the trainer writes checkpoints to. Local paths mean nothing inside a pod and s3:// is
-not wired up yet, so both are refused here with the field that holds them.
+On a cluster a model, dataset or output lives on a PersistentVolumeClaim named by a
+`pvc://claim/sub/path` URI, in S3 (`s3://bucket/key`), on the Hugging Face hub (a model id,
+or `hf://datasets/...` for data). Each claim becomes one volume mounted at
+`/mnt/pvc/<claim>`: read-only, except the claim that holds the output, which the trainer
+writes checkpoints to. s3:// and hub URIs reach the trainer as they are: it fetches them into
+the pod's cache volume and publishes an s3:// output itself (kubetrain_trainer.storage), with
+the credentials the pod gets as env from a Secret (`storage_env`). Local paths mean nothing
+inside a pod, so they are refused here with the field that holds them.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
-from kubetrain.api import TrainingRunSpec, UriRef, parse_pvc_uri, uri_refs
+from kubetrain.api import S3CredentialsRef, TrainingRunSpec, UriRef, parse_pvc_uri, uri_refs
 from kubetrain_trainer.config import ConfigError
 
 PVC_MOUNT_ROOT = "/mnt/pvc"
@@ -47,16 +51,11 @@ def volume_name(claim: str) -> str:
 
 def cluster_path(ref: UriRef) -> str:
     """Where the trainer finds `ref` inside a pod; RenderError for forms a pod cannot use."""
-    if ref.kind == "hub":
-        return ref.uri
+    if ref.kind in ("hub", "hf", "s3"):
+        return ref.uri  # the trainer fetches (and for an output, publishes) these itself
     if ref.kind == "pvc":
         pvc = parse_pvc_uri(ref.uri)
         return "/".join(p for p in (PVC_MOUNT_ROOT, pvc.claim, pvc.path) if p)
-    if ref.kind == "s3":
-        raise RenderError(
-            f"{ref.field}: s3:// storage ({ref.uri}) is not supported yet; copy the files to "
-            "a PersistentVolumeClaim and write pvc://<claim>/<path>"
-        )
     hint = " or a Hugging Face hub id" if ref.field.startswith("spec.model") else ""
     raise RenderError(
         f"{ref.field}: local path {ref.uri!r} does not exist inside the pods; put it on a "
@@ -87,7 +86,30 @@ def claim_mounts(spec: TrainingRunSpec) -> list[ClaimMount]:
 
 def claims_used(spec: TrainingRunSpec) -> list[str]:
     """Names of the PersistentVolumeClaims the pods mount, sorted (must exist to start)."""
-    return [mount.claim for mount in claim_mounts(spec)]
+    cache = [spec.cache.claim_name] if spec.cache is not None and spec.cache.claim_name else []
+    return sorted({mount.claim for mount in claim_mounts(spec)} | set(cache))
+
+
+def s3_credentials(spec: TrainingRunSpec) -> S3CredentialsRef | None:
+    """The Secret with the pods' S3 access key pair, if the spec names one."""
+    s3 = spec.storage.s3 if spec.storage is not None else None
+    return s3.credentials_secret_ref if s3 is not None else None
+
+
+def storage_env(spec: TrainingRunSpec) -> list[dict[str, Any]]:
+    """The AWS SDK's credential variables from the spec's Secret (nothing without one: the
+    SDK then uses the pod's own identity). Values stay in the Secret; the pod spec only
+    references them."""
+    ref = s3_credentials(spec)
+    if ref is None:
+        return []
+    return [
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}}
+        for env, key in (
+            ("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key),
+        )
+    ]
 
 
 def secrets_used(spec: TrainingRunSpec) -> list[str]:
@@ -95,6 +117,8 @@ def secrets_used(spec: TrainingRunSpec) -> list[str]:
     names = set()
     if spec.model.token_secret_ref is not None:
         names.add(spec.model.token_secret_ref.name)
+    if s3_credentials(spec) is not None:
+        names.add(s3_credentials(spec).name)
     for env in spec.env:
         ref = env.value_from.secret_key_ref if env.value_from else None
         if ref is not None and not ref.optional:

@@ -26,13 +26,17 @@ from kubetrain.api import (
     TrainingRunSpec,
     to_trainer_config,
 )
-from kubetrain.render.storage import RenderError, claim_mounts, cluster_path
+from kubetrain.render.storage import RenderError, claim_mounts, cluster_path, storage_env
 from kubetrain_trainer.config import dump_trainer_config
+from kubetrain_trainer.contract import CACHE_DIR_ENV
 
 CONFIG_DIR = "/etc/kubetrain"
 CONFIG_KEY = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
-HF_HOME = "/var/cache/huggingface"
+# The pods' cache volume (spec.cache: an emptyDir, or a claim kept across attempts): the
+# trainer's downloads, hub models (HF_HOME) and the local copy of an s3:// output.
+CACHE_DIR = "/var/cache/kubetrain"
+HF_HOME = f"{CACHE_DIR}/huggingface"
 CONTAINER_NAME = "trainer"
 JOBSET_REPLICATED_JOB = "node"
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
@@ -323,6 +327,7 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
     mounts = claim_mounts(spec)
 
     env = rendezvous_env(spec, master)
+    env.append({"name": CACHE_DIR_ENV, "value": CACHE_DIR})
     env.append({"name": "HF_HOME", "value": HF_HOME})
     # A read-only root filesystem leaves $HOME unwritable; caches (torch, triton) go there.
     env.append({"name": "HOME", "value": SCRATCH_DIR})
@@ -331,6 +336,7 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
         env.append(
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         )
+    env += storage_env(spec)
     env += [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env]
 
     container: dict[str, Any] = {
@@ -352,7 +358,7 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
         },
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "hf-home", "mountPath": HF_HOME},
+            {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": SCRATCH_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ]
@@ -383,7 +389,7 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(run.metadata.name)}},
-            {"name": "hf-home", "emptyDir": {}},
+            _cache_volume(spec),
             {"name": "tmp", "emptyDir": {}},
             # NCCL and DataLoader workers share tensors through /dev/shm, which is 64Mi
             # by default in a container.
@@ -406,6 +412,15 @@ def render_pod_spec(run: TrainingRun, attempt: int, backend: str) -> dict[str, A
     if spec.resources.priority_class_name:
         pod["priorityClassName"] = spec.resources.priority_class_name
     return pod
+
+
+def _cache_volume(spec: TrainingRunSpec) -> dict[str, Any]:
+    cache = spec.cache
+    if cache is not None and cache.claim_name:
+        return {"name": "cache", "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    if cache is not None and cache.size_limit is not None:
+        return {"name": "cache", "emptyDir": {"sizeLimit": str(cache.size_limit)}}
+    return {"name": "cache", "emptyDir": {}}
 
 
 def _resources(spec: TrainingRunSpec) -> dict[str, dict[str, str]]:
