@@ -6,6 +6,8 @@ two process kubelets. `operator` installs charts/kubetrain with the real helm bi
 operator runs as the chart's Deployment pod, with the chart's ServiceAccount and RBAC.
 `namespace` is a fresh namespace labelled PodSecurity `restricted` with the claims
 `datasets` (holding examples/data) and `models`; `runs` is e2e_runs.Runs in it.
+`s3_server` here is the real S3 server of tests/s3_server.py listening on the pod network's
+gateway as well as loopback, so pods reach it at `s3_server.endpoint_for_pods`.
 Every test here is marked e2e and runs alone: `pytest -m e2e tests/e2e/<file>::<test>`.
 """
 
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 from cluster import TestCluster
 from e2e_runs import Operator, Runs, install_operator
 from example_specs import EXAMPLES
+from s3_server import S3Server
 
 _names = itertools.count(1)
 
@@ -40,6 +43,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """tests/conftest.py's S3 server, also on the pod network's gateway: the one address of
+    this machine a pod's network namespace reaches (the bridge this session made)."""
+    server = S3Server(tmp_path_factory.mktemp("s3"), pod_gateway=cluster.network.gateway)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
