@@ -4,8 +4,11 @@ Tokenizing (and packing) a corpus costs minutes to hours, and without a cache ev
 every attempt repeats it. `tokenized` keeps the result under `<output>/.cache/<key>/`, one
 `datasets.save_to_disk` folder per split, memory-mapped when read back, so a restarted
 attempt, a resumed run and `kubetrain run` again all start training at once, and a gang
-shares one copy: global rank 0 builds it while the other ranks wait at a barrier, then
-every rank reads it. The key (`cache_key`) is a SHA-256 of everything the tokens depend on:
+shares one copy: the first process of each node builds it while the other ranks wait at a
+barrier, then every rank reads it. On a shared output (a ReadWriteMany claim) the nodes'
+builders take a file lock on the entry, so one builds and the others find its marker; on a
+node's own disk (an s3:// output is worked on in the pod's cache volume) each node builds
+its own copy. The key (`cache_key`) is a SHA-256 of everything the tokens depend on:
 the data's fingerprint (data.data_fingerprint), the tokenizer itself (its vocabulary,
 merges, special tokens and chat template) and the method's settings (maxLength, packing,
 the recipe's version), so a change of any of them makes a new entry rather than a wrong
@@ -16,6 +19,7 @@ removed (delete `<output>/.cache` to reclaim the space).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -67,11 +71,18 @@ def tokenized(
 ) -> Splits:
     """The splits `build` makes, from the cache entry `key` when it is there (module doc)."""
     entry = Path(output_dir) / CACHE_DIR / key
-    with args.main_process_first(local=False, desc="tokenizing the data"):
-        if not (entry / MARKER).is_file() and args.process_index == 0:
-            _write_entry(entry, build())
-    if not (entry / MARKER).is_file():  # rank 0 failed to build it and said why
-        raise ConfigError(f"rank 0 did not tokenize the data into {entry}; its log says why")
+    with args.main_process_first(local=True, desc="tokenizing the data"):
+        if args.local_process_index == 0:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with open(f"{entry}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another node's builder, on a shared disk
+                if not (entry / MARKER).is_file():
+                    _write_entry(entry, build())
+    if not (entry / MARKER).is_file():  # the node's first process failed and said why
+        raise ConfigError(
+            f"the first process of this node did not tokenize the data into {entry}; its "
+            "log says why"
+        )
     marker = json.loads((entry / MARKER).read_text())
     splits: Splits = {
         split: datasets.load_from_disk(str(entry / split)) if present else None
