@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from example_specs import EXAMPLES, REPO
 
 from kubetrain.cli import main
+from kubetrain.local.runner import clearable_output_dir, local_output_dir
+from kubetrain_trainer.config import ConfigError
+from kubetrain_trainer.contract import staged_output_dir
 
 
 def test_validate_accepts_every_example(capsys):
@@ -36,6 +40,16 @@ def test_run_refuses_cluster_storage_with_the_fix(tmp_path: Path, capsys):
     assert "spec.model.name" not in err  # a hub id is fine locally
     assert "spec.data.train: pvc://sft-data/sft/train.jsonl" in err
     assert "use a local path" in err
+
+
+def test_an_s3_output_is_worked_on_in_the_cache_and_never_cleared_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBETRAIN_CACHE_DIR", str(tmp_path))
+    staged = local_output_dir("s3://models/runs/sft")
+    assert staged == staged_output_dir("s3://models/runs/sft") and staged.parent.parent == tmp_path
+    assert clearable_output_dir(str(tmp_path / "out"), "--rerun") == tmp_path / "out"
+    # Clearing the local copy would leave the bucket's checkpoints to resume from.
+    with pytest.raises(ConfigError, match=r"--rerun starts over, which this machine cannot do"):
+        clearable_output_dir("s3://models/runs/sft", "--rerun")
 
 
 def test_render_prints_the_workload(capsys):

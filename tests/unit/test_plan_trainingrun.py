@@ -603,6 +603,44 @@ def test_a_missing_secret_is_named_with_the_field_that_references_it() -> None:
     assert message.startswith("Secret team-a/wandb (spec.env WANDB_API_KEY) does not exist")
 
 
+def test_a_missing_s3_credentials_secret_is_named_with_its_field() -> None:
+    (case,) = [c for c in CASES if "missing Secret" in c[0]]
+    storage = {"s3": {"credentialsSecretRef": {"name": "s3-keys"}}}
+    body = run_body(running_status(phase="Pending"), spec={**SPEC, "storage": storage})
+    missing = pod(
+        1, 0, "Pending", waiting=("CreateContainerConfigError", 'secret "s3-keys" not found')
+    )
+    plan = plan_trainingrun(replace(case[1], run=body, pods=[missing]))
+    reason, message = ready(plan)
+    assert reason == "WaitingForDependencies"
+    assert message.startswith(
+        "Secret team-a/s3-keys (spec.storage.s3.credentialsSecretRef) does not exist"
+    )
+
+
+@pytest.mark.parametrize(
+    ("modes", "problem"),
+    [
+        (None, "PersistentVolumeClaim team-a/cache (spec.cache.claimName) does not exist"),
+        (["ReadWriteOnce"], "PersistentVolumeClaim team-a/cache (spec.cache.claimName) has "
+                            "access modes ReadWriteOnce, but 2 nodes mount it at once: use a "
+                            "claim with ReadWriteMany"),
+        (["ReadWriteMany"], None),
+    ],
+)  # fmt: skip
+def test_the_cache_claim_must_exist_and_be_writable_by_every_node(
+    modes: list[str] | None, problem: str | None
+) -> None:
+    claims = {**CLAIMS, "cache": None if modes is None else {"spec": {"accessModes": modes}}}
+    body = run_body(spec={**SPEC, "cache": {"claimName": "cache"}}, started=False)
+    plan = plan_trainingrun(observe(body, claims=claims))
+    reason, message = ready(plan)
+    if problem is None:
+        assert reason == "Created" and "Create Job" in kinds(plan)
+    else:
+        assert reason == "WaitingForDependencies" and problem in message, message
+
+
 def test_a_claim_that_cannot_be_shared_is_named_with_the_mode_it_needs() -> None:
     (case,) = [c for c in CASES if "cannot share" in c[0]]
     _, message = ready(plan_trainingrun(case[1]))

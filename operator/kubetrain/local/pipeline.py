@@ -39,6 +39,7 @@ from kubetrain.api import (
 from kubetrain.local.runner import (
     LocalRun,
     clear_previous_run,
+    clearable_output_dir,
     finished_metrics,
     local_output_dir,
     resolve_local_uri,
@@ -256,6 +257,9 @@ def run_stage(
             "model (--rerun trains it again)"
         )
         return outcome
+    if rerun or stale_because:
+        why = "--rerun" if rerun else f"stage {name} after {', '.join(stale_because)}"
+        clearable_output_dir(stage_output_uri(pipeline.spec, name), why)
     if (rerun or stale_because) and clear_previous_run(output_dir):
         why = "--rerun" if rerun else f"{', '.join(stale_because)} was trained again"
         say(f"{header}: {why}, so the previous run's checkpoints were removed")

@@ -92,6 +92,18 @@ def local_output_dir(uri: str) -> Path:
     return staged_output_dir(resolved) if kind == "s3" else Path(resolved)
 
 
+def clearable_output_dir(uri: str, why: str) -> Path:
+    """The local folder of an output this runner may clear for `why`; an s3:// output is
+    refused, since clearing the local copy would leave the bucket's checkpoints to resume."""
+    if classify_uri(uri, may_be_hub_id=False) == "s3":
+        raise ConfigError(
+            f"{why} starts over, which this machine cannot do for {uri}: delete its "
+            "checkpoint-* prefixes and metrics.json from the bucket first, or use a local "
+            "output"
+        )
+    return local_output_dir(uri)
+
+
 def clear_previous_run(output_dir: Path) -> bool:
     """Remove what would make the trainer resume, or the stage look finished; True if any.
 

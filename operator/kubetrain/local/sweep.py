@@ -46,9 +46,9 @@ from kubetrain.local.runner import (
     CONFIG_FILE,
     ForwardSignals,
     clear_previous_run,
+    clearable_output_dir,
     finished_metrics,
     free_port,
-    local_output_dir,
     read_local_metrics,
     resolve_local_uri,
     trainer_command,
@@ -139,7 +139,8 @@ def start_trial(run: TrainingRun) -> LocalTrial:
         cfg = to_trainer_config(run.metadata.name, run.spec, resolve_local_uri)
     except ValueError as e:
         raise ConfigError(f"TrainingRun {run.metadata.name}: {e}") from e
-    trial = LocalTrial(run=run, output_dir=Path(cfg.output_dir), metrics_port=free_port())
+    output_dir = clearable_output_dir(cfg.output_dir, f"trial {run.metadata.name}")
+    trial = LocalTrial(run=run, output_dir=output_dir, metrics_port=free_port())
     cfg.metrics_port = trial.metrics_port
     trial.output_dir.mkdir(parents=True, exist_ok=True)
     clear_previous_run(trial.output_dir)
@@ -240,7 +241,7 @@ def stop_trial(trial: LocalTrial, step: int) -> None:
 
 def sweep_folder(sweep: Sweep) -> Path:
     """Where the sweep's report goes: the template's output, the trials' parent folder."""
-    return local_output_dir(sweep.spec.template.output)
+    return clearable_output_dir(sweep.spec.template.output, "a local sweep's every trial")
 
 
 def write_report(
