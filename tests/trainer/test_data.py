@@ -431,3 +431,39 @@ def test_a_folder_and_a_saved_dataset_fingerprint_the_files_read(tmp_path):
     assert load_data(DataSpec(train=str(saved))).fingerprint == fingerprint
     datasets.Dataset.from_list([{"text": "Different."}]).save_to_disk(str(tmp_path / "other"))
     assert data_fingerprint(DataSpec(train=str(tmp_path / "other"))) != fingerprint
+
+
+def write_source(tmp_path: Path, kind: str) -> Path:
+    """The same three text rows as one kind of data source."""
+    rows = [ROWS["text"], {"text": "Another."}, {"text": "A third."}]
+    if kind == "jsonl":
+        return write_jsonl(tmp_path / "t.jsonl", rows)
+    if kind == "json array":
+        path = tmp_path / "t.json"
+        path.write_text(json.dumps(rows, indent=1))
+        return path
+    if kind == "parquet":
+        path = tmp_path / "t.parquet"
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+        return path
+    if kind == "folder":
+        (tmp_path / "f").mkdir()
+        write_jsonl(tmp_path / "f" / "0.jsonl", rows[:1])
+        write_jsonl(tmp_path / "f" / "1.jsonl", rows[1:])
+        return tmp_path / "f"
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    return tmp_path / "saved"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json array", "parquet", "folder", "saved dataset"])
+def test_load_data_hashes_the_bytes_it_reads_and_keeps_rows_on_disk(tmp_path, kind):
+    """One pass: the fingerprint hashed while reading equals data_fingerprint's, and the
+    rows are memory-mapped from an Arrow file rather than held in memory."""
+    source = write_source(tmp_path, kind)
+    spec = DataSpec(train=str(source), eval=str(source))
+    loaded = load_data(spec)
+    assert loaded.fingerprint == data_fingerprint(spec)
+    assert loaded.train["text"] == ["The fox lives in the forest.", "Another.", "A third."]
+    for split in (loaded.train, loaded.eval):
+        (arrow,) = split.cache_files
+        assert Path(arrow["filename"]).is_file()

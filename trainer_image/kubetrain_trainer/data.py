@@ -12,22 +12,33 @@ normalised into the shapes TRL expects: text -> {text}; messages -> {messages}; 
 -> conversational {prompt, completion}, so SFT learns the output only; preference ->
 {prompt, chosen, rejected}. The trainer reads local paths only: the operator mounts
 pvc:// claims into the pod as paths.
+
+Rows stream: each checked row goes straight into an Arrow file in this process's scratch
+folder (under $TMPDIR, removed at exit), and the datasets returned are memory-mapped from
+it, so a corpus larger than memory loads in bounded memory (a JSON array file is the
+exception: it is parsed whole, so give large corpora as JSON lines or parquet). The data's
+fingerprint is hashed from the same bytes as they are read, not in a second pass.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from itertools import chain, islice
+from dataclasses import dataclass, field
+from itertools import chain, count, islice
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 import pyarrow
 import pyarrow.parquet
+from datasets.arrow_writer import ArrowWriter
 
 from kubetrain_trainer.config import ConfigError, DataFormat, DataSpec
 
@@ -107,16 +118,23 @@ class _ErrorLog:
 
 
 def load_data(spec: DataSpec) -> LoadedData:
-    """Load `spec.train` and `spec.eval`; eval must have the format found in train."""
-    train, fmt = load_split(
+    """Load `spec.train` and `spec.eval`; eval must have the format found in train.
+
+    The fingerprint is data_fingerprint(spec), hashed while the rows are read.
+    """
+    digest = hashlib.sha256()
+    train, fmt, read = _load_split(
         spec.train, spec.format, text_field=spec.dataset_text_field, field="data.train"
     )
+    _add_files(digest, "train", read)
     evaluation = None
     if spec.eval:
-        evaluation, _ = load_split(
+        evaluation, _, read = _load_split(
             spec.eval, fmt, text_field=spec.dataset_text_field, field="data.eval"
         )
-    return LoadedData(train=train, eval=evaluation, format=fmt, fingerprint=data_fingerprint(spec))
+        _add_files(digest, "eval", read)
+    fingerprint = f"sha256:{digest.hexdigest()}"
+    return LoadedData(train=train, eval=evaluation, format=fmt, fingerprint=fingerprint)
 
 
 def data_fingerprint(spec: DataSpec) -> str:
@@ -132,16 +150,34 @@ def data_fingerprint(spec: DataSpec) -> str:
         if not uri:
             continue
         root = resolve_data_path(uri, field=f"data.{split}")
-        if root.is_file():
-            files = [root]
-        elif _is_saved_dataset(root):
-            files = sorted(root.glob("*.arrow"))
-        else:
-            files = _folder_files(root)
-        for file in files:
-            inside = "" if file == root else file.relative_to(root).as_posix()
-            digest.update(f"{split}\0{inside}\0{_file_sha256(file)}\n".encode())
+        read = _ReadFiles(root)
+        for file in _data_files(root):
+            read.sha256[file] = _file_sha256(file)
+        _add_files(digest, split, read)
     return f"sha256:{digest.hexdigest()}"
+
+
+@dataclass
+class _ReadFiles:
+    """The SHA-256 of each data file under `root`, in the order the files were read."""
+
+    root: Path
+    sha256: dict[Path, str] = field(default_factory=dict)
+
+
+def _add_files(digest: Any, split: str, read: _ReadFiles) -> None:
+    for file, sha256 in read.sha256.items():
+        inside = "" if file == read.root else file.relative_to(read.root).as_posix()
+        digest.update(f"{split}\0{inside}\0{sha256}\n".encode())
+
+
+def _data_files(root: Path) -> list[Path]:
+    """The files whose bytes are the data at `root`, in the order they are read."""
+    if root.is_file():
+        return [root]
+    if _is_saved_dataset(root):
+        return sorted(root.glob("*.arrow"))
+    return _folder_files(root)
 
 
 def _file_sha256(path: Path) -> str:
@@ -162,11 +198,20 @@ def load_split(
     """Read every row of `uri`, check it against `fmt` and return (dataset, format).
 
     `field` names the config field the URI came from, so errors point at it. Raises
-    ConfigError listing up to MAX_REPORTED_ERRORS bad rows as `location: problem`.
+    ConfigError listing up to MAX_REPORTED_ERRORS bad rows as `location: problem`. The
+    dataset is memory-mapped from this process's scratch folder (module doc).
     """
+    dataset, resolved, _ = _load_split(uri, fmt, text_field=text_field, field=field)
+    return dataset, resolved
+
+
+def _load_split(
+    uri: str, fmt: DataFormat, *, text_field: str, field: str
+) -> tuple[datasets.Dataset, ResolvedFormat, _ReadFiles]:
     path = resolve_data_path(uri, field=field)
     errors = _ErrorLog()
-    rows = _read_rows(path)
+    read = _ReadFiles(path)
+    rows = _read_rows(path, read)
     head = list(islice(rows, DETECT_ROWS))
     first_objects = [row for row in head if isinstance(row.value, dict)]
     if not first_objects:
@@ -188,17 +233,42 @@ def load_split(
         _check_format_fits(first_objects[0], resolved, text_field, field)
 
     normalise = _NORMALISERS[resolved]
-    normalised: list[dict[str, Any]] = []
-    for row in chain(head, rows):
-        if not isinstance(row.value, dict):
-            errors.add(row.where, _not_an_object(row.value))
-            continue
-        try:
-            normalised.append(normalise(row.value, text_field))
-        except _RowError as e:
-            errors.add(row.where, str(e))
-    errors.raise_if_any()
-    return datasets.Dataset.from_list(normalised), resolved
+    arrow_file = _scratch_folder() / f"{field}-{next(_scratch_names)}.arrow"
+    with ArrowWriter(path=str(arrow_file)) as writer:
+        for row in chain(head, rows):
+            if not isinstance(row.value, dict):
+                errors.add(row.where, _not_an_object(row.value))
+                continue
+            try:
+                writer.write(normalise(row.value, text_field))
+            except _RowError as e:
+                errors.add(row.where, str(e))
+        errors.raise_if_any()
+        writer.finalize()
+    return datasets.Dataset.from_file(str(arrow_file)), resolved, read
+
+
+# --- Scratch: this process's Arrow files of checked rows ------------------------------
+
+_scratch: Path | None = None
+_scratch_names = count()
+
+
+def _scratch_folder() -> Path:
+    """This process's folder for row files, made on first use and removed at exit."""
+    global _scratch
+    if _scratch is None or not _scratch.is_dir():
+        _scratch = Path(tempfile.mkdtemp(prefix=f"kubetrain-rows-{os.getpid()}-"))
+        atexit.register(remove_scratch)
+    return _scratch
+
+
+def remove_scratch() -> None:
+    """Delete the scratch folder; `__main__` calls it too, since os._exit skips atexit."""
+    global _scratch
+    if _scratch is not None:
+        shutil.rmtree(_scratch, ignore_errors=True)
+        _scratch = None
 
 
 def load_safety_prompts(uri: str, *, field: str) -> list[dict[str, Any]]:
@@ -289,14 +359,16 @@ def _not_an_object(value: Any) -> str:
     return f"expected a JSON object, got {_json_type(value)}"
 
 
-def _read_rows(path: Path) -> Iterator[_Row]:
+def _read_rows(path: Path, read: _ReadFiles | None = None) -> Iterator[_Row]:
+    """Every row under `path`; each file's SHA-256 lands in `read` once it is read whole."""
+    read = read or _ReadFiles(path)
     if path.is_dir():
-        yield from _read_folder(path)
+        yield from _read_folder(path, read)
     else:
-        yield from _read_file(path)
+        yield from _read_file(path, read)
 
 
-def _read_folder(folder: Path) -> Iterator[_Row]:
+def _read_folder(folder: Path, read: _ReadFiles) -> Iterator[_Row]:
     if (folder / "dataset_dict.json").exists():
         splits = sorted(p.name for p in folder.iterdir() if p.is_dir())
         raise ConfigError(
@@ -304,6 +376,8 @@ def _read_folder(folder: Path) -> Iterator[_Row]:
             f"at one split folder, e.g. {folder / (splits[0] if splits else 'train')}"
         )
     if _is_saved_dataset(folder):
+        for file in _data_files(folder):
+            read.sha256[file] = _file_sha256(file)
         yield from _read_saved_dataset(folder)
         return
     files = _folder_files(folder)
@@ -313,7 +387,7 @@ def _read_folder(folder: Path) -> Iterator[_Row]:
             "by datasets.save_to_disk"
         )
     for file in files:
-        yield from _read_file(file)
+        yield from _read_file(file, read)
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -329,31 +403,37 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_info.json").exists() or (folder / "state.json").exists()
 
 
-def _read_file(path: Path) -> Iterator[_Row]:
+def _read_file(path: Path, read: _ReadFiles) -> Iterator[_Row]:
+    digest = hashlib.sha256()
     if path.suffix == ".jsonl":
-        rows = _read_json_lines(path)
+        rows = _read_json_lines(path, digest)
     elif path.suffix == ".json":
-        rows = _read_json(path)
+        rows = _read_json(path, digest)
     elif path.suffix == ".parquet":
+        read.sha256[path] = _file_sha256(path)  # pyarrow reads it by columns, not in order
+        digest = None
         rows = _read_parquet(path)
     else:
         raise ConfigError(
             f"{path}: unsupported file type {path.suffix or '(none)'!r}; use "
             f"{', '.join(DATA_FILE_SUFFIXES)} or a folder written by datasets.save_to_disk"
         )
-    count = 0
+    rows_read = 0
     for row in rows:
-        count += 1
+        rows_read += 1
         yield row
-    if count == 0:
+    if digest is not None:
+        read.sha256[path] = digest.hexdigest()
+    if rows_read == 0:
         yield _Row(str(path), _Unreadable("no rows (the file is empty); remove it or fill it"))
 
 
-def _read_json_lines(path: Path) -> Iterator[_Row]:
+def _read_json_lines(path: Path, digest: Any) -> Iterator[_Row]:
     # Bytes, split on b"\n" only: str.splitlines would also split on U+2028 inside a JSON
     # string and throw every later line number off.
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
+            digest.update(raw)
             where = f"{path}:{number}"
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -372,15 +452,17 @@ def _read_json_lines(path: Path) -> Iterator[_Row]:
             yield _Row(where, value)
 
 
-def _read_json(path: Path) -> Iterator[_Row]:
+def _read_json(path: Path, digest: Any) -> Iterator[_Row]:
     """A .json file holds either one JSON array of rows or JSON lines."""
     with path.open("rb") as f:
         start = f.read(4096).decode("utf-8-sig", errors="replace").lstrip()
     if not start.startswith("["):
-        yield from _read_json_lines(path)
+        yield from _read_json_lines(path, digest)
         return
+    whole = path.read_bytes()  # one array is parsed whole anyway
+    digest.update(whole)
     try:
-        items = json.loads(path.read_text(encoding="utf-8-sig"))
+        items = json.loads(whole.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from kubetrain_trainer.config import ConfigError, FromScratch, TrainerConfig
-from kubetrain_trainer.datacache import cache_key, tokenized
+from kubetrain_trainer.datacache import Splits, cache_key, tokenized
 from kubetrain_trainer.models import build_model, describe, load_tokenizer, train_bpe_tokenizer
 from kubetrain_trainer.session import FitResult, Session, training_arguments
 
@@ -52,8 +52,10 @@ def prepare_tokenizer(
     with args.main_process_first(desc="training the tokenizer"):
         if not (saved / "tokenizer_config.json").is_file():
             log.info("training a %d-token BPE tokenizer on %s", vocab_size, cfg.data.train)
+            # Batches streamed from the memory-mapped rows: the corpus may exceed memory.
+            stream = (text for batch in texts.iter(batch_size=1000) for text in batch["text"])
             tokenizer = train_bpe_tokenizer(
-                texts["text"], vocab_size=vocab_size, min_frequency=options.tokenizer_min_frequency
+                stream, vocab_size=vocab_size, min_frequency=options.tokenizer_min_frequency
             )
             tokenizer.save_pretrained(saved)
     return AutoTokenizer.from_pretrained(saved)
@@ -81,20 +83,18 @@ def pack(texts: Dataset, tokenizer: PreTrainedTokenizerBase, block: int) -> Data
     return blocks
 
 
-def train(cfg: TrainerConfig, session: Session) -> FitResult:
+def prepare_data(
+    cfg: TrainerConfig, session: Session, args: TrainingArguments
+) -> tuple[PreTrainedTokenizerBase, Splits]:
+    """The tokenizer and the packed blocks (train, eval) of steps 1 and 3."""
     data = session.load_data()
     if data.format != "text":
         raise ConfigError(
             f'data.train: from_scratch pretrains on raw text rows {{"text": ...}}, '
             f"got {data.format} rows; use method sft for chats and instructions"
         )
-    args = training_arguments(cfg, TrainingArguments)
     tokenizer = prepare_tokenizer(cfg, data.train, args)
-    arch = cfg.model.architecture
-    block = min(cfg.data.max_length, arch.max_position_embeddings)
-
-    set_seed(cfg.training.seed)  # identical initial weights on every rank
-    model = build_model(arch, tokenizer)
+    block = min(cfg.data.max_length, cfg.model.architecture.max_position_embeddings)
     # Tokenized and packed once (rank 0), then read from <output>/.cache by every rank and
     # attempt until the data, the tokenizer or the block size changes.
     key = cache_key(data.fingerprint, tokenizer, recipe=PACKING_RECIPE, block=block)
@@ -107,8 +107,16 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
         },
         args,
     )
+    return tokenizer, blocks
+
+
+def train(cfg: TrainerConfig, session: Session) -> FitResult:
+    args = training_arguments(cfg, TrainingArguments)
+    tokenizer, blocks = prepare_data(cfg, session, args)
     train_blocks, eval_blocks = blocks["train"], blocks["eval"]
 
+    set_seed(cfg.training.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model.architecture, tokenizer)
     trainer = Trainer(
         model=model,
         args=args,
@@ -118,5 +126,6 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
         processing_class=tokenizer,
         callbacks=session.callbacks(),
     )
+    block = len(train_blocks[0]["input_ids"])
     log.info("%s; %d blocks of %d tokens", describe(model), len(train_blocks), block)
     return session.fit(trainer)
