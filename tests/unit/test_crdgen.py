@@ -534,6 +534,57 @@ CROSS_FIELD_CASES: list[tuple[str, dict[str, Any], str | None]] = [
         {"method": "evaluate", "data": None, "evaluate": EVALUATE, "model": {}},
         "this method needs model.name",
     ),
+    # Sharding (issue 17): fsdp and its knobs; deepspeed and QLoRA+FSDP refused with why.
+    ("fsdp", {"training": {"sharding": "fsdp"}, "resources": {"nodes": 2}}, None),
+    (
+        "fsdp-offload-with-memory",
+        {
+            "training": {"sharding": "fsdp", "fsdpCpuOffload": True},
+            "resources": {"procPerNode": 8, "requests": {"memory": "512Gi"}},
+        },
+        None,
+    ),
+    (
+        "fsdp-offload-with-memory-limit",
+        {
+            "training": {"sharding": "fsdp", "fsdpCpuOffload": True},
+            "resources": {"limits": {"memory": "512Gi"}},
+        },
+        None,
+    ),
+    (
+        "fsdp-offload-without-memory",
+        {"training": {"sharding": "fsdp", "fsdpCpuOffload": True}},
+        "training.fsdpCpuOffload keeps the parameter shards",
+    ),
+    (
+        "offload-without-fsdp",
+        {"training": {"fsdpCpuOffload": True}, "resources": {"requests": {"memory": "8Gi"}}},
+        "apply to sharding: fsdp only",
+    ),
+    (
+        "keep-gathered-without-fsdp",
+        {"training": {"fsdpReshardAfterForward": False}},
+        "apply to sharding: fsdp only",
+    ),
+    (
+        "fsdp-keep-gathered",
+        {"training": {"sharding": "fsdp", "fsdpReshardAfterForward": False}},
+        None,
+    ),
+    ("deepspeed", {"training": {"sharding": "deepspeed"}}, "deepspeed is not supported"),
+    ("sharding-typo", {"training": {"sharding": "zero3"}}, "'zero3' is not one of"),
+    (
+        "qlora-fsdp",
+        {"method": "lora", "lora": {"loadIn4Bit": True}, "training": {"sharding": "fsdp"}},
+        "FSDP2 cannot shard bitsandbytes' 4-bit weights",
+    ),
+    (
+        "lora-fsdp",
+        {"method": "lora", "lora": {"r": 8}, "training": {"sharding": "fsdp"}},
+        None,
+    ),
+    ("qlora-ddp", {"method": "lora", "lora": {"loadIn4Bit": True}}, None),
     # Safety nets: the batch-size finder in one process only; exit-code lists that work.
     ("auto-batch-one-process", {"training": {"autoFindBatchSize": True}}, None),
     (

@@ -107,6 +107,11 @@ def training_arguments(
         # kubetrain_trainer.progress shows progress instead of tqdm, on a terminal or not.
         disable_tqdm=True,
     )
+    if t.sharding == "fsdp" and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(
+            "training.sharding: fsdp shards over a torchrun process group; start the trainer "
+            "with python -m kubetrain_trainer.launch (as pods and `kubetrain run` do)"
+        )
     arguments.update(fsdp_arguments(t))
     try:
         return args_class(**{**arguments, **method_args})

@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from kubetrain_trainer.config import Stability
+from kubetrain_trainer.sharding import local_part
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,21 @@ class StabilityCallback(TrainerCallback):
         model = kwargs.get("model")
         if not self.stability.layer_checks or not logged or model is None:
             return
-        if not state.is_world_process_zero:
-            return
         named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-        if not named:
+        # Under FSDP every rank holds a shard of each gradient: the layer's norm is the root
+        # of the shards' squared norms summed over the ranks, so every rank takes part.
+        sharded = any(local_part(g) is not g for _, g in named)
+        if not named or not (sharded or state.is_world_process_zero):
             return
         with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm([g.detach() for _, g in named])).float()
+            grads = [local_part(g).detach() for _, g in named]
+            norms = torch.stack(torch._foreach_norm(grads)).float()
+            if sharded:
+                squares = norms.square()
+                torch.distributed.all_reduce(squares)
+                norms = squares.sqrt()
+        if not state.is_world_process_zero:
+            return
         names = [name for name, _ in named]
         found = gradient_anomalies(list(zip(names, norms.cpu().tolist(), strict=True)))
         if found:

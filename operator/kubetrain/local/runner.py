@@ -122,8 +122,10 @@ def clear_previous_run(output_dir: Path) -> bool:
     return bool(found)
 
 
-def trainer_command(config_path: Path, processes: int) -> list[str]:
-    if processes == 1:
+def trainer_command(config_path: Path, processes: int, sharded: bool = False) -> list[str]:
+    """The trainer alone for one process; the torchrun launcher for several, and for a
+    sharded run (FSDP shards over a torchrun process group, even a group of one)."""
+    if processes == 1 and not sharded:
         return [sys.executable, "-m", "kubetrain_trainer", "--config", str(config_path)]
     return [
         sys.executable, "-m", "kubetrain_trainer.launch",
@@ -248,7 +250,8 @@ def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRu
     config_path.write_text(dump_trainer_config(cfg))
 
     processes = spec.resources.nodes * spec.resources.proc_per_node
-    exit_code, interrupted_by = run_trainer(trainer_command(config_path, processes))
+    sharded = spec.training.sharding == "fsdp"
+    exit_code, interrupted_by = run_trainer(trainer_command(config_path, processes, sharded))
     if interrupted_by is not None:
         print(interrupted_message(output_dir), file=sys.stderr, flush=True)
         exit_code = 128 + interrupted_by

@@ -19,12 +19,12 @@ import logging
 from itertools import chain
 from pathlib import Path
 
+import transformers
 from datasets import Dataset
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -33,8 +33,13 @@ from kubetrain_trainer.config import ConfigError, FromScratch, TrainerConfig
 from kubetrain_trainer.datacache import Splits, cache_key, tokenized
 from kubetrain_trainer.models import build_model, describe, load_tokenizer, train_bpe_tokenizer
 from kubetrain_trainer.session import FitResult, Session, training_arguments
+from kubetrain_trainer.sharding import FsdpOnCpu
 
 log = logging.getLogger(__name__)
+
+
+class Trainer(FsdpOnCpu, transformers.Trainer):
+    """transformers' Trainer, able to shard (training.sharding: fsdp) on CPU too."""
 
 # pack()'s version in cache keys: bump it when pack() changes what it writes.
 PACKING_RECIPE = "from_scratch-pack-1"

@@ -1,0 +1,164 @@
+"""Sharded training (FSDP2) through transformers and accelerate: `training.sharding: fsdp`.
+
+With sharding none every process holds the whole model, its gradients and its optimizer
+states (DDP). With fsdp, accelerate's FullyShardedDataParallelPlugin (fsdp_version 2)
+applies torch's `fully_shard` to every decoder layer (the model's `_no_split_modules`, e.g.
+Qwen2DecoderLayer) and to the model: each process keeps 1/world-size of every tensor and
+gathers one layer's weights at a time for its forward and backward. Mixed precision follows
+bf16/fp16; `fsdpCpuOffload` keeps the shards on the host; gradient checkpointing becomes
+FSDP's own activation checkpointing (the Trainer's would gather each layer twice).
+
+What this module adds around the libraries:
+- `fsdp_arguments`: the TrainingArguments a Training block asks for (a pure function).
+- `FsdpOnCpu`: accelerate turns FSDP on only for accelerators (CUDA, XPU, ...). torch's
+  gloo backend has the collectives FSDP2 needs (all_gather_into_tensor,
+  reduce_scatter_tensor), so on CPU the same plugin is put in place exactly as
+  AcceleratorState does for a GPU: tests and CPU clusters run the production code path.
+- Checkpoints are torch distributed checkpoints (DCP: `pytorch_model_fsdp_0/` and
+  `optimizer_0/`, one `.distcp` file per rank holding its shards), so no rank gathers the
+  model or the optimizer state to save one. DCP re-shards on load: a run resumes onto
+  another world size (4 ranks to 2 after a node loss). `check_resumable` refuses a
+  checkpoint written with the other sharding, with the reason.
+- `save_final_model`: the finished model is consolidated once, tensor by tensor, into rank
+  0's host memory and saved as a normal Hugging Face folder (`from_pretrained` reads it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from kubetrain_trainer.config import ConfigError, Training
+
+log = logging.getLogger(__name__)
+
+# Where accelerate's save_fsdp_model / save_fsdp_optimizer put a sharded checkpoint.
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
+SHARDED_OPTIMIZER_DIR = "optimizer_0"
+
+
+def fsdp_arguments(training: Training) -> dict[str, Any]:
+    """TrainingArguments fields for the block's sharding; {} for sharding none."""
+    if training.sharding != "fsdp":
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            # Checkpoints in DCP: each rank writes its own shards, nobody gathers.
+            "state_dict_type": "SHARDED_STATE_DICT",
+            # One FSDP unit per decoder layer (the model's _no_split_modules) plus the root.
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": training.fsdp_reshard_after_forward,
+            "cpu_offload": training.fsdp_cpu_offload,
+            "activation_checkpointing": training.gradient_checkpointing,
+        },
+        # transformers refuses both checkpointing flags at once; FSDP's wraps each layer.
+        "activation_checkpointing": False,
+    }
+
+
+class FsdpOnCpu:
+    """Trainer mixin: the FSDP plugin the arguments ask for, on CPU processes too.
+
+    accelerate's AcceleratorState switches to DistributedType.FSDP only for accelerator
+    backends and leaves a multi-CPU (gloo) group on DDP. This does what AcceleratorState
+    does for GPUs (the plugin, its mixed precision, the distributed type) when the state
+    came out multi-CPU; on GPUs accelerate has done it already and this changes nothing.
+    It must run inside Trainer.__init__ (TRL's trainers read `is_fsdp_enabled` there, e.g.
+    to shard DPO's reference model), hence the override of the accelerator's creation.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        wanted = self.args.fsdp_plugin_args
+        if wanted is None or getattr(state, "fsdp_plugin", None) is not None:
+            return
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            raise ConfigError(
+                "training.sharding: fsdp needs a process group (torchrun); this process runs "
+                f"as {state.distributed_type.value}"
+            )
+        plugin = FullyShardedDataParallelPlugin(**wanted)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+        self.is_fsdp_enabled = True
+
+
+def is_sharded_checkpoint(folder: str | Path) -> bool:
+    """Whether a checkpoint folder holds DCP shards (written by a sharding fsdp run)."""
+    return (Path(folder) / SHARDED_MODEL_DIR).is_dir()
+
+
+def checkpoint_world_size(folder: str | Path) -> int:
+    """How many ranks wrote a checkpoint: each leaves its own rng_state_<rank>.pth."""
+    return len(list(Path(folder).glob("rng_state_*.pth"))) or 1
+
+
+def check_resumable(folder: str | Path, sharding: str, world_size: int) -> None:
+    """Refuse to resume `folder` when its layout does not match `sharding`; say whether
+    the world size changes (DCP re-shards a sharded checkpoint onto any world size; a
+    DDP checkpoint is one full copy, which any world size reads)."""
+    sharded = is_sharded_checkpoint(folder)
+    if sharded and sharding != "fsdp":
+        raise ConfigError(
+            f"training.sharding: {folder} is a sharded (FSDP) checkpoint, which a sharding "
+            f"{sharding} run cannot read; set sharding: fsdp to resume it, or move the "
+            "checkpoint-* folders away to start over"
+        )
+    if not sharded and sharding == "fsdp":
+        raise ConfigError(
+            f"training.sharding: {folder} was written by a sharding none (DDP) run, and "
+            "transformers resumes an FSDP run only from a sharded checkpoint; set sharding: "
+            "none to resume it, or move the checkpoint-* folders away (or start a new run "
+            "from the last saved model with model.name) to train with sharding: fsdp"
+        )
+    written_by = checkpoint_world_size(folder)
+    if sharded and written_by != world_size:
+        log.info(
+            "%s was written by %d ranks; re-sharding it onto %d (torch distributed checkpoint)",
+            folder, written_by, world_size,
+        )  # fmt: skip
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameter), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def consolidated_state_dict(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """The full state dict, gathered one tensor at a time; only a rank with `keep` holds it
+    (in host memory), the others take part in each gather and drop the result."""
+    from torch.distributed.tensor import DTensor
+
+    state: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if keep:
+            # A copy: on CPU the gathered tensor may share FSDP's reusable buffer.
+            state[name] = value.detach().to("cpu", copy=True)
+    return state
+
+
+def save_final_model(trainer: Trainer, output_dir: str) -> None:
+    """Save the trained model as a Hugging Face folder, whatever the sharding."""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(output_dir)
+        return
+    state = consolidated_state_dict(trainer.model, keep=trainer.args.should_save)
+    # What Trainer.save_model does for FSDP's FULL_STATE_DICT, with the gather above
+    # (accelerate's get_state_dict returns tensors that alias freed buffers on CPU).
+    trainer._save(output_dir, state_dict=state)
+    trainer.accelerator.wait_for_everyone()
