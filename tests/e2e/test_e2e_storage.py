@@ -90,16 +90,27 @@ def test_a_run_trains_from_a_bucket_into_a_bucket(
     assert s3_server.secret_key not in seen
 
 
-def test_refused_credentials_fail_the_run_with_a_clear_condition(
-    runs: Runs, s3_server: S3Server, operator: Operator
+@pytest.mark.parametrize("mistake", ["wrong secret", "missing bucket"])
+def test_a_store_that_refuses_fails_the_run_with_a_clear_condition(
+    runs: Runs, s3_server: S3Server, operator: Operator, mistake: str
 ) -> None:
     wrong = "wrong-" + s3_server.secret_key
-    runs.create("s3-denied", s3_run(runs, s3_server, "s3-denied", wrong))
-    runs.wait_phase("s3-denied", "Failed", timeout=180)
-    failed = runs.condition("s3-denied", "Failed")
+    secret = wrong if mistake == "wrong secret" else s3_server.secret_key
+    spec = s3_run(runs, s3_server, "s3-refused", secret)
+    if mistake == "missing bucket":
+        spec["output"] = "s3://no-such-bucket/models/s3-refused"
+    runs.create("s3-refused", spec)
+    runs.wait_phase("s3-refused", "Failed", timeout=180)
+    failed = runs.condition("s3-refused", "Failed")
     assert failed["reason"] == "ConfigError", failed
-    assert "the store refused the credentials" in failed["message"], failed
-    assert "storage.s3.credentialsSecretRef" in failed["message"]
-    assert runs.status("s3-denied")["restarts"] == 0  # a configuration error is not retried
-    seen = everything_a_user_sees(runs, operator, "s3-denied", ["s3-denied-1"])
+    if mistake == "wrong secret":
+        assert "the store refused the credentials" in failed["message"], failed
+        assert "storage.s3.credentialsSecretRef" in failed["message"]
+    else:
+        assert (
+            "output: s3://no-such-bucket/models/s3-refused: bucket 'no-such-bucket' does not "
+            "exist" in failed["message"]
+        ), failed
+    assert runs.status("s3-refused")["restarts"] == 0  # a configuration error is not retried
+    seen = everything_a_user_sees(runs, operator, "s3-refused", ["s3-refused-1"])
     assert wrong not in seen and s3_server.secret_key not in seen
