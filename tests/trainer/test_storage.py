@@ -219,6 +219,23 @@ def test_a_download_is_reused_until_the_object_changes(tmp_path, s3_environment,
     assert Path(changed.data.train).read_bytes() == b'{"text": "a new corpus"}\n'
 
 
+def test_a_prefix_is_fetched_as_a_folder_of_its_objects(tmp_path, s3_environment, data_bucket):
+    for name in ("part-0.jsonl", "nested/part-1.jsonl"):
+        data_bucket.put_file(str(DATA / "pretrain.jsonl"), f"data/corpus/{name}")
+    doc = with_spec(
+        pretraining_on_s3(s3_environment, "data", 20),
+        data={"train": "s3://data/corpus/"},
+        output=str(tmp_path / "out"),
+    )
+    cfg, _ = staged(doc, tmp_path)
+    folder = Path(cfg.data.train)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
+        "nested/part-1.jsonl",
+        "part-0.jsonl",
+    ]  # the ETag record lies beside the folder, not in it, so it is never read as data
+    assert storage.remote_names(str(folder / "part-0.jsonl")) == "s3://data/corpus/part-0.jsonl"
+
+
 # -- hf://datasets/ ------------------------------------------------------------------------------
 
 
