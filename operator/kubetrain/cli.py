@@ -191,9 +191,13 @@ def preflight_line(run: TrainingRun, gpu_memory: float | None) -> tuple[str, boo
     if isinstance(shape, str):
         return f"preflight: no estimate ({shape})", True
     spec = run.spec
+    processes = spec.resources.nodes * spec.resources.proc_per_node
     estimate = estimate_memory(
-        spec.method, spec.model, spec.training, spec.data, spec.lora, spec.dpo, shape
+        spec.method, spec.model, spec.training, spec.data, spec.lora, spec.dpo, shape, processes
     )
+    short_of_host = host_memory_shortfall(spec, estimate.host)
+    if short_of_host:
+        return short_of_host, False
     product = spec.resources.node_selector.get(GPU_PRODUCT_LABEL)
     if gpu_memory is None and product in KNOWN_GPUS:
         gpu_memory = KNOWN_GPUS[product]
@@ -202,6 +206,25 @@ def preflight_line(run: TrainingRun, gpu_memory: float | None) -> tuple[str, boo
     if not estimate.fits(gpu_memory):
         return does_not_fit_message(estimate, gpu_memory, memory_advice(spec)), False
     return f"preflight: {estimate.summary()}; fits a {gib(gpu_memory)} GPU", True
+
+
+def host_memory_shortfall(spec: Any, host_per_process: float) -> str | None:
+    """Why a pod's memory request cannot hold what fsdpCpuOffload keeps on the host."""
+    from kubetrain.api.trainingrun import quantity_value
+    from kubetrain_trainer.preflight import gib
+
+    asked = spec.resources.requests.get("memory") or spec.resources.limits.get("memory")
+    if not host_per_process or asked is None:
+        return None
+    need = host_per_process * spec.resources.proc_per_node
+    if quantity_value(asked) >= need:
+        return None
+    return (
+        f"preflight: training.fsdpCpuOffload keeps ~{gib(need)} per pod in host memory "
+        f"({spec.resources.proc_per_node} processes x {gib(host_per_process)} of sharded "
+        f"weights, gradients and optimizer states), more than resources memory {asked}; "
+        "request more memory, or spread the run over more nodes"
+    )
 
 
 def model_shape(run: TrainingRun) -> Any:

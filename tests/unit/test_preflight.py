@@ -113,3 +113,56 @@ def test_the_gpu_comes_from_the_node_selectors_product_label(tmp_path: Path) -> 
     assert unknown.returncode == 0 and "pass --gpu-memory to compare" in unknown.stdout
     bad = validate(str(run_file(tmp_path)), "--gpu-memory", "lots")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --gpu-memory:"), bad.stderr
+
+
+def sharded(processes: int, shape: ModelShape = QWEN_7B, **training: Any):
+    spec = TrainingRunSpec.model_validate(
+        {
+            **SFT,
+            "training": {"perDeviceTrainBatchSize": 4, "bf16": True, **training},
+            "resources": {"requests": {"memory": "1Ti"}},
+        }
+    )
+    return estimate_memory(
+        spec.method, spec.model, spec.training, spec.data, spec.lora, spec.dpo, shape, processes
+    )
+
+
+def test_sharding_divides_the_states_by_the_world_size() -> None:
+    ddp = sharded(16)  # sharding none: 16 processes each hold everything
+    assert ddp.weights + ddp.gradients + ddp.optimizer == 8 * QWEN_7B.parameters
+    fsdp = sharded(16, sharding="fsdp")
+    layer = sum(a * b for a, b in QWEN_7B.linear_shapes().values()) + 2 * QWEN_7B.hidden_size
+    assert fsdp.weights == pytest.approx(2 * QWEN_7B.parameters / 16 + 2 * layer * 2)
+    assert fsdp.gradients == ddp.gradients / 16 and fsdp.optimizer == ddp.optimizer / 16
+    assert fsdp.activations == ddp.activations  # each device still runs its own batch
+    assert "states sharded over 16 processes" in fsdp.summary()
+    # 7B full fine-tuning: ~57 GiB of states replicated; ~4.4 GiB a GPU sharded over 16
+    # (a 16th of them, plus two gathered decoder layers).
+    assert (ddp.total - ddp.activations) / GIB > 55
+    assert (fsdp.total - fsdp.activations) / GIB < 5
+
+
+def test_cpu_offload_moves_the_shards_to_host_memory() -> None:
+    on_device = sharded(8, sharding="fsdp")
+    offloaded = sharded(8, sharding="fsdp", fsdpCpuOffload=True)
+    assert offloaded.gradients == offloaded.optimizer == 0
+    assert offloaded.host == pytest.approx(
+        on_device.weights - offloaded.weights + on_device.gradients + on_device.optimizer
+    )
+    assert offloaded.total < on_device.total
+    assert "per process in host memory" in offloaded.summary()
+
+
+def test_validate_preflight_refuses_offload_without_the_host_memory(tmp_path: Path) -> None:
+    training = {"perDeviceTrainBatchSize": 4, "bf16": True, "sharding": "fsdp",
+                "fsdpCpuOffload": True}  # fmt: skip
+    small = {"nodes": 1, "procPerNode": 8, "requests": {"memory": "16Gi"}}
+    refused = validate(str(run_file(tmp_path, training=training, resources=small)))
+    assert refused.returncode == 1, refused.stdout
+    assert "fsdpCpuOffload keeps ~" in refused.stdout and "memory 16Gi" in refused.stdout
+    enough = {**small, "requests": {"memory": "512Gi"}}
+    fits = validate(
+        str(run_file(tmp_path, training=training, resources=enough)), "--gpu-memory", "80Gi"
+    )
+    assert fits.returncode == 0, fits.stdout + fits.stderr

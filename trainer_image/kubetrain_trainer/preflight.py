@@ -21,9 +21,15 @@ or a config.json). `estimate_memory(cfg, shape)` splits the need of one device, 
   plus one layer's full set. The logits come on top (batch x length x vocabulary at fp32,
   and their gradient). dpo runs each pair's chosen and rejected rows, twice the rows.
 
-Data parallelism replicates all of it on every device: the world size divides nothing. The
-figures tell "cannot fit" from "may fit"; they are not a promise, and the real peak depends
-on kernels and fragmentation, so a device reserve (RESERVED_BYTES) is kept apart.
+Data parallelism (training.sharding none) replicates all of it on every device: the world
+size divides nothing. Sharding (fsdp) divides the weights, gradients and optimizer states by
+the world size (the frozen LoRA base and DPO's reference too: they are sharded alike) and
+adds the full weights of the decoder layers gathered at a time (the one computing and the
+one prefetched); activations stay per device. With fsdpCpuOffload the shards, gradients and
+optimizer states move to host memory (`host`, per process), leaving the gathered layers
+and the activations on the device. The figures tell "cannot fit" from "may fit"; they are
+not a promise, and the real peak depends on kernels and fragmentation, so a device reserve
+(RESERVED_BYTES) is kept apart.
 """
 
 from __future__ import annotations
@@ -158,6 +164,8 @@ class MemoryEstimate:
     gradients: float
     optimizer: float
     activations: float
+    shards: int = 1  # processes the states are sharded over (1: not sharded)
+    host: float = 0.0  # bytes per process in host memory (fsdpCpuOffload)
 
     @property
     def total(self) -> float:
@@ -172,8 +180,16 @@ class MemoryEstimate:
             f"~{gib(self.total)} per device: weights {gib(self.weights)}, gradients "
             f"{gib(self.gradients)}, optimizer states {gib(self.optimizer)}, activations "
             f"{gib(self.activations)} ({self.parameters / 1e9:.2f}B parameters, "
-            f"{share:.3g}% trainable)"
+            f"{share:.3g}% trainable{self._sharding()})"
         )
+
+    def _sharding(self) -> str:
+        if self.shards == 1 and not self.host:
+            return ""
+        said = f"; states sharded over {self.shards} processes"
+        if self.host:
+            said += f", {gib(self.host)} of them per process in host memory"
+        return said
 
 
 def gib(value: float) -> str:
@@ -188,9 +204,11 @@ def estimate_memory(
     lora: Lora | None,
     dpo: Dpo | None,
     shape: ModelShape,
+    world_size: int = 1,
 ) -> MemoryEstimate:
     """One device's need for this run (the module docstring says how); the arguments are a
-    TrainerConfig's or a TrainingRun spec's blocks of the same names."""
+    TrainerConfig's or a TrainingRun spec's blocks of the same names, and the number of
+    processes (nodes x procPerNode) that sharding divides the states by."""
     uses_lora = method == "lora" or (dpo is not None and dpo.use_lora)
     lora = lora or Lora()
     dtype = model.torch_dtype if model.torch_dtype != "auto" else shape.torch_dtype
@@ -220,7 +238,19 @@ def estimate_memory(
         kept = shape.num_hidden_layers * per_layer
     logits = 2 * shape.vocab_size * 4  # fp32 logits and their gradient, per token
     activations = tokens * (kept * value_bytes + logits)
-    return MemoryEstimate(parameters, trainable, weights, gradients, optimizer, activations)
+    if training.sharding != "fsdp":
+        return MemoryEstimate(parameters, trainable, weights, gradients, optimizer, activations)
+    shards = max(world_size, 1)
+    layer = sum(a * b for a, b in shape.linear_shapes().values()) + 2 * shape.hidden_size
+    gathered = 2 * layer * weight_bytes  # the layer computing and the one prefetched
+    weights, gradients, optimizer = (part / shards for part in (weights, gradients, optimizer))
+    host = 0.0
+    if training.fsdp_cpu_offload:
+        host = weights + gradients + optimizer
+        weights = gradients = optimizer = 0.0
+    return MemoryEstimate(
+        parameters, trainable, weights + gathered, gradients, optimizer, activations, shards, host
+    )
 
 
 def _lora_targets(lora: Lora, shape: ModelShape) -> list[tuple[int, int]]:

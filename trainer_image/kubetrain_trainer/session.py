@@ -248,8 +248,9 @@ def preflight(cfg: TrainerConfig) -> None:
     except (OSError, ValueError, KeyError) as e:
         log.info("preflight: no memory estimate (the model's config cannot be read: %s)", e)
         return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     estimate = estimate_memory(
-        cfg.method, cfg.model, cfg.training, cfg.data, cfg.lora, cfg.dpo, shape
+        cfg.method, cfg.model, cfg.training, cfg.data, cfg.lora, cfg.dpo, shape, world_size
     )
     if not torch.cuda.is_available():
         log.info("preflight: %s", estimate.summary())
