@@ -182,7 +182,8 @@ class DataSpec(Spec):
     train: str = Field(
         min_length=1,
         description="Training data: a .jsonl/.json/.parquet file, a folder of them, or a "
-        "folder written by datasets.save_to_disk. Local path or pvc:// URI.",
+        "folder written by datasets.save_to_disk. A local path, pvc://claim/path, "
+        "s3://bucket/key (a file or a prefix) or hf://datasets/org/name[@revision][/path].",
     )
     eval: str | None = Field(None, description="Evaluation data, same forms as `train`.")
     format: DataFormat = Field(
