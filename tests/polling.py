@@ -1,4 +1,4 @@
-"""Waiting in tests: poll for a condition, never sleep blindly.
+"""Waiting in tests: poll for a condition, never sleep blindly; stop a server within a bound.
 
 `wait_for` polls until a check returns something truthy and fails naming what it waited
 for (and what it saw last); `hold` asserts a check stays true for a while. API errors,
@@ -8,6 +8,7 @@ missing keys and lookups that find nothing yet count as "not yet". Both the oper
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,3 +40,13 @@ def hold(check: Callable[[], bool], what: str, seconds: float = 1.0) -> None:
     while time.monotonic() < deadline:
         assert check(), what
         time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM `process`, and SIGKILL it if it has not exited `timeout` seconds later."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

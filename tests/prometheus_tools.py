@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from polling import stop_process
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -93,10 +94,5 @@ class PrometheusServer:
         raise AssertionError(f"{expr} never rose above {above} in {timeout:.0f}s (last {last})")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.log.close()

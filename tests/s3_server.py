@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from polling import wait_for
+from polling import stop_process, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -163,10 +163,5 @@ class S3Server:
         return f"s3://{name}"
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self._log.close()

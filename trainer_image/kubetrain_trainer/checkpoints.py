@@ -123,7 +123,8 @@ def resume_checkpoint(output_dir: str | Path) -> str | None:
     return complete[-1] if complete else None
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether this process is one rank of an initialised torch.distributed group."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -143,7 +144,7 @@ class CompleteMarkerCallback(TrainerCallback):
         control: TrainerControl,
         **kwargs: Any,
     ) -> None:
-        if _distributed():
+        if is_distributed():
             # Every rank writes its own RNG state (and, under FSDP/DeepSpeed, its shards);
             # all ranks reach on_save, so this barrier cannot strand one of them.
             import torch.distributed as dist
@@ -213,7 +214,7 @@ class PreemptionCallback(TrainerCallback):
 
     def _agreed_stop(self, args: TrainingArguments) -> bool:
         stop = sigterm_received()
-        if _distributed():
+        if is_distributed():
             import torch
             import torch.distributed as dist
 

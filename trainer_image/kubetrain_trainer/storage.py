@@ -45,6 +45,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from kubetrain_trainer.checkpoints import is_distributed
 from kubetrain_trainer.config import ConfigError, S3Storage, TrainerConfig
 from kubetrain_trainer.contract import (
     CHECKPOINT_DIR_PREFIX,
@@ -428,12 +429,6 @@ def stage(cfg: TrainerConfig) -> tuple[TrainerConfig, RemoteOutput | None]:
     return staged, output
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 class PublishCheckpoints(TrainerCallback):
     """Uploads each complete checkpoint to the s3:// output (after CompleteMarkerCallback).
 
@@ -455,7 +450,7 @@ class PublishCheckpoints(TrainerCallback):
         step = state.global_step
         if args.local_process_index == 0:
             self.output.publish_checkpoint_files(step)
-        if _distributed():
+        if is_distributed():
             import torch.distributed as dist
 
             dist.barrier()
