@@ -98,8 +98,8 @@ def clearable_output_dir(uri: str, why: str) -> Path:
     if classify_uri(uri, may_be_hub_id=False) == "s3":
         raise ConfigError(
             f"{why} starts over, which this machine cannot do for {uri}: delete its "
-            "checkpoint-* prefixes and metrics.json from the bucket first, or use a local "
-            "output"
+            f"{CHECKPOINT_DIR_PREFIX}-* prefixes and {METRICS_FILE} from the bucket first, or "
+            "use a local output"
         )
     return local_output_dir(uri)
 
