@@ -47,7 +47,8 @@ e2e: cluster-tools
 
 # Benchmarks, printed as tables: kubetrain sft, lora and dpo against TRL (tests/bench/test_bench_throughput.py), and
 # the operator with 1000 TrainingRuns on the real control plane (test_bench_operator.py, root;
-# KUBETRAIN_BENCH_RUNS=100 for a quicker pass; -k operator alone).
+# KUBETRAIN_BENCH_RUNS=100 for a quicker pass; -k operator alone), and from_scratch over a corpus
+# larger than the memory cgroup it runs in, RSS over time (test_bench_large_corpus.py, root).
 bench: cluster-tools
 	$(BIN)/pytest -m bench -s tests/bench
 

@@ -3,7 +3,9 @@
 The tiny from_scratch example trains three times into one output folder: on 2 processes
 (rank 0 builds the entry while rank 1 waits, then both read it), resumed for more steps
 (read, not rebuilt: its marker is untouched), and with another maxLength (a new entry).
-The key is tested on its own too: data, tokenizer and settings each change it.
+sft (TRL's preparation, kubetrain_trainer.prepared) does the same with its train and eval
+splits (test_methods checks dpo's two entries). The key is tested on its own too: data,
+tokenizer and settings each change it.
 """
 
 from __future__ import annotations
@@ -25,13 +27,22 @@ pytestmark = pytest.mark.slow
 KUBETRAIN = str(Path(sys.executable).parent / "kubetrain")
 
 
-def run(tmp_path: Path, output: Path, steps: int, max_length: int = 128, procs: int = 1) -> str:
+def run(
+    tmp_path: Path,
+    output: Path,
+    steps: int,
+    max_length: int = 128,
+    procs: int = 1,
+    spec: str = "trainingrun-from-scratch-tiny.yaml",
+    **changes,
+) -> str:
     doc = with_spec(
-        example("trainingrun-from-scratch-tiny.yaml"),
+        example(spec),
         output=str(output),
         data={"maxLength": max_length},
         training={"maxSteps": steps, "saveSteps": 10, "loggingSteps": 5, "evalStrategy": "no"},
         resources={"procPerNode": procs},
+        **changes,
     )
     spec = tmp_path / "run.yaml"
     spec.write_text(yaml.safe_dump(doc))
@@ -86,3 +97,24 @@ def test_the_key_follows_the_data_the_tokenizer_and_the_settings() -> None:
     templated = tiny_tokenizer()
     templated.chat_template = "{{ messages }}"
     assert cache_key("sha256:a", templated, recipe="r", block=128) != key
+
+
+def test_sft_prepares_once_and_resume_and_rerun_read_it(tmp_path: Path, base_model: Path) -> None:
+    output = tmp_path / "sft"
+    sft = {"spec": "trainingrun-sft-tiny.yaml", "model": {"name": str(base_model)}}
+    first = run(tmp_path, output, steps=10, max_length=192, procs=2, **sft)
+    built = re.findall(r"\[rank (\d)\] INFO .*tokenized data cached in ", first)
+    assert built == ["0", "0"], first[-3000:]  # train and eval, by rank 0 alone
+    for rank in (0, 1):
+        assert len(re.findall(rf"\[rank {rank}\] INFO .*tokenized data from cache ", first)) == 2
+    assert "Tokenizing train dataset" not in first  # TRL's own bar: nobody tokenized twice
+    written = {entry: (entry / MARKER).stat().st_mtime_ns for entry in entries(output)}
+    assert len(written) == 2
+
+    resumed = run(tmp_path, output, steps=20, max_length=192, **sft)
+    assert "resuming from" in resumed and "tokenized data cached in" not in resumed
+    assert {entry: (entry / MARKER).stat().st_mtime_ns for entry in entries(output)} == written
+
+    shorter = run(tmp_path, output, steps=30, max_length=96, **sft)
+    assert len(re.findall(r"tokenized data cached in ", shorter)) == 2
+    assert len(entries(output)) == 4

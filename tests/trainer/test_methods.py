@@ -18,6 +18,7 @@ from kubetrain.api import parse_document
 from kubetrain.local import run_locally
 from kubetrain_trainer.config import DataSpec
 from kubetrain_trainer.data import data_fingerprint
+from kubetrain_trainer.datacache import CACHE_DIR, MARKER
 
 pytestmark = pytest.mark.slow
 
@@ -145,3 +146,6 @@ def test_dpo_logs_rewards_accuracy_and_margin(base_model: Path, tmp_path: Path):
     assert metrics["rewards_accuracy"] > 0.5 and metrics["rewards_margin"] > 0
     losses = logged_losses(output)
     assert went_down(losses), losses
+    # TRL's preparation (prompts clipped to maxPromptLength first) ran once, into the cache.
+    cache = output / CACHE_DIR
+    assert len([entry for entry in cache.iterdir() if (entry / MARKER).is_file()]) == 2

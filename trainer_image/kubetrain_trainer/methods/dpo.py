@@ -26,6 +26,7 @@ from trl import DPOConfig
 from kubetrain_trainer.config import ConfigError, Dpo, Lora, ModelSpec, TrainerConfig
 from kubetrain_trainer.methods.lora import peft_config
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
+from kubetrain_trainer.prepared import CachedPreparation
 from kubetrain_trainer.session import FitResult, Session, sampling_strategy, training_arguments
 from kubetrain_trainer.sharding import FsdpOnCpu
 from kubetrain_trainer.throughput import ThroughputLevers
@@ -33,7 +34,7 @@ from kubetrain_trainer.throughput import ThroughputLevers
 log = logging.getLogger(__name__)
 
 
-class DPOTrainer(FsdpOnCpu, ThroughputLevers, trl.DPOTrainer):
+class DPOTrainer(CachedPreparation, FsdpOnCpu, ThroughputLevers, trl.DPOTrainer):
     """TRL's DPOTrainer with length-grouped pairs and the LM head on completion tokens."""
 
 
@@ -74,11 +75,7 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
             f"{data.format} data)"
         )
     tokenizer = load_tokenizer(cfg.model)
-    train_rows, eval_rows = data.train, data.eval
-    if cfg.data.max_prompt_length:
-        train_rows = clip_prompts(train_rows, tokenizer, cfg.data.max_prompt_length)
-        if eval_rows is not None:
-            eval_rows = clip_prompts(eval_rows, tokenizer, cfg.data.max_prompt_length)
+    limit = cfg.data.max_prompt_length
 
     model = load_model(cfg.model)
     fit_embeddings(model, tokenizer)
@@ -106,14 +103,18 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
         model=model,
         ref_model=reference,
         args=args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=peft_config(cfg.lora or Lora()) if dpo.use_lora else None,
         callbacks=session.callbacks(),
+        # Clipped and tokenized once into <output>/.cache (kubetrain_trainer.prepared).
+        data_fingerprint=data.fingerprint,
+        cache_settings={"max_prompt_length": limit},
+        before_preparation=(lambda rows: clip_prompts(rows, tokenizer, limit)) if limit else None,
     )
     check_rows_left(trainer, cfg)
     log.info(
-        "%s; %d preference pairs, beta %.3g", describe(trainer.model), len(train_rows), dpo.beta
+        "%s; %d preference pairs, beta %.3g", describe(trainer.model), len(data.train), dpo.beta
     )
     return session.fit(trainer)

@@ -22,6 +22,7 @@ from trl import SFTConfig
 
 from kubetrain_trainer.config import ConfigError, TrainerConfig
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
+from kubetrain_trainer.prepared import CachedPreparation
 from kubetrain_trainer.session import FitResult, Session, sampling_strategy, training_arguments
 from kubetrain_trainer.sharding import FsdpOnCpu
 from kubetrain_trainer.throughput import ThroughputLevers, truncated
@@ -29,7 +30,7 @@ from kubetrain_trainer.throughput import ThroughputLevers, truncated
 log = logging.getLogger(__name__)
 
 
-class SFTTrainer(FsdpOnCpu, ThroughputLevers, trl.SFTTrainer):
+class SFTTrainer(CachedPreparation, FsdpOnCpu, ThroughputLevers, trl.SFTTrainer):
     """TRL's SFTTrainer with length-grouped batches and the LM head on labelled tokens."""
 
 
@@ -68,6 +69,8 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=session.callbacks(),
+        # Tokenized once into <output>/.cache (kubetrain_trainer.prepared).
+        data_fingerprint=data.fingerprint,
     )
     if cfg.data.packing:
         trainer.train_dataset = truncated(trainer.train_dataset, cfg.data.max_length)
