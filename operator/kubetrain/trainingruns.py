@@ -860,7 +860,11 @@ def finished_data_status(pods: Sequence[Mapping[str, Any]]) -> DataStatus | None
     if data is None:
         return None
     return DataStatus(
-        fingerprint=data.fingerprint, train_rows=data.train_rows, eval_rows=data.eval_rows
+        fingerprint=data.fingerprint,
+        train_rows=data.train_rows,
+        eval_rows=data.eval_rows,
+        train_rows_dropped=data.train_rows_dropped,
+        eval_rows_dropped=data.eval_rows_dropped,
     )
 
 

@@ -79,6 +79,8 @@ def test_two_nodes_train_from_the_operators_pods(runs: Runs, backend: str) -> No
         "fingerprint": summary["data_fingerprint"],
         "trainRows": summary["train_rows"],
         "evalRows": summary["eval_rows"],
+        "trainRowsDropped": summary["train_rows_dropped"],
+        "evalRowsDropped": summary["eval_rows_dropped"],
     }
     assert status["data"]["fingerprint"].startswith("sha256:") and status["data"]["trainRows"] > 0
     checksums = summary["replica_checksums"]

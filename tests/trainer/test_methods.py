@@ -56,6 +56,7 @@ def test_from_scratch_learns_and_saves_tokenizer_and_model(base_model: Path):
     )
     lines = [len(Path(data[split]).read_text().splitlines()) for split in ("train", "eval")]
     assert [metrics["train_rows"], metrics["eval_rows"]] == lines
+    assert [metrics["train_rows_dropped"], metrics["eval_rows_dropped"]] == [0, 0]  # packed
     # The trained tokenizer and the model load back, with ChatML ready for the next stage.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,6 +108,31 @@ def test_sft_on_messages_learns_assistant_turns_only(base_model: Path, tmp_path:
     assistant = [m["content"] for m in rows[0]["messages"] if m["role"] == "assistant"]
     assert all(a in learned for a in assistant)
     assert "user" not in learned and rows[0]["messages"][1]["content"] not in learned
+
+
+def test_rows_left_nothing_to_learn_by_truncation_are_dropped_and_counted(
+    base_model: Path, tmp_path: Path
+):
+    """An instruction whose prompt alone fills maxLength loses its whole output: TRL drops
+    the row, and metrics.json and the report count it."""
+    long_prompt = " ".join(["the fox lives in the forest"] * 40)
+    rows = [{"instruction": f"Add {i} and {i}.", "output": f"{2 * i}."} for i in range(6)]
+    rows[1]["instruction"] = rows[4]["instruction"] = long_prompt
+    rows_file = tmp_path / "train.jsonl"
+    rows_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    doc = with_spec(
+        example("trainingrun-sft-tiny.yaml"),
+        model={"name": str(base_model)},
+        data={"train": str(rows_file), "format": "instruction", "maxLength": 64},
+        training={"maxSteps": 2, "evalStrategy": "no", "saveSteps": 100},
+    )
+    doc["spec"]["data"].pop("eval")
+    output = tmp_path / "sft"
+    metrics = train(doc, output)
+    assert (metrics["train_rows"], metrics["train_rows_dropped"]) == (6, 2), metrics
+    assert metrics["eval_rows_dropped"] == 0
+    report = (output / "report.html").read_text()
+    assert "training rows dropped by truncation" in report
 
 
 def test_lora_writes_an_adapter_peft_loads_and_a_merged_model(base_model: Path, tmp_path: Path):

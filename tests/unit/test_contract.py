@@ -210,13 +210,17 @@ def test_metrics_file_takes_eval_metrics_and_refuses_typos():
 def test_the_outputs_message_carries_the_data_record_beside_the_metrics():
     fingerprint = "sha256:" + "0" * 64
     summary = {"method": "sft", "train_loss": 1.5, "qa.f1": 0.5, "global_step": 9,
-               "data_fingerprint": fingerprint, "train_rows": 12, "eval_rows": 0}  # fmt: skip
+               "data_fingerprint": fingerprint, "train_rows": 12, "eval_rows": 0,
+               "train_rows_dropped": 2, "eval_rows_dropped": 0}  # fmt: skip
     message = contract.outputs_message(summary)
     assert contract.parse_outputs_message(message) == {"qa.f1": 0.5, "train_loss": 1.5,
                                                        "global_step": 9.0}  # fmt: skip
     assert contract.parse_outputs_data(message) == contract.DataRecord(
-        fingerprint=fingerprint, train_rows=12, eval_rows=0
+        fingerprint=fingerprint, train_rows=12, eval_rows=0, train_rows_dropped=2
     )
+    # A trainer from before the dropped-row count: none known dropped.
+    older = f'outputs: {{"data":{{"fingerprint":"{fingerprint}","train_rows":5,"eval_rows":1}}}}'
+    assert contract.parse_outputs_data(older).train_rows_dropped == 0
     # An evaluate run (no data record), another message, or a torn record: none.
     plain = contract.outputs_message({"qa.f1": 0.5})
     assert contract.parse_outputs_data(plain) is None

@@ -736,7 +736,8 @@ FINGERPRINT = "sha256:" + "ab" * 32
         (
             SPEC,
             'outputs: {"train_loss":1.25,"eval_loss":1.5,"global_step":150,'
-            f'"data":{{"fingerprint":"{FINGERPRINT}","train_rows":400,"eval_rows":40}}}}',
+            f'"data":{{"fingerprint":"{FINGERPRINT}","train_rows":400,"eval_rows":40,'
+            '"train_rows_dropped":3,"eval_rows_dropped":1}}',
             {
                 "modelUri": "pvc://models/pretrain",
                 "metrics": {"train_loss": 1.25, "eval_loss": 1.5, "global_step": 150.0},
@@ -769,7 +770,8 @@ def test_a_succeeded_run_reports_rank_0s_metrics(
     assert plan.status.phase == "Succeeded"
     assert status_body(plan.status)["outputs"] == outputs
     # The data it trained on, where the trainer said (training methods do).
-    expected_data = {"fingerprint": FINGERPRINT, "trainRows": 400, "evalRows": 40}
+    expected_data = {"fingerprint": FINGERPRINT, "trainRows": 400, "evalRows": 40,
+                     "trainRowsDropped": 3, "evalRowsDropped": 1}  # fmt: skip
     assert status_body(plan.status).get("data") == (expected_data if "data" in message else None)
     if "headline" in outputs:
         assert outputs["headline"] in next(

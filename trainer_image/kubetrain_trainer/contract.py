@@ -188,10 +188,14 @@ class TrainerMetricsFile(BaseModel):
     per_device_train_batch_size: int | None = None
     gradient_accumulation_steps: int | None = None
     # The data the model was trained on: the fingerprint of the train and eval files' bytes
-    # (`sha256:<hex>`, data.data_fingerprint) and the rows each held after validation.
+    # (`sha256:<hex>`, data.data_fingerprint) and the rows each held after validation; of
+    # those, the rows dropped because truncation to data.maxLength left them nothing to
+    # learn (sft/lora: no completion or assistant token; dpo: the prompt fills maxLength).
     data_fingerprint: str | None = None
     train_rows: int | None = None
     eval_rows: int | None = None
+    train_rows_dropped: int | None = None
+    eval_rows_dropped: int | None = None
     # Every evaluation during training, oldest first: {"step": N, "<metric>": value, ...}
     # with intermediate_metrics(method) keys; at most MAX_EVAL_HISTORY entries.
     eval_history: list[dict[str, float | int]] | None = None
@@ -351,7 +355,13 @@ OUTPUTS_DATA_KEY = "data"
 MAX_OUTPUT_METRICS = 32
 _OUTPUT_DIGITS = 6
 # metrics.json's fields that describe the data, not the model: in DataRecord, not metrics.
-DATA_FIELDS = ("data_fingerprint", "train_rows", "eval_rows")
+DATA_FIELDS = (
+    "data_fingerprint",
+    "train_rows",
+    "eval_rows",
+    "train_rows_dropped",
+    "eval_rows_dropped",
+)
 
 
 class DataRecord(BaseModel):
@@ -360,6 +370,9 @@ class DataRecord(BaseModel):
     fingerprint: str
     train_rows: int
     eval_rows: int
+    # Absent from the messages of trainers older than the count: none known dropped.
+    train_rows_dropped: int = 0
+    eval_rows_dropped: int = 0
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> DataRecord | None:
@@ -369,6 +382,8 @@ class DataRecord(BaseModel):
             fingerprint=summary["data_fingerprint"],
             train_rows=summary.get("train_rows") or 0,
             eval_rows=summary.get("eval_rows") or 0,
+            train_rows_dropped=summary.get("train_rows_dropped") or 0,
+            eval_rows_dropped=summary.get("eval_rows_dropped") or 0,
         )
 
 

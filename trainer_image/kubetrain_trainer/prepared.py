@@ -20,6 +20,7 @@ off for the builder's call, which runs alone anyway.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,6 +29,8 @@ import trl
 from datasets import Dataset
 
 from kubetrain_trainer.datacache import cache_key, tokenized
+
+log = logging.getLogger(__name__)
 
 # The TRL arguments (SFTConfig, DPOConfig) that change what preparation writes.
 PREPARATION_ARGUMENTS = (
@@ -93,7 +96,13 @@ class CachedPreparation:
                 return {split: prepare(rows, processing_class, args, *rest)}
 
         prepared = tokenized(args.output_dir, key, build, args)[split]
-        self.rows_dropped[split] = len(dataset) - len(prepared)
+        self.rows_dropped[split] = dropped = len(dataset) - len(prepared)
+        if dropped:
+            log.warning(
+                "%s: %d of %d rows dropped: truncation to data.maxLength=%s left them nothing "
+                "to learn (raise maxLength to keep them)",
+                split, dropped, len(dataset), args.max_length,
+            )  # fmt: skip
         return prepared
 
 

@@ -70,6 +70,8 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("merged_dir", "merged model"),
     ("train_rows", "training rows"),
     ("eval_rows", "evaluation rows"),
+    ("train_rows_dropped", "training rows dropped by truncation"),
+    ("eval_rows_dropped", "evaluation rows dropped by truncation"),
     ("data_fingerprint", "data fingerprint"),
 )
 DURATION_FIELDS = frozenset({"train_runtime_seconds", "runtime_seconds"})

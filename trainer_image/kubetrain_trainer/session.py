@@ -139,6 +139,8 @@ class Session:
     preemption: PreemptionCallback = field(default_factory=PreemptionCallback)
     started: float = field(default_factory=time.monotonic)
     data: LoadedData | None = None  # what load_data read, for metrics.json
+    # Rows per split that truncation left nothing to learn from (set by sft and dpo).
+    rows_dropped: dict[str, int] = field(default_factory=dict)
     remote_output: RemoteOutput | None = None  # an s3:// output the checkpoints go to
 
     def __post_init__(self) -> None:
@@ -172,6 +174,8 @@ class Session:
         summary.data_fingerprint = self.data.fingerprint
         summary.train_rows = len(self.data.train)
         summary.eval_rows = len(self.data.eval) if self.data.eval is not None else 0
+        summary.train_rows_dropped = self.rows_dropped.get("train", 0)
+        summary.eval_rows_dropped = self.rows_dropped.get("eval", 0)
 
     def callbacks(self) -> list:
         # The marker callback runs before Prometheus so checkpoint_step never names an

@@ -1319,6 +1319,16 @@ class DataStatus(K8sObject):
     )
     train_rows: int = Field(ge=0, description="Training rows, after validation.")
     eval_rows: int = Field(ge=0, description="Evaluation rows (0 without eval data).")
+    train_rows_dropped: int = Field(
+        0,
+        ge=0,
+        description="Training rows dropped because truncation to data.maxLength left them "
+        "nothing to learn (sft, lora: no output or assistant token left; dpo: the prompt "
+        "fills maxLength). Raise maxLength to keep them.",
+    )
+    eval_rows_dropped: int = Field(
+        0, ge=0, description="Evaluation rows dropped for the same reason as trainRowsDropped."
+    )
 
 
 class Outputs(K8sObject):

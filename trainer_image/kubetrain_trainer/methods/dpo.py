@@ -113,6 +113,7 @@ def train(cfg: TrainerConfig, session: Session) -> FitResult:
         cache_settings={"max_prompt_length": limit},
         before_preparation=(lambda rows: clip_prompts(rows, tokenizer, limit)) if limit else None,
     )
+    session.rows_dropped = trainer.rows_dropped
     check_rows_left(trainer, cfg)
     log.info(
         "%s; %d preference pairs, beta %.3g", describe(trainer.model), len(data.train), dpo.beta

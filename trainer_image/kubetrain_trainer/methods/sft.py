@@ -76,6 +76,7 @@ def build_trainer(
         trainer.train_dataset = truncated(trainer.train_dataset, cfg.data.max_length)
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = truncated(trainer.eval_dataset, cfg.data.max_length)
+    session.rows_dropped = trainer.rows_dropped
     check_loss_mask(trainer, data.format, cfg.data.train, cfg.data.max_length)
     log.info("%s; %d training rows (%s)", describe(trainer.model), len(data.train), data.format)
     return trainer
