@@ -95,6 +95,13 @@ def test_fsdp_arguments(training: dict, expected: dict) -> None:
     assert fsdp_arguments(Training(**training)) == expected
 
 
+def test_an_adapter_keeps_the_trainers_checkpointing() -> None:
+    training = Training(sharding="fsdp", gradient_checkpointing=True)
+    arguments = fsdp_arguments(training, adapter=True)
+    assert arguments["activation_checkpointing"] is True
+    assert arguments["fsdp_config"]["activation_checkpointing"] is False
+
+
 def test_fsdp_arguments_build_accelerates_fsdp2_plugin(tmp_path: Path) -> None:
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, **fsdp_arguments(Training(sharding="fsdp"))
@@ -298,11 +305,20 @@ def test_from_scratch_fsdp_equals_ddp_and_resumes_on_fewer_ranks(tmp_path: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "lora", "dpo"])
+@pytest.mark.parametrize(
+    ("method", "knobs"),
+    [
+        # The ranks must agree on the best checkpoint: its reload is a collective.
+        ("sft", {"loadBestModelAtEnd": True}),
+        # FSDP's activation checkpointing around PEFT-wrapped decoder layers.
+        ("lora", {"gradientCheckpointing": True}),
+        ("dpo", {}),
+    ],
+)
 def test_method_under_fsdp_checkpoints_shards_and_resumes(
-    method: str, base_model: Path, tmp_path: Path
+    method: str, knobs: dict, base_model: Path, tmp_path: Path
 ) -> None:
-    config = write_config(spec(method, tmp_path / method, base_model, sharding="fsdp"))
+    config = write_config(spec(method, tmp_path / method, base_model, sharding="fsdp", **knobs))
     preempt_and_resume_on_one_rank(config)
     output = config.parent
     # Per-batch losses of chats and pairs of every length are noisy; the held-out loss

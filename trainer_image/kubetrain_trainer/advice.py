@@ -51,6 +51,18 @@ def memory_advice(spec: Any, *, host_memory_limit: str | None = None) -> str:
     elif max_length:
         remedies.append(f"data.maxLength is {max_length}")
     uses_lora = spec.method == "lora" or (spec.dpo is not None and spec.dpo.use_lora)
+    qlora = uses_lora and spec.lora is not None and spec.lora.load_in_4bit
+    if host_memory_limit is None and training.sharding == "none" and not qlora:
+        remedies.append(
+            "training.sharding is none: fsdp keeps 1/N of the weights, gradients and "
+            "optimizer states on each of the N processes"
+        )
+    elif (
+        host_memory_limit is None and training.sharding == "fsdp" and not training.fsdp_cpu_offload
+    ):
+        remedies.append(
+            "training.fsdpCpuOffload is off: it moves the shards to host memory (slower)"
+        )
     if spec.method in ("sft", "dpo") and not uses_lora:
         remedies.append(
             f"method {spec.method} trains every weight: lora trains a small adapter instead "

@@ -112,7 +112,8 @@ def training_arguments(
             "training.sharding: fsdp shards over a torchrun process group; start the trainer "
             "with python -m kubetrain_trainer.launch (as pods and `kubetrain run` do)"
         )
-    arguments.update(fsdp_arguments(t))
+    adapter = cfg.method == "lora" or (cfg.dpo is not None and cfg.dpo.use_lora)
+    arguments.update(fsdp_arguments(t, adapter))
     try:
         return args_class(**{**arguments, **method_args})
     except ValueError as e:

@@ -10,10 +10,11 @@ FSDP's own activation checkpointing (the Trainer's would gather each layer twice
 
 What this module adds around the libraries:
 - `fsdp_arguments`: the TrainingArguments a Training block asks for (a pure function).
-- `FsdpOnCpu`: accelerate turns FSDP on only for accelerators (CUDA, XPU, ...). torch's
+- `FsdpSupport`: accelerate turns FSDP on only for accelerators (CUDA, XPU, ...). torch's
   gloo backend has the collectives FSDP2 needs (all_gather_into_tensor,
   reduce_scatter_tensor), so on CPU the same plugin is put in place exactly as
   AcceleratorState does for a GPU: tests and CPU clusters run the production code path.
+  It also keeps the ranks agreeing on the best checkpoint (loadBestModelAtEnd).
 - Checkpoints are torch distributed checkpoints (DCP: `pytorch_model_fsdp_0/` and
   `optimizer_0/`, one `.distcp` file per rank holding its shards), so no rank gathers the
   model or the optimizer state to save one. DCP re-shards on load: a run resumes onto
@@ -26,6 +27,7 @@ What this module adds around the libraries:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,17 @@ SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
 SHARDED_OPTIMIZER_DIR = "optimizer_0"
 
 
-def fsdp_arguments(training: Training) -> dict[str, Any]:
-    """TrainingArguments fields for the block's sharding; {} for sharding none."""
+def fsdp_arguments(training: Training, adapter: bool = False) -> dict[str, Any]:
+    """TrainingArguments fields for the block's sharding; {} for sharding none.
+
+    `adapter`: the model is a PEFT adapter (lora, dpo.useLora). Its gradient checkpointing
+    stays the Trainer's: FSDP's own wraps each layer in a checkpoint wrapper, whose names
+    accelerate's adapter-only checkpoint filter does not match, so the sharded checkpoint
+    would hold no adapter weights (seen with accelerate 1.16).
+    """
     if training.sharding != "fsdp":
         return {}
+    fsdp_checkpointing = training.gradient_checkpointing and not adapter
     return {
         "fsdp": True,
         "fsdp_config": {
@@ -55,22 +64,28 @@ def fsdp_arguments(training: Training) -> dict[str, Any]:
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "reshard_after_forward": training.fsdp_reshard_after_forward,
             "cpu_offload": training.fsdp_cpu_offload,
-            "activation_checkpointing": training.gradient_checkpointing,
+            "activation_checkpointing": fsdp_checkpointing,
         },
-        # transformers refuses both checkpointing flags at once; FSDP's wraps each layer.
-        "activation_checkpointing": False,
+        # transformers refuses both at once; FSDP's avoids a second gather per layer.
+        "activation_checkpointing": training.gradient_checkpointing and adapter,
     }
 
 
-class FsdpOnCpu:
-    """Trainer mixin: the FSDP plugin the arguments ask for, on CPU processes too.
+class FsdpSupport:
+    """Trainer mixin: what transformers' Trainer lacks for FSDP2 here.
 
-    accelerate's AcceleratorState switches to DistributedType.FSDP only for accelerator
-    backends and leaves a multi-CPU (gloo) group on DDP. This does what AcceleratorState
-    does for GPUs (the plugin, its mixed precision, the distributed type) when the state
-    came out multi-CPU; on GPUs accelerate has done it already and this changes nothing.
-    It must run inside Trainer.__init__ (TRL's trainers read `is_fsdp_enabled` there, e.g.
-    to shard DPO's reference model), hence the override of the accelerator's creation.
+    1. The FSDP plugin on CPU processes too. accelerate's AcceleratorState switches to
+       DistributedType.FSDP only for accelerator backends and leaves a multi-CPU (gloo)
+       group on DDP; this does what AcceleratorState does for GPUs (the plugin, its mixed
+       precision, the distributed type) when the state came out multi-CPU. On GPUs
+       accelerate has done it already and this changes nothing. It runs inside
+       Trainer.__init__ (TRL's trainers read `is_fsdp_enabled` there, e.g. to shard DPO's
+       reference model), hence the override of the accelerator's creation.
+    2. A checkpoint folder that exists when the ranks look for it. After `save_model`
+       each rank records the best checkpoint only if its folder exists; with a sharded
+       state dict save_model writes nothing, so whether the folder exists yet depends on
+       which rank got further, the ranks disagree, and loadBestModelAtEnd's collective
+       reload waits forever. Creating the folder first gives every rank the same answer.
     """
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -92,6 +107,11 @@ class FsdpOnCpu:
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin
         self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.is_fsdp_enabled and output_dir is not None:
+            os.makedirs(output_dir, exist_ok=True)
+        super().save_model(output_dir, _internal_call)  # type: ignore[misc]
 
 
 def is_sharded_checkpoint(folder: str | Path) -> bool:

@@ -28,13 +28,13 @@ from kubetrain_trainer.methods.lora import peft_config
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
 from kubetrain_trainer.prepared import CachedPreparation
 from kubetrain_trainer.session import FitResult, Session, sampling_strategy, training_arguments
-from kubetrain_trainer.sharding import FsdpOnCpu
+from kubetrain_trainer.sharding import FsdpSupport
 from kubetrain_trainer.throughput import ThroughputLevers
 
 log = logging.getLogger(__name__)
 
 
-class DPOTrainer(CachedPreparation, FsdpOnCpu, ThroughputLevers, trl.DPOTrainer):
+class DPOTrainer(CachedPreparation, FsdpSupport, ThroughputLevers, trl.DPOTrainer):
     """TRL's DPOTrainer with length-grouped pairs and the LM head on completion tokens."""
 
 

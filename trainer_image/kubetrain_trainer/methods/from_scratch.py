@@ -33,12 +33,12 @@ from kubetrain_trainer.config import ConfigError, FromScratch, TrainerConfig
 from kubetrain_trainer.datacache import Splits, cache_key, tokenized
 from kubetrain_trainer.models import build_model, describe, load_tokenizer, train_bpe_tokenizer
 from kubetrain_trainer.session import FitResult, Session, training_arguments
-from kubetrain_trainer.sharding import FsdpOnCpu
+from kubetrain_trainer.sharding import FsdpSupport
 
 log = logging.getLogger(__name__)
 
 
-class Trainer(FsdpOnCpu, transformers.Trainer):
+class Trainer(FsdpSupport, transformers.Trainer):
     """transformers' Trainer, able to shard (training.sharding: fsdp) on CPU too."""
 
 # pack()'s version in cache keys: bump it when pack() changes what it writes.

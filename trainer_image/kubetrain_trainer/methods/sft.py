@@ -24,13 +24,13 @@ from kubetrain_trainer.config import ConfigError, TrainerConfig
 from kubetrain_trainer.models import describe, fit_embeddings, load_model, load_tokenizer
 from kubetrain_trainer.prepared import CachedPreparation
 from kubetrain_trainer.session import FitResult, Session, sampling_strategy, training_arguments
-from kubetrain_trainer.sharding import FsdpOnCpu
+from kubetrain_trainer.sharding import FsdpSupport
 from kubetrain_trainer.throughput import ThroughputLevers, truncated
 
 log = logging.getLogger(__name__)
 
 
-class SFTTrainer(CachedPreparation, FsdpOnCpu, ThroughputLevers, trl.SFTTrainer):
+class SFTTrainer(CachedPreparation, FsdpSupport, ThroughputLevers, trl.SFTTrainer):
     """TRL's SFTTrainer with length-grouped batches and the LM head on labelled tokens."""
 
 
