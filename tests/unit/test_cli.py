@@ -61,6 +61,13 @@ def test_render_prints_the_workload(capsys):
     assert config["data"]["train"] == "/mnt/pvc/sft-data/sft/train.jsonl"
 
 
+def test_render_shows_the_sharding_in_the_trainer_config(capsys):
+    assert main(["render", str(EXAMPLES / "trainingrun-sft-7b-fsdp.yaml")]) == 0
+    config_map = next(yaml.safe_load_all(capsys.readouterr().out))
+    training = yaml.safe_load(config_map["data"]["config.yaml"])["training"]
+    assert training["sharding"] == "fsdp" and training["gradientCheckpointing"] is True
+
+
 def test_render_refuses_local_paths_for_a_cluster(capsys):
     assert main(["render", str(EXAMPLES / "trainingrun-sft-tiny.yaml")]) == 2
     assert "does not exist inside the pods" in capsys.readouterr().err
