@@ -102,7 +102,9 @@ def test_an_adapter_keeps_the_trainers_checkpointing() -> None:
     assert arguments["fsdp_config"]["activation_checkpointing"] is False
 
 
-def test_fsdp_arguments_build_accelerates_fsdp2_plugin(tmp_path: Path) -> None:
+def test_fsdp_arguments_build_accelerates_fsdp2_plugin(tmp_path: Path, monkeypatch) -> None:
+    # TrainingArguments exports this for transformers' loading; keep it out of later tests.
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, **fsdp_arguments(Training(sharding="fsdp"))
     )
