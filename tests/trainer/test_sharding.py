@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from example_specs import REPO, example, with_spec
 from polling import wait_for
 from transformers import TrainingArguments
@@ -144,19 +145,31 @@ def test_check_resumable(tmp_path: Path, sharded: bool, sharding: str, refused: 
         assert "training.sharding" in str(e.value)
 
 
+def sharded_config(tmp_path: Path, **training) -> TrainerConfig:
+    return TrainerConfig(
+        method="sft",
+        model={"name": "m"},
+        data={"train": "t.jsonl"},
+        training={"sharding": "fsdp", **training},
+        output_dir=str(tmp_path),
+    )
+
+
 def test_fsdp_needs_a_process_group(tmp_path: Path, monkeypatch) -> None:
     from kubetrain_trainer.session import training_arguments
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    cfg = TrainerConfig(
-        method="sft",
-        model={"name": "m"},
-        data={"train": "t.jsonl"},
-        training={"sharding": "fsdp"},
-        output_dir=str(tmp_path),
-    )
     with pytest.raises(ConfigError, match=re.escape("python -m kubetrain_trainer.launch")):
-        training_arguments(cfg, TrainingArguments)
+        training_arguments(sharded_config(tmp_path), TrainingArguments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without GPUs")
+def test_cpu_offload_without_a_gpu_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from kubetrain_trainer.session import training_arguments
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="without a GPU they are in host memory already"):
+        training_arguments(sharded_config(tmp_path, fsdp_cpu_offload=True), TrainingArguments)
 
 
 # ---------------------------------------------------------------- training (slow)

@@ -112,6 +112,12 @@ def training_arguments(
             "training.sharding: fsdp shards over a torchrun process group; start the trainer "
             "with python -m kubetrain_trainer.launch (as pods and `kubetrain run` do)"
         )
+    if t.fsdp_cpu_offload and not torch.cuda.is_available():
+        raise ConfigError(
+            "training.fsdpCpuOffload moves the shards from the GPUs to host memory; without "
+            "a GPU they are in host memory already (and torch's offload pins memory, which "
+            "needs CUDA): remove it, or request nvidia.com/gpu in spec.resources"
+        )
     adapter = cfg.method == "lora" or (cfg.dpo is not None and cfg.dpo.use_lora)
     arguments.update(fsdp_arguments(t, adapter))
     try:
