@@ -1,11 +1,13 @@
-"""Sharded training (training.sharding: fsdp): FSDP2 in two gloo processes on CPU.
+"""Sharded training (training.sharding: fsdp|deepspeed): FSDP2 and DeepSpeed ZeRO-3 in
+two gloo processes on CPU.
 
 The slow tests run the trainer as pods do (`python -m kubetrain_trainer.launch`), stop it
 with SIGTERM (as a pod deletion does) while the stall hook of tests/e2e/hooks holds it at a
 step, and resume the sharded checkpoint it saved in ONE process: the world size changes, as
 after a node loss, and torch's distributed checkpoint re-shards it. Each run ends with a
 consolidated Hugging Face folder. from_scratch also runs under DDP on the same data and
-seed: the losses must agree.
+seed: the losses must agree. DeepSpeed's checkpoints resume only on the world size that
+wrote them, so its runs resume on 2 processes again.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from kubetrain_trainer.checkpoints import is_complete, resume_checkpoint
 from kubetrain_trainer.config import ConfigError, TrainerConfig, Training, dump_trainer_config
 from kubetrain_trainer.contract import ExitCode
 from kubetrain_trainer.sharding import (
+    DEEPSPEED_LATEST,
     SHARDED_MODEL_DIR,
     SHARDED_OPTIMIZER_DIR,
     check_resumable,
+    deepspeed_arguments,
     fsdp_arguments,
 )
 
@@ -115,10 +119,23 @@ def test_fsdp_arguments_build_accelerates_fsdp2_plugin(tmp_path: Path, monkeypat
     assert plugin["reshard_after_forward"] is True
 
 
-def make_checkpoint(folder: Path, sharded: bool, ranks: int) -> Path:
+def test_deepspeed_arguments_are_zero3_filled_in_by_transformers() -> None:
+    assert deepspeed_arguments(Training()) == {}
+    config = deepspeed_arguments(Training(sharding="deepspeed"))["deepspeed"]
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # transformers' optimizer (training.optimizer), not one DeepSpeed would configure.
+    assert "optimizer" not in config
+    assert config["bf16"] == config["fp16"] == {"enabled": "auto"}
+    assert config["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def make_checkpoint(folder: Path, written_with: str, ranks: int) -> Path:
     folder.mkdir(parents=True)
-    if sharded:
+    if written_with == "fsdp":
         (folder / SHARDED_MODEL_DIR).mkdir()
+    elif written_with == "deepspeed":
+        (folder / DEEPSPEED_LATEST).write_text("global_step4")
     else:
         (folder / "model.safetensors").write_bytes(b"")
     for rank in range(ranks):
@@ -127,21 +144,27 @@ def make_checkpoint(folder: Path, sharded: bool, ranks: int) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("sharded", "sharding", "refused"),
+    ("written_with", "sharding", "world_size", "refused"),
     [
-        (True, "fsdp", None),
-        (False, "none", None),
-        (True, "none", "is a sharded (FSDP) checkpoint"),
-        (False, "fsdp", "was written by a sharding none (DDP) run"),
+        ("fsdp", "fsdp", 1, None),  # DCP re-shards onto another world size
+        ("none", "none", 1, None),
+        ("deepspeed", "deepspeed", 2, None),
+        ("fsdp", "none", 1, "written by a sharding fsdp run (torch distributed checkpoint"),
+        ("none", "fsdp", 1, "written by a sharding none run (one full copy"),
+        ("deepspeed", "fsdp", 2, "written by a sharding deepspeed run (DeepSpeed ZeRO-3"),
+        ("fsdp", "deepspeed", 2, "set sharding: fsdp to resume it"),
+        ("deepspeed", "deepspeed", 1, "ZeRO-3 partitions for 2 ranks and this run has 1"),
     ],
 )
-def test_check_resumable(tmp_path: Path, sharded: bool, sharding: str, refused: str | None):
-    folder = make_checkpoint(tmp_path / "checkpoint-4", sharded, ranks=2)
+def test_check_resumable(
+    tmp_path: Path, written_with: str, sharding: str, world_size: int, refused: str | None
+) -> None:
+    folder = make_checkpoint(tmp_path / "checkpoint-4", written_with, ranks=2)
     if refused is None:
-        check_resumable(folder, sharding, world_size=1)
+        check_resumable(folder, sharding, world_size=world_size)
     else:
         with pytest.raises(ConfigError, match=re.escape(refused)) as e:
-            check_resumable(folder, sharding, world_size=1)
+            check_resumable(folder, sharding, world_size=world_size)
         assert "training.sharding" in str(e.value)
 
 
@@ -291,15 +314,33 @@ def preempt_and_resume_on_one_rank(config: Path) -> dict[int, float]:
     return losses_before_stop
 
 
-@pytest.mark.slow
-def test_from_scratch_fsdp_equals_ddp_and_resumes_on_fewer_ranks(tmp_path: Path) -> None:
-    ddp = run_locally(parse_document(spec("from_scratch", tmp_path / "ddp", None), "t"))
+@pytest.fixture(scope="module")
+def ddp_output(tmp_path_factory) -> Path:
+    """from_scratch on 2 processes without sharding: the run sharding must reproduce."""
+    output = tmp_path_factory.mktemp("ddp") / "ddp"
+    ddp = run_locally(parse_document(spec("from_scratch", output, None), "t"))
     assert ddp.exit_code == 0
+    return output
+
+
+@pytest.fixture
+def ddp_losses(ddp_output: Path) -> dict[int, float]:
+    return logged(ddp_output)
+
+
+@pytest.fixture
+def ddp_eval_losses(ddp_output: Path) -> dict[int, float]:
+    return logged(ddp_output, "eval_loss")
+
+
+@pytest.mark.slow
+def test_from_scratch_fsdp_equals_ddp_and_resumes_on_fewer_ranks(
+    tmp_path: Path, ddp_losses: dict[int, float]
+) -> None:
     config = write_config(spec("from_scratch", tmp_path / "fsdp", None, sharding="fsdp"))
     fsdp_losses = preempt_and_resume_on_one_rank(config)
 
     # Same data, seed and world size: FSDP's losses are DDP's, step by step.
-    ddp_losses = logged(tmp_path / "ddp")
     assert sorted(fsdp_losses) == [1, 2, 3, 4, 5]
     for step, loss in fsdp_losses.items():
         assert loss == pytest.approx(ddp_losses[step], rel=1e-5), (step, loss, ddp_losses)
@@ -356,3 +397,83 @@ def test_method_under_fsdp_checkpoints_shards_and_resumes(
     if method == "dpo":
         summary = json.loads((output / "metrics.json").read_text())
         assert summary["rewards_accuracy"] is not None
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO-3 (slow)
+
+
+def assert_zero3_partitioned(checkpoint: Path) -> None:
+    """Each of the two ranks wrote its own ZeRO-3 partition files, each about half of the
+    fp32 weights and Adam moments (no rank holds the whole optimizer state)."""
+    assert is_complete(checkpoint)
+    step_dir = checkpoint / (checkpoint / DEEPSPEED_LATEST).read_text().strip()
+    files = {p.name: p.stat().st_size for p in step_dir.iterdir()}
+    expected = {
+        f"zero_pp_rank_{rank}_mp_rank_00_{part}_states.pt"
+        for rank in (0, 1)
+        for part in ("model", "optim")
+    }
+    assert set(files) == expected, files
+    optim = [files[f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] for rank in (0, 1)]
+    assert max(optim) < 0.6 * sum(optim), optim
+    # The weights every rank gathered for save_model: 16-bit, consolidated, loadable.
+    assert (checkpoint / "model.safetensors").is_file()
+
+
+def preempt_and_resume_deepspeed(config: Path) -> dict[int, float]:
+    """Stop the 2-process ZeRO-3 run at step 4 with SIGTERM and resume it on 2 processes;
+    returns the losses logged before the stop."""
+    code, log = preempt_at(config, step=4, procs=2)
+    assert code in (ExitCode.PREEMPTED, 128 + signal.SIGTERM), log
+    output = config.parent
+    checkpoint = Path(resume_checkpoint(output))
+    assert checkpoint.name == "checkpoint-5", log
+    assert_zero3_partitioned(checkpoint)
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    resumed = resume(config, procs=2)
+    assert f"resuming from {checkpoint}" in resumed
+    assert json.loads((output / "metrics.json").read_text())["global_step"] == 8
+    assert sorted(logged(output)) == list(range(1, 9))
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+@pytest.mark.slow
+def test_from_scratch_deepspeed_equals_ddp_and_resumes(
+    tmp_path: Path, ddp_losses: dict[int, float], ddp_eval_losses: dict[int, float]
+) -> None:
+    config = write_config(spec("from_scratch", tmp_path / "ds", None, sharding="deepspeed"))
+    ds_losses = preempt_and_resume_deepspeed(config)
+    assert sorted(ds_losses) == [1, 2, 3, 4, 5]
+    # Same data, seed, world size and schedule. ZeRO-3 builds the model partitioned
+    # (deepspeed.zero.Init), which draws the random initial weights in another order, so
+    # the losses are not DDP's bit for bit (0.1-0.4% apart over these steps, measured);
+    # a wrong batch, schedule or data split would move them by several percent.
+    for step, loss in ds_losses.items():
+        assert loss == pytest.approx(ddp_losses[step], rel=1e-2), (step, loss, ddp_losses)
+    output = tmp_path / "ds"
+    assert logged(output, "eval_loss")[8] == pytest.approx(ddp_eval_losses[8], rel=2e-3)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(output)
+    summary = json.loads((output / "metrics.json").read_text())
+    # The ranks' partition sums add up to the consolidated model's.
+    total = sum(p.detach().double().sum().item() for p in model.parameters())
+    assert total == pytest.approx(summary["replica_checksums"][0], rel=1e-6)
+    assert summary["replica_checksums"][0] == summary["replica_checksums"][1]
+
+
+@pytest.mark.slow
+def test_sft_under_deepspeed_checkpoints_partitions_and_resumes(
+    base_model: Path, tmp_path: Path
+) -> None:
+    # A base model loaded into ZeRO-3 partitions (from_pretrained under zero.Init).
+    config = write_config(spec("sft", tmp_path / "sft", base_model, sharding="deepspeed"))
+    preempt_and_resume_deepspeed(config)
+    output = config.parent
+    eval_losses = logged(output, "eval_loss")
+    assert eval_losses[8] < eval_losses[4], eval_losses
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.num_hidden_layers == 2

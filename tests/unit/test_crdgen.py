@@ -534,7 +534,7 @@ CROSS_FIELD_CASES: list[tuple[str, dict[str, Any], str | None]] = [
         {"method": "evaluate", "data": None, "evaluate": EVALUATE, "model": {}},
         "this method needs model.name",
     ),
-    # Sharding (issue 17): fsdp and its knobs; deepspeed and QLoRA+FSDP refused with why.
+    # Sharding (issue 17): fsdp and its knobs, deepspeed; what neither runs refused with why.
     ("fsdp", {"training": {"sharding": "fsdp"}, "resources": {"nodes": 2}}, None),
     (
         "fsdp-offload-with-memory",
@@ -572,12 +572,35 @@ CROSS_FIELD_CASES: list[tuple[str, dict[str, Any], str | None]] = [
         {"training": {"sharding": "fsdp", "fsdpReshardAfterForward": False}},
         None,
     ),
-    ("deepspeed", {"training": {"sharding": "deepspeed"}}, "deepspeed is not supported"),
+    ("deepspeed", {"training": {"sharding": "deepspeed"}, "resources": {"nodes": 2}}, None),
+    (
+        "deepspeed-sft",
+        {"method": "sft", "model": {"name": "m"}, "training": {"sharding": "deepspeed"}},
+        None,
+    ),
+    (
+        "deepspeed-lora",
+        {"method": "lora", "lora": {"r": 8}, "training": {"sharding": "deepspeed"}},
+        "lora and dpo under DeepSpeed ZeRO-3 are not tested",
+    ),
+    (
+        "deepspeed-offload",
+        {
+            "training": {"sharding": "deepspeed", "fsdpCpuOffload": True},
+            "resources": {"requests": {"memory": "8Gi"}},
+        },
+        "apply to sharding: fsdp only",
+    ),
+    (
+        "qlora-deepspeed",
+        {"method": "lora", "lora": {"loadIn4Bit": True}, "training": {"sharding": "deepspeed"}},
+        "nor ZeRO-3 can shard bitsandbytes' 4-bit weights",
+    ),
     ("sharding-typo", {"training": {"sharding": "zero3"}}, "'zero3' is not one of"),
     (
         "qlora-fsdp",
         {"method": "lora", "lora": {"loadIn4Bit": True}, "training": {"sharding": "fsdp"}},
-        "FSDP2 cannot shard bitsandbytes' 4-bit weights",
+        "nor ZeRO-3 can shard bitsandbytes' 4-bit weights",
     ),
     (
         "lora-fsdp",

@@ -267,28 +267,28 @@ class Stability(Spec):
 
 Sharding = Literal["none", "fsdp", "deepspeed"]
 
-DEEPSPEED_REFUSED = (
-    "sharding: deepspeed is not supported: kubetrain ships no DeepSpeed backend "
-    "(its ZeRO-3 needs the deepspeed package and its compiled ops in the trainer image). "
-    "Use sharding: fsdp, which shards parameters, gradients and optimizer states the same "
-    "way (ZeRO-3), with fsdpCpuOffload for ZeRO-Offload"
-)
 FSDP_KNOBS_NEED_FSDP = (
-    "fsdpCpuOffload and fsdpReshardAfterForward apply to sharding: fsdp only; set "
-    "sharding: fsdp or remove them"
+    "fsdpCpuOffload and fsdpReshardAfterForward apply to sharding: fsdp only (sharding "
+    "deepspeed always reshards, ZeRO-3, and kubetrain does not offload it); set sharding: "
+    "fsdp or remove them"
 )
-QLORA_FSDP_REFUSED = (
-    "lora.loadIn4Bit with training.sharding fsdp: FSDP2 cannot shard bitsandbytes' 4-bit "
-    "weights in the installed versions (transformers 5, accelerate 1.x). QLoRA already fits "
-    "a 7B base on one GPU: use sharding: none, or full-precision LoRA (loadIn4Bit: false) "
-    "with sharding: fsdp"
+QLORA_SHARDED_REFUSED = (
+    "lora.loadIn4Bit with training.sharding fsdp or deepspeed: neither FSDP2 nor ZeRO-3 can "
+    "shard bitsandbytes' 4-bit weights in the installed versions (transformers 5, "
+    "accelerate 1.x, deepspeed 0.19). QLoRA already fits a 7B base on one GPU: use "
+    "sharding: none, or full-precision LoRA (loadIn4Bit: false) with sharding: fsdp"
+)
+# Methods whose ZeRO-3 path is exercised by kubetrain's tests (tests/trainer/test_sharding.py).
+DEEPSPEED_METHODS = ("from_scratch", "sft")
+DEEPSPEED_METHOD_REFUSED = (
+    "training.sharding deepspeed runs methods from_scratch and sft; lora and dpo under "
+    "DeepSpeed ZeRO-3 are not tested by kubetrain: use sharding: fsdp, which shards all four "
+    "methods the same way (ZeRO-3 semantics)"
 )
 
 
 def check_sharding(training: Training) -> None:
     """The sharding rules that read the training block alone (CEL twins in spec_rules)."""
-    if training.sharding == "deepspeed":
-        raise ValueError(DEEPSPEED_REFUSED)
     if training.sharding != "fsdp" and (
         training.fsdp_cpu_offload or not training.fsdp_reshard_after_forward
     ):
@@ -389,7 +389,8 @@ class Training(Spec):
         "parallel, DDP: every process holds all weights, gradients and optimizer states) or "
         "fsdp (FSDP2 fully_shard: each process holds 1/world-size of them, gathering one "
         "decoder layer at a time; checkpoints are sharded, the final model is a normal "
-        "folder). deepspeed is refused: kubetrain ships no DeepSpeed backend.",
+        "folder) or deepspeed (DeepSpeed ZeRO stage 3, the same partitioning by DeepSpeed; "
+        "methods from_scratch and sft; resumes on the world size that saved it).",
     )
     fsdp_cpu_offload: StrictBool = Field(
         False,
@@ -697,9 +698,7 @@ class TrainerConfig(Spec):
         None, description="Tokenizer settings for method from_scratch."
     )
     evaluate: Evaluate | None = Field(None, description="Evaluation suites (method evaluate).")
-    storage: Storage | None = Field(
-        None, description="Settings for s3:// URIs (endpoint, region)."
-    )
+    storage: Storage | None = Field(None, description="Settings for s3:// URIs (endpoint, region).")
     output_dir: str = Field(
         description="Where checkpoints, the final model and metrics go: a local folder or "
         "an s3:// prefix (the trainer works in a local copy under the cache and uploads)."
@@ -754,8 +753,10 @@ def check_method_blocks(cfg: TrainerConfig) -> None:
             )
     elif not cfg.model.name:
         raise ValueError(f"method {method} needs model.name (the model to start from)")
-    if cfg.training.sharding == "fsdp" and cfg.lora is not None and cfg.lora.load_in_4bit:
-        raise ValueError(QLORA_FSDP_REFUSED)
+    if cfg.training.sharding != "none" and cfg.lora is not None and cfg.lora.load_in_4bit:
+        raise ValueError(QLORA_SHARDED_REFUSED)
+    if cfg.training.sharding == "deepspeed" and method not in DEEPSPEED_METHODS:
+        raise ValueError(DEEPSPEED_METHOD_REFUSED)
     if method != "dpo" and cfg.data.max_prompt_length is not None:
         raise ValueError("data.maxPromptLength applies to method dpo only")
     if method == "dpo" and cfg.data.format not in ("auto", "preference"):

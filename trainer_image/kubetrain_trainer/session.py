@@ -34,9 +34,11 @@ from kubetrain_trainer.preflight import ModelShape, does_not_fit_message, estima
 from kubetrain_trainer.progress import drop_printer_callback, progress_callbacks
 from kubetrain_trainer.sharding import (
     check_resumable,
+    deepspeed_arguments,
     fsdp_arguments,
     local_part,
     save_final_model,
+    start_deepspeed,
 )
 from kubetrain_trainer.stability import StabilityCallback
 from kubetrain_trainer.storage import PublishCheckpoints, RemoteOutput
@@ -107,10 +109,10 @@ def training_arguments(
         # kubetrain_trainer.progress shows progress instead of tqdm, on a terminal or not.
         disable_tqdm=True,
     )
-    if t.sharding == "fsdp" and "LOCAL_RANK" not in os.environ:
+    if t.sharding != "none" and "LOCAL_RANK" not in os.environ:
         raise ConfigError(
-            "training.sharding: fsdp shards over a torchrun process group; start the trainer "
-            "with python -m kubetrain_trainer.launch (as pods and `kubetrain run` do)"
+            f"training.sharding: {t.sharding} shards over a torchrun process group; start the "
+            "trainer with python -m kubetrain_trainer.launch (as pods and `kubetrain run` do)"
         )
     if t.fsdp_cpu_offload and not torch.cuda.is_available():
         raise ConfigError(
@@ -120,11 +122,14 @@ def training_arguments(
         )
     adapter = cfg.method == "lora" or (cfg.dpo is not None and cfg.dpo.use_lora)
     arguments.update(fsdp_arguments(t, adapter))
+    arguments.update(deepspeed_arguments(t))
     try:
-        return args_class(**{**arguments, **method_args})
+        args = args_class(**{**arguments, **method_args})
     except ValueError as e:
         # transformers checks combinations we do not repeat (e.g. fp16 without a GPU).
         raise ConfigError(f"training: {e}") from e
+    start_deepspeed(args)  # before the method builds its model (ZeRO-3 partitions it)
+    return args
 
 
 @dataclass

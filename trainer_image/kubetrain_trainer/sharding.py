@@ -1,4 +1,4 @@
-"""Sharded training (FSDP2) through transformers and accelerate: `training.sharding: fsdp`.
+"""Sharded training through transformers and accelerate: `training.sharding: fsdp|deepspeed`.
 
 With sharding none every process holds the whole model, its gradients and its optimizer
 states (DDP). With fsdp, accelerate's FullyShardedDataParallelPlugin (fsdp_version 2)
@@ -22,6 +22,17 @@ What this module adds around the libraries:
   checkpoint written with the other sharding, with the reason.
 - `save_final_model`: the finished model is consolidated once, tensor by tensor, into rank
   0's host memory and saved as a normal Hugging Face folder (`from_pretrained` reads it).
+
+With deepspeed, transformers hands the model to DeepSpeed's ZeRO stage 3 engine: the same
+partitioning of weights, gradients and optimizer states, by DeepSpeed instead of torch.
+`deepspeed_arguments` writes its config; "auto" lets transformers fill in the batch sizes,
+accumulation, clipping and precision from the Training block, so the two cannot disagree.
+The optimizer stays transformers' (training.optimizer): ZeRO-3 partitions its states.
+Checkpoints are DeepSpeed's (`global_step<N>/zero_pp_rank_<r>_mp_rank_00_*_states.pt`, one
+pair per rank, plus the gathered 16-bit weights as model.safetensors); DeepSpeed cannot
+re-shard them onto another world size without its universal-checkpoint conversion, so
+`check_resumable` refuses that with both sizes. The final model is gathered by
+`save_model` (stage3_gather_16bit_weights_on_model_save) into a normal folder.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from kubetrain_trainer.config import ConfigError, Training
 
@@ -41,6 +52,13 @@ log = logging.getLogger(__name__)
 # Where accelerate's save_fsdp_model / save_fsdp_optimizer put a sharded checkpoint.
 SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
 SHARDED_OPTIMIZER_DIR = "optimizer_0"
+# DeepSpeed's save_checkpoint names the newest global_step<N> folder in this file.
+DEEPSPEED_LATEST = "latest"
+CHECKPOINT_LAYOUT = {
+    "none": "one full copy of the model and optimizer",
+    "fsdp": "torch distributed checkpoint shards",
+    "deepspeed": "DeepSpeed ZeRO-3 partitions",
+}
 
 
 def fsdp_arguments(training: Training, adapter: bool = False) -> dict[str, Any]:
@@ -69,6 +87,56 @@ def fsdp_arguments(training: Training, adapter: bool = False) -> dict[str, Any]:
         # transformers refuses both at once; FSDP's avoids a second gather per layer.
         "activation_checkpointing": training.gradient_checkpointing and adapter,
     }
+
+
+def deepspeed_arguments(training: Training) -> dict[str, Any]:
+    """TrainingArguments fields for sharding deepspeed (ZeRO stage 3); {} otherwise."""
+    if training.sharding != "deepspeed":
+        return {}
+    return {
+        "deepspeed": {
+            # "auto": transformers copies its own arguments in (one source of truth).
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "zero_optimization": {
+                "stage": 3,
+                # save_model gathers the weights into one model.safetensors: the final
+                # model (and each checkpoint's copy of it) is a normal Hugging Face folder.
+                "stage3_gather_16bit_weights_on_model_save": True,
+            },
+            # No "optimizer" block: ZeRO-3 wraps transformers' optimizer (training.optimizer)
+            # and partitions its states like DeepSpeed's own.
+        },
+    }
+
+
+def start_deepspeed(args: TrainingArguments) -> None:
+    """Bring up DeepSpeed's communication before the model is built.
+
+    transformers builds a model under ZeRO-3 partitioned from the start (deepspeed.zero.Init
+    in from_pretrained / from_config), which reads the world size from DeepSpeed's comm
+    layer. On GPUs accelerate starts it with the process group; on CPU (use_cpu) it starts
+    only torch's gloo group, so DeepSpeed would count one process and refuse the batch
+    sizes. init_distributed adopts the group that exists.
+
+    On CPU, DeepSpeed's collectives go through gloo, never its shm op: the CPU accelerator
+    JIT-compiles a shared-memory allreduce (deepspeed_shm_comm) with the system C++
+    compiler on first use, a minute per fresh machine and a compiler in the image, for CPU
+    runs whose speed nobody counts on. DeepSpeed keeps one dict of the ops it may build;
+    marking this one unusable makes it fall back to gloo. On GPUs there is no such op.
+    """
+    if not args.deepspeed:
+        return
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    args.device  # noqa: B018 (sets up the process group, and on GPUs DeepSpeed's comm)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
 class FsdpSupport:
@@ -114,9 +182,20 @@ class FsdpSupport:
         super().save_model(output_dir, _internal_call)  # type: ignore[misc]
 
 
+def checkpoint_sharding(folder: str | Path) -> str:
+    """Which sharding wrote a checkpoint folder: fsdp (DCP shards), deepspeed (a `latest`
+    file naming its global_step<N> folder of ZeRO partitions) or none (one full copy)."""
+    folder = Path(folder)
+    if (folder / SHARDED_MODEL_DIR).is_dir():
+        return "fsdp"
+    if (folder / DEEPSPEED_LATEST).is_file():
+        return "deepspeed"
+    return "none"
+
+
 def is_sharded_checkpoint(folder: str | Path) -> bool:
     """Whether a checkpoint folder holds DCP shards (written by a sharding fsdp run)."""
-    return (Path(folder) / SHARDED_MODEL_DIR).is_dir()
+    return checkpoint_sharding(folder) == "fsdp"
 
 
 def checkpoint_world_size(folder: str | Path) -> int:
@@ -127,34 +206,49 @@ def checkpoint_world_size(folder: str | Path) -> int:
 def check_resumable(folder: str | Path, sharding: str, world_size: int) -> None:
     """Refuse to resume `folder` when its layout does not match `sharding`; say whether
     the world size changes (DCP re-shards a sharded checkpoint onto any world size; a
-    DDP checkpoint is one full copy, which any world size reads)."""
-    sharded = is_sharded_checkpoint(folder)
-    if sharded and sharding != "fsdp":
+    DDP checkpoint is one full copy, which any world size reads; DeepSpeed's partitions
+    are read back only by as many ranks as wrote them)."""
+    written_with = checkpoint_sharding(folder)
+    if written_with != sharding:
         raise ConfigError(
-            f"training.sharding: {folder} is a sharded (FSDP) checkpoint, which a sharding "
-            f"{sharding} run cannot read; set sharding: fsdp to resume it, or move the "
-            "checkpoint-* folders away to start over"
-        )
-    if not sharded and sharding == "fsdp":
-        raise ConfigError(
-            f"training.sharding: {folder} was written by a sharding none (DDP) run, and "
-            "transformers resumes an FSDP run only from a sharded checkpoint; set sharding: "
-            "none to resume it, or move the checkpoint-* folders away (or start a new run "
-            "from the last saved model with model.name) to train with sharding: fsdp"
+            f"training.sharding: {folder} was written by a sharding {written_with} run "
+            f"({CHECKPOINT_LAYOUT[written_with]}), which a sharding {sharding} run cannot "
+            f"resume; set sharding: {written_with} to resume it, or move the checkpoint-* "
+            f"folders away (or start a new run from the last saved model with model.name) "
+            f"to train with sharding: {sharding}"
         )
     written_by = checkpoint_world_size(folder)
-    if sharded and written_by != world_size:
+    if written_by == world_size:
+        return
+    if sharding == "fsdp":
         log.info(
             "%s was written by %d ranks; re-sharding it onto %d (torch distributed checkpoint)",
             folder, written_by, world_size,
         )  # fmt: skip
+    elif sharding == "deepspeed":
+        raise ConfigError(
+            f"training.sharding: {folder} holds DeepSpeed ZeRO-3 partitions for {written_by} "
+            f"ranks and this run has {world_size}; DeepSpeed reads them back only on "
+            f"{written_by} ranks (another world size needs its universal checkpoint "
+            "conversion, which kubetrain does not run): set resources.nodes x procPerNode "
+            f"to {written_by}, or move the checkpoint-* folders away to start over"
+        )
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2 parameter), or the tensor itself."""
+    """This rank's shard of a DTensor (FSDP2 parameter) or of a ZeRO-3 parameter (its
+    `ds_tensor` partition), or the tensor itself."""
     from torch.distributed.tensor import DTensor
 
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    partition = getattr(tensor, "ds_tensor", None)
+    if partition is None:
+        return tensor
+    # ZeRO-3 pads the last partitions to equal sizes (uninitialised memory): keep the
+    # elements this rank really holds.
+    start = partition.numel() * torch.distributed.get_rank()
+    return partition.narrow(0, 0, max(0, min(partition.numel(), tensor.ds_numel - start)))
 
 
 def consolidated_state_dict(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
@@ -173,7 +267,8 @@ def consolidated_state_dict(model: torch.nn.Module, keep: bool) -> dict[str, tor
 
 
 def save_final_model(trainer: Trainer, output_dir: str) -> None:
-    """Save the trained model as a Hugging Face folder, whatever the sharding."""
+    """Save the trained model as a Hugging Face folder, whatever the sharding (under
+    DeepSpeed, save_model gathers the ZeRO-3 partitions itself, see deepspeed_arguments)."""
     if not trainer.is_fsdp_enabled:
         trainer.save_model(output_dir)
         return

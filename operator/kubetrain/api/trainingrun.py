@@ -29,13 +29,14 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from kubetrain.api.cel import flag, present, rule, value_or_default
+from kubetrain.api.cel import flag, literal, present, rule, value_or_default
 from kubetrain.api.uris import DATA_SCHEMES, SCHEMES, UriRef, check_uri, scheme_rule, uri_refs
 from kubetrain_trainer.config import (
-    DEEPSPEED_REFUSED,
+    DEEPSPEED_METHOD_REFUSED,
+    DEEPSPEED_METHODS,
     FSDP_KNOBS_NEED_FSDP,
     METHOD_DESCRIPTION,
-    QLORA_FSDP_REFUSED,
+    QLORA_SHARDED_REFUSED,
     Architecture,
     DataSpec,
     Dpo,
@@ -966,17 +967,22 @@ def sharding_rules() -> list[dict[str, str]]:
     """CEL twins of config.check_sharding, the QLoRA rule of check_method_blocks and
     check_offload_memory."""
     sharding = value_or_default("training.sharding", Training, "sharding")
+    deepspeed_methods = "[" + ", ".join(literal(m) for m in DEEPSPEED_METHODS) + "]"
     offload = flag("training.fsdpCpuOffload")
     keeps_gathered = (
-        f"({present('training.fsdpReshardAfterForward')} && "
-        "!self.training.fsdpReshardAfterForward)"
+        f"({present('training.fsdpReshardAfterForward')} && !self.training.fsdpReshardAfterForward)"
     )
     memory = (
         f"(({present('resources.requests')} && 'memory' in self.resources.requests) || "
         f"({present('resources.limits')} && 'memory' in self.resources.limits))"
     )
     return [
-        rule(f"{sharding} != 'deepspeed'", DEEPSPEED_REFUSED, field_path=".training.sharding"),
+        rule(
+            f"{sharding} != 'deepspeed' || self.method in {deepspeed_methods}",
+            DEEPSPEED_METHOD_REFUSED,
+            field_path=".training.sharding",
+            reason="FieldValueForbidden",
+        ),
         rule(
             f"{sharding} == 'fsdp' || !({offload} || {keeps_gathered})",
             FSDP_KNOBS_NEED_FSDP,
@@ -984,8 +990,8 @@ def sharding_rules() -> list[dict[str, str]]:
             reason="FieldValueForbidden",
         ),
         rule(
-            f"{sharding} != 'fsdp' || !{flag('lora.loadIn4Bit')}",
-            QLORA_FSDP_REFUSED,
+            f"{sharding} == 'none' || !{flag('lora.loadIn4Bit')}",
+            QLORA_SHARDED_REFUSED,
             field_path=".lora.loadIn4Bit",
             reason="FieldValueForbidden",
         ),

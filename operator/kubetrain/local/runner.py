@@ -250,7 +250,7 @@ def run_locally(run: TrainingRun, *, metrics_port: int | None = None) -> LocalRu
     config_path.write_text(dump_trainer_config(cfg))
 
     processes = spec.resources.nodes * spec.resources.proc_per_node
-    sharded = spec.training.sharding == "fsdp"
+    sharded = spec.training.sharding != "none"
     exit_code, interrupted_by = run_trainer(trainer_command(config_path, processes, sharded))
     if interrupted_by is not None:
         print(interrupted_message(output_dir), file=sys.stderr, flush=True)

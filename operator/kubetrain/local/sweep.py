@@ -151,7 +151,7 @@ def start_trial(run: TrainingRun) -> LocalTrial:
     # A process group of its own: a terminal's Ctrl-C reaches the runner alone, which stops
     # every trial with SIGTERM (runner.ForwardSignals) so each saves a checkpoint.
     trial.process = subprocess.Popen(
-        trainer_command(config_path, processes, run.spec.training.sharding == "fsdp"),
+        trainer_command(config_path, processes, run.spec.training.sharding != "none"),
         stdout=trial.log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
