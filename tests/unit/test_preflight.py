@@ -141,6 +141,8 @@ def test_sharding_divides_the_states_by_the_world_size() -> None:
     # (a 16th of them, plus two gathered decoder layers).
     assert (ddp.total - ddp.activations) / GIB > 55
     assert (fsdp.total - fsdp.activations) / GIB < 5
+    # DeepSpeed ZeRO-3 partitions the same states over the same processes.
+    assert sharded(16, sharding="deepspeed") == fsdp
 
 
 def test_cpu_offload_moves_the_shards_to_host_memory() -> None:

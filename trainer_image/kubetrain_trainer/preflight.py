@@ -22,8 +22,9 @@ or a config.json). `estimate_memory(cfg, shape)` splits the need of one device, 
   and their gradient). dpo runs each pair's chosen and rejected rows, twice the rows.
 
 Data parallelism (training.sharding none) replicates all of it on every device: the world
-size divides nothing. Sharding (fsdp) divides the weights, gradients and optimizer states by
-the world size (the frozen LoRA base and DPO's reference too: they are sharded alike) and
+size divides nothing. Sharding (fsdp, and deepspeed's ZeRO-3 alike) divides the weights,
+gradients and optimizer states by the world size (the frozen LoRA base and DPO's reference
+too: they are sharded alike) and
 adds the full weights of the decoder layers gathered at a time (the one computing and the
 one prefetched); activations stay per device. With fsdpCpuOffload the shards, gradients and
 optimizer states move to host memory (`host`, per process), leaving the gathered layers
@@ -238,7 +239,7 @@ def estimate_memory(
         kept = shape.num_hidden_layers * per_layer
     logits = 2 * shape.vocab_size * 4  # fp32 logits and their gradient, per token
     activations = tokens * (kept * value_bytes + logits)
-    if training.sharding != "fsdp":
+    if training.sharding == "none":
         return MemoryEstimate(parameters, trainable, weights, gradients, optimizer, activations)
     shards = max(world_size, 1)
     layer = sum(a * b for a, b in shape.linear_shapes().values()) + 2 * shape.hidden_size

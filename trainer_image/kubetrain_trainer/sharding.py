@@ -26,7 +26,8 @@ What this module adds around the libraries:
 With deepspeed, transformers hands the model to DeepSpeed's ZeRO stage 3 engine: the same
 partitioning of weights, gradients and optimizer states, by DeepSpeed instead of torch.
 `deepspeed_arguments` writes its config; "auto" lets transformers fill in the batch sizes,
-accumulation, clipping and precision from the Training block, so the two cannot disagree.
+accumulation, clipping and precision from the Training block (and the buckets from the
+model's hidden size), so the two cannot disagree.
 The optimizer stays transformers' (training.optimizer): ZeRO-3 partitions its states.
 Checkpoints are DeepSpeed's (`global_step<N>/zero_pp_rank_<r>_mp_rank_00_*_states.pt`, one
 pair per rank, plus the gathered 16-bit weights as model.safetensors); DeepSpeed cannot
@@ -37,8 +38,10 @@ re-shard them onto another world size without its universal-checkpoint conversio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +110,12 @@ def deepspeed_arguments(training: Training) -> dict[str, Any]:
                 # save_model gathers the weights into one model.safetensors: the final
                 # model (and each checkpoint's copy of it) is a normal Hugging Face folder.
                 "stage3_gather_16bit_weights_on_model_save": True,
+                # Sized from the model's hidden size by transformers (its recommended
+                # ZeRO-3 settings): tensors under 10 x hidden elements (norms, biases) stay
+                # whole on every rank; everything larger is partitioned.
+                "stage3_param_persistence_threshold": "auto",
+                "stage3_prefetch_bucket_size": "auto",
+                "reduce_bucket_size": "auto",
             },
             # No "optimizer" block: ZeRO-3 wraps transformers' optimizer (training.optimizer)
             # and partitions its states like DeepSpeed's own.
@@ -137,6 +146,32 @@ def start_deepspeed(args: TrainingArguments) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     args.device  # noqa: B018 (sets up the process group, and on GPUs DeepSpeed's comm)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+@contextlib.contextmanager
+def outside_zero3() -> Iterator[None]:
+    """Load a model in one process while ZeRO-3 trains (lora.merge's reload on rank 0).
+
+    transformers builds every model under deepspeed.zero.Init while a ZeRO-3 config is
+    registered, and zero.Init partitions over all ranks: one rank loading alone would wait
+    for the others forever. Unregistering the config for the load gives a plain model."""
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref()
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
 
 
 class FsdpSupport:

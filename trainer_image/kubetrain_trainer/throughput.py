@@ -202,6 +202,8 @@ def labelled_positions_head(model: PreTrainedModel) -> None:
 def _plain_head(model: PreTrainedModel) -> bool:
     """Whether the logits are exactly `lm_head(hidden)`: no scaling, softcapping, adapter
     on the head or sharded weight (TRL's own head handles those)."""
+    if not isinstance(model, PreTrainedModel):
+        return False  # e.g. DPO's reference model inside a DeepSpeed engine (ZeRO-3)
     config = model.config.get_text_config()
     scaled = any(
         getattr(config, name, None) is not None
@@ -218,6 +220,8 @@ def _plain_head(model: PreTrainedModel) -> bool:
         not scaled
         and type(head) is torch.nn.Linear
         and type(head.weight) is torch.nn.Parameter
+        # A ZeRO-3 partition: only the head's own forward gathers it.
+        and not hasattr(head.weight, "ds_id")
         and not getattr(config, "output_router_logits", False)
     )
 

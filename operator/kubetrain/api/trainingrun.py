@@ -29,11 +29,9 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from kubetrain.api.cel import flag, literal, present, rule, value_or_default
+from kubetrain.api.cel import flag, present, rule, value_or_default
 from kubetrain.api.uris import DATA_SCHEMES, SCHEMES, UriRef, check_uri, scheme_rule, uri_refs
 from kubetrain_trainer.config import (
-    DEEPSPEED_METHOD_REFUSED,
-    DEEPSPEED_METHODS,
     FSDP_KNOBS_NEED_FSDP,
     METHOD_DESCRIPTION,
     QLORA_SHARDED_REFUSED,
@@ -967,7 +965,6 @@ def sharding_rules() -> list[dict[str, str]]:
     """CEL twins of config.check_sharding, the QLoRA rule of check_method_blocks and
     check_offload_memory."""
     sharding = value_or_default("training.sharding", Training, "sharding")
-    deepspeed_methods = "[" + ", ".join(literal(m) for m in DEEPSPEED_METHODS) + "]"
     offload = flag("training.fsdpCpuOffload")
     keeps_gathered = (
         f"({present('training.fsdpReshardAfterForward')} && !self.training.fsdpReshardAfterForward)"
@@ -977,12 +974,6 @@ def sharding_rules() -> list[dict[str, str]]:
         f"({present('resources.limits')} && 'memory' in self.resources.limits))"
     )
     return [
-        rule(
-            f"{sharding} != 'deepspeed' || self.method in {deepspeed_methods}",
-            DEEPSPEED_METHOD_REFUSED,
-            field_path=".training.sharding",
-            reason="FieldValueForbidden",
-        ),
         rule(
             f"{sharding} == 'fsdp' || !({offload} || {keeps_gathered})",
             FSDP_KNOBS_NEED_FSDP,

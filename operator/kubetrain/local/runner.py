@@ -124,7 +124,7 @@ def clear_previous_run(output_dir: Path) -> bool:
 
 def trainer_command(config_path: Path, processes: int, sharded: bool = False) -> list[str]:
     """The trainer alone for one process; the torchrun launcher for several, and for a
-    sharded run (FSDP shards over a torchrun process group, even a group of one)."""
+    sharded run (FSDP and DeepSpeed shard over a torchrun process group, even one of one)."""
     if processes == 1 and not sharded:
         return [sys.executable, "-m", "kubetrain_trainer", "--config", str(config_path)]
     return [

@@ -24,6 +24,7 @@ from kubetrain_trainer.contract import MERGED_DIR
 from kubetrain_trainer.methods import sft
 from kubetrain_trainer.models import load_model, load_tokenizer
 from kubetrain_trainer.session import FitResult, Session
+from kubetrain_trainer.sharding import outside_zero3
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def save_merged(cfg: TrainerConfig, trainer: SFTTrainer) -> Path:
     merged_dir = Path(cfg.output_dir) / MERGED_DIR
     if trainer.is_world_process_zero():
         # Reload rather than merge the training copy: a 4-bit base cannot be merged exactly.
-        model = AutoPeftModelForCausalLM.from_pretrained(cfg.output_dir, dtype=torch.float32)
+        with outside_zero3():  # rank 0 loads alone
+            model = AutoPeftModelForCausalLM.from_pretrained(cfg.output_dir, dtype=torch.float32)
         model.merge_and_unload().save_pretrained(merged_dir)
         load_tokenizer(cfg.model).save_pretrained(merged_dir)
         log.info("merged model written to %s", merged_dir)
