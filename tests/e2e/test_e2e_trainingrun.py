@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from e2e_runs import Operator, Runs, tiny_spec
@@ -125,6 +126,19 @@ def test_killed_pod_restarts_the_gang_from_the_last_checkpoint(runs: Runs) -> No
         log = runs.log("crash-2", node)
         assert f"tokenized data from cache {built[0]}" in log, log[-3000:]
         assert "tokenized data cached in" not in log
+    # Another maxLength on the same output (a rerun with a changed setting) is another key:
+    # a new entry is tokenized beside the first, which stays.
+    rerun = pretraining("crash-64", max_steps=160, save_steps=20, data={"maxLength": 64})
+    runs.create("crash-64", {**rerun, "output": "pvc://models/crash"})
+    runs.wait_phase("crash-64", "Succeeded", timeout=240)
+    rerun_log = runs.log("crash-64-1", 0) + runs.log("crash-64-1", 1)
+    rebuilt = re.findall(r"tokenized data cached in (\S+)", rerun_log)
+    assert len(rebuilt) == 1 and rebuilt[0] != built[0], rerun_log[-3000:]
+    entries = runs.claim("models") / "crash" / ".cache"
+    assert {p.name for p in entries.iterdir() if p.is_dir()} == {
+        Path(built[0]).name,
+        Path(rebuilt[0]).name,
+    }
 
 
 def test_operator_restart_mid_run_creates_nothing_twice_and_catches_up(
