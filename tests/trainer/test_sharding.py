@@ -25,7 +25,7 @@ import pytest
 import torch
 from example_specs import REPO, example, with_spec
 from polling import wait_for
-from transformers import TrainingArguments
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 from kubetrain.api import parse_document, to_trainer_config
 from kubetrain.local import run_locally
@@ -360,6 +360,28 @@ def test_from_scratch_fsdp_equals_ddp_and_resumes_on_fewer_ranks(
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
 
 
+def assert_learned_and_loads(method: str, output: Path, base_model: Path) -> None:
+    """The held-out loss fell from step 4 to 8, and the final model (or a lora run's adapter
+    on its base, as PEFT loads it) reads back as a normal Hugging Face folder."""
+    # Per-batch losses of chats and pairs of every length are noisy; the held-out loss
+    # (steps 4 and 8) is not.
+    eval_losses = logged(output, "eval_loss")
+    assert eval_losses[8] < eval_losses[4], eval_losses
+    if method == "lora":
+        from peft import PeftModel
+
+        assert (output / "adapter_model.safetensors").is_file()
+        base = AutoModelForCausalLM.from_pretrained(base_model)
+        model = PeftModel.from_pretrained(base, output)
+        assert any("lora_A" in name for name, _ in model.named_parameters())
+    else:
+        model = AutoModelForCausalLM.from_pretrained(output)
+        assert model.config.num_hidden_layers == 2
+    if method == "dpo":
+        summary = json.loads((output / "metrics.json").read_text())
+        assert summary["rewards_accuracy"] is not None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "knobs"),
@@ -376,27 +398,8 @@ def test_method_under_fsdp_checkpoints_shards_and_resumes(
 ) -> None:
     config = write_config(spec(method, tmp_path / method, base_model, sharding="fsdp", **knobs))
     preempt_and_resume_on_one_rank(config)
-    output = config.parent
-    # Per-batch losses of chats and pairs of every length are noisy; the held-out loss
-    # (steps 4 and 8, before and after the resume) is not.
-    eval_losses = logged(output, "eval_loss")
-    assert eval_losses[8] < eval_losses[4], eval_losses
-    from transformers import AutoModelForCausalLM
-
-    if method == "lora":
-        from peft import PeftModel
-
-        # The adapter alone, loaded onto its base as PEFT does.
-        assert (output / "adapter_model.safetensors").is_file()
-        base = AutoModelForCausalLM.from_pretrained(base_model)
-        model = PeftModel.from_pretrained(base, output)
-        assert any("lora_A" in name for name, _ in model.named_parameters())
-    else:
-        model = AutoModelForCausalLM.from_pretrained(output)
-        assert model.config.num_hidden_layers == 2
-    if method == "dpo":
-        summary = json.loads((output / "metrics.json").read_text())
-        assert summary["rewards_accuracy"] is not None
+    # Steps 4 and 8 lie before and after the resume.
+    assert_learned_and_loads(method, config.parent, base_model)
 
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO-3 (slow)
@@ -453,8 +456,6 @@ def test_from_scratch_deepspeed_equals_ddp_and_resumes(
     output = tmp_path / "ds"
     assert logged(output, "eval_loss")[8] == pytest.approx(ddp_eval_losses[8], rel=2e-3)
 
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(output)
     summary = json.loads((output / "metrics.json").read_text())
     # The ranks' partition sums add up to the consolidated model's.
@@ -486,22 +487,7 @@ def test_method_under_deepspeed(method: str, knobs: dict, base_model: Path, tmp_
     resume(config, procs=2)
     output = config.parent
     assert_zero3_partitioned(output / "checkpoint-4")
-    eval_losses = logged(output, "eval_loss")
-    assert eval_losses[8] < eval_losses[4], eval_losses
-    from transformers import AutoModelForCausalLM
-
-    if method == "lora":
-        from peft import PeftModel
-
-        assert (output / "adapter_model.safetensors").is_file()
-        base = AutoModelForCausalLM.from_pretrained(base_model)
-        model = PeftModel.from_pretrained(base, output)
-        assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert_learned_and_loads(method, output, base_model)
+    if method == "lora":  # lora.merge reloaded the base outside ZeRO-3
         merged = AutoModelForCausalLM.from_pretrained(output / "merged")
         assert merged.config.num_hidden_layers == 2
-    else:
-        model = AutoModelForCausalLM.from_pretrained(output)
-        assert model.config.num_hidden_layers == 2
-    if method == "dpo":
-        summary = json.loads((output / "metrics.json").read_text())
-        assert summary["rewards_accuracy"] is not None
