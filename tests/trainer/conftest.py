@@ -3,6 +3,8 @@
 - `base_model`: the tiny from_scratch run, the starting model of sft, lora and dpo, as in
   `make demo`.
 - `memorise_data`: four instruction rows of sums ("Add 6 and 19." -> "25."), a jsonl file.
+- `progress_bars_restored` (every test): transformers' and datasets' progress bars as the
+  session started them, whatever a trainer run in this process switched off.
 - `memorised_sft`, `memorised_lora`: sft and lora runs (lora with merge: true, so
   `<dir>/merged` exists too) that learn those rows by heart, so the greedy reply to each
   instruction is exactly its output: what `kubetrain generate` and the evaluation suites
@@ -19,6 +21,7 @@ answers wrong; 80 were enough, 100 leave a margin.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,19 @@ from example_specs import example, with_spec
 
 from kubetrain.api import parse_document
 from kubetrain.local import run_locally
+
+
+@pytest.fixture(autouse=True)
+def progress_bars_restored() -> Iterator[None]:
+    """A trainer run in this process (off a terminal) turns the libraries' progress bars
+    off for the whole process; every test finds them as the session started them."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    yield
+    transformers_logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+
 
 MEMORISE_ROWS = [
     {"instruction": "Add 6 and 19.", "output": "25."},

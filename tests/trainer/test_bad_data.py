@@ -25,18 +25,6 @@ pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
-@pytest.fixture(autouse=True)
-def progress_bars_restored() -> Any:
-    """The trainer runs here off a terminal and turns the libraries' progress bars off for
-    the whole process; later tests expect them as they found them."""
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    yield
-    transformers_logging.enable_progress_bar()
-    datasets.enable_progress_bars()
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved one-layer qwen2 and its BPE tokenizer, as a finished from_scratch run leaves."""
