@@ -804,6 +804,11 @@ def load_trainer_config(path: str | Path) -> TrainerConfig:
 
 def dump_trainer_config(cfg: TrainerConfig) -> str:
     """YAML text of a config in camelCase, the form the operator mounts into pods."""
-    return yaml.safe_dump(
-        cfg.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
+    # libyaml's emitter when present: the operator renders this on every visit of a run,
+    # and the pure-Python one took most of a visit's CPU.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(
+        cfg.model_dump(mode="json", by_alias=True, exclude_none=True),
+        Dumper=dumper,
+        sort_keys=False,
     )

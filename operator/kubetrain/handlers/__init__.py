@@ -26,7 +26,7 @@ import kopf
 from kubetrain import k8s, opmetrics
 from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, SWEEP_PLURAL, VERSION
 from kubetrain.handlers import pipeline, sweep
-from kubetrain.handlers.children import Children, register_indexes, watch_only_children
+from kubetrain.handlers.children import Children
 from kubetrain.handlers.trainingrun import (
     MetricsAddress,
     forget,
@@ -61,8 +61,6 @@ def register(
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"
         )
-        # Watch only the children of runs, not every pod and ConfigMap of the cluster.
-        watch_only_children(settings)
         # Events are for transitions the handlers announce, not kopf's own log lines.
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "kubetrain-operator"
@@ -73,9 +71,18 @@ def register(
         settings.background.cancellation_polling = reconcile_interval
         if metrics_port is not None and metrics_port > 0 and "metrics_server" not in memo:
             memo.metrics_server = opmetrics.serve(metrics_port)
+        # The children of runs and the claims, followed once for all runs; no handler runs
+        # before their first lists are in.
+        if "children" not in memo:
+            children = Children(memo.get("namespaces") or ())
+            children.start()
+            memo.children = children
 
     @kopf.on.cleanup(registry=registry)
-    def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    def stop_following(memo: kopf.Memo, **_: Any) -> None:
+        children = memo.get("children")
+        if children is not None:
+            children.stop()
         server = memo.get("metrics_server")
         if server is not None:
             server.shutdown()
@@ -88,15 +95,10 @@ def register(
             return kopf.ConnectionInfo(server=server, insecure=True)
         return kopf.login_via_client(**kwargs)
 
-    # The children of runs and the claims, watched once for all runs.
-    register_indexes(registry)
-
-    @kopf.on.create(
-        GROUP, VERSION, PLURAL, id="start", backoff=reconcile_interval, registry=registry
-    )
-    @kopf.on.resume(
-        GROUP, VERSION, PLURAL, id="resume", backoff=reconcile_interval, registry=registry
-    )
+    # A new run, and every run an operator finds at its start, is taken by the timer below,
+    # which fires at once (kopf's on.create/on.resume would only visit it a second time).
+    # A spec edit is taken at once, also for a finished run (kopf compares the spec with the
+    # one it last handled, across operator restarts too).
     @kopf.on.update(
         GROUP,
         VERSION,
@@ -106,8 +108,8 @@ def register(
         backoff=reconcile_interval,
         registry=registry,
     )
-    def react(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
-        reconcile(namespace, name, memo, Children.from_kwargs(kwargs))
+    def react(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        reconcile(namespace, name, memo, memo.children)
 
     @kopf.timer(
         GROUP,
@@ -118,8 +120,8 @@ def register(
         when=is_unfinished,
         registry=registry,
     )
-    def follow(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
-        reconcile(namespace, name, memo, Children.from_kwargs(kwargs))
+    def follow(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        reconcile(namespace, name, memo, memo.children)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
     def deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
@@ -240,6 +242,7 @@ def run_operator(
     registry = kopf.OperatorRegistry()
     register(registry, reconcile_interval=reconcile_interval, metrics_port=metrics_port)
     memo = kopf.Memo()
+    memo.namespaces = list(namespaces or ())
     if metrics_address is not None:
         memo.metrics_address = metrics_address
     liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None

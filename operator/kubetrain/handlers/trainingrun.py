@@ -6,10 +6,10 @@ and rank 0's metrics, asks `plan_trainingrun` what to do and does it, then write
 status the plan computed. Nothing depends on remembering an earlier call: the attempt lives
 in `status.attempt`, attempt N's workload is found by its name `<run>-<N>`, and children
 are created "if absent", so an operator restarted at any point picks up where the last one
-stopped. Children and claims are read from kopf indexes (`kubetrain.handlers.children`),
+stopped. Children and claims are read from informers (`kubetrain.handlers.children`),
 so following a run costs no API reads but the run itself. What the apiserver refuses goes
 back into the plan as a `Refusal` and ends in a condition; a create that meets an object
-the indexes do not show (409: not labelled as ours, or just created) is read and planned
+the informers do not show (409: not labelled as ours, or just created) is read and planned
 again.
 The lifecycle itself is in `kubetrain.trainingruns`' docstring.
 """
@@ -96,13 +96,13 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo, children: Children) ->
                 refusal = outcome  # the next plan puts the apiserver's answer in the status
                 continue
             if outcome is not None:
-                # Created since the indexes last heard: whose is it? Ask the API.
+                # Created since the informers last heard: whose is it? Ask the API.
                 if outcome == "ConfigMap":
                     found[outcome] = k8s.get_config_map(namespace, config_map_name(name))
                 elif outcome == "Service":
                     found[outcome] = k8s.get_service(namespace, service_name(name))
                 else:
-                    return  # a workload: the next pass finds it in the index
+                    return  # a workload: the next pass finds it in the informer
                 continue
             executor.write(plan, observed)
             memory.first_sample = plan.first_sample
@@ -118,7 +118,7 @@ def observe(
     refusal: Refusal | None = None,
     found: Mapping[str, dict[str, Any] | None] | None = None,
 ) -> Observed:
-    """What `plan_trainingrun` needs, from the indexes; a finished run needs only itself."""
+    """What `plan_trainingrun` needs, from the informers; a finished run needs only itself."""
     now = time.time()
     status = body.get("status") or {}
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
