@@ -14,6 +14,7 @@ deletion names its propagation policy (batch/v1 Jobs orphan their pods by defaul
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -222,6 +223,75 @@ def annotate_trainingrun(namespace: str, name: str, annotations: dict[str, str |
 def patch_trainingrun(namespace: str, name: str, patch: dict[str, Any]) -> None:
     """JSON-merge-patch a TrainingRun (spec and metadata; the status has its own call)."""
     _patch(PLURAL, namespace, name, patch)
+
+
+def drop_trainingrun_finalizer(body: dict[str, Any], finalizer: str) -> None:
+    """Take `finalizer` off a run (one an older operator put there), if it is still the
+    version read: a 409 means it changed, and its next event brings it back."""
+    meta = body["metadata"]
+    remaining = [f for f in meta.get("finalizers") or [] if f != finalizer]
+    patch = {"metadata": {"finalizers": remaining, "resourceVersion": meta["resourceVersion"]}}
+    try:
+        _patch(PLURAL, meta["namespace"], meta["name"], patch)
+    except ApiException as e:
+        if e.status not in (404, 409):
+            raise
+
+
+def get_peering(name: str, namespace: str | None) -> dict[str, Any] | None:
+    """kopf's peering object (a ClusterKopfPeering, or a KopfPeering in `namespace`)."""
+    if namespace is None:
+        return _absent_on_404(
+            lambda: _custom().get_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", name, _preload_content=False
+            )
+        )
+    return _absent_on_404(
+        lambda: _custom().get_namespaced_custom_object(
+            "kopf.dev", "v1", namespace, "kopfpeerings", name, _preload_content=False
+        )
+    )
+
+
+# What `kubectl describe` shows as the events' source ("From").
+EVENT_COMPONENT = "kubetrain-operator"
+MAX_EVENT_MESSAGE = 1024  # longer messages are cut in the middle, as kopf cuts them
+
+
+def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+    """A core/v1 Event on `obj` (`kubectl describe`); a refused one is logged, not raised:
+    an event is worth less than the visit that announces it."""
+    if len(message) > MAX_EVENT_MESSAGE:
+        half = MAX_EVENT_MESSAGE // 2 - 2
+        message = f"{message[:half]} … {message[-half:]}"
+    meta = obj["metadata"]
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    body = {
+        "metadata": {"namespace": meta["namespace"], "generateName": "kubetrain-event-"},
+        "type": event_type,
+        "reason": reason,
+        "message": message,
+        "action": reason,
+        "reportingComponent": EVENT_COMPONENT,
+        "reportingInstance": os.environ.get("POD_ID") or socket.gethostname(),
+        "source": {"component": EVENT_COMPONENT},
+        "involvedObject": {
+            "apiVersion": obj.get("apiVersion", ""),
+            "kind": obj.get("kind", ""),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid", ""),
+        },
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "eventTime": now,
+    }
+    try:
+        _core().create_namespaced_event(meta["namespace"], body, _preload_content=False)
+    except ApiException as e:
+        log.warning(
+            "cannot post the event %s on %s: %s %s", reason, describe(obj), e.status, e.reason
+        )
 
 
 def create_trainingrun(body: dict[str, Any]) -> bool:

@@ -1,4 +1,8 @@
-"""The kubetrain operator: kopf handlers for TrainingRun, Pipeline and Sweep, and how to run them.
+"""The kubetrain operator: TrainingRuns, Pipelines and Sweeps, and how to run it.
+
+Pipelines and Sweeps are kopf handlers; TrainingRuns, a thousand at a time, are followed by
+informers and visited by a pool of workers of our own (`kubetrain.handlers.runs`), started
+by kopf's startup handler and stopped by its cleanup.
 
 Two ways in, same handlers. `run_operator(...)` (what `kubetrain operator` calls) builds a
 fresh kopf registry with the options given and runs until stopped. `kopf run -m
@@ -6,8 +10,9 @@ kubetrain.handlers` imports this package, which registers the handlers in kopf's
 registry with options from the environment: KUBETRAIN_RECONCILE_INTERVAL (seconds between
 status checks of a running run, default 10), KUBETRAIN_METRICS_PORT (default 8080, 0 turns
 the metrics server off) and KUBETRAIN_API_SERVER (an explicit API URL; otherwise the
-service account or kubeconfig). kopf's liveness probe answers where `--liveness` says
-(`run_operator`: http://0.0.0.0:8081/healthz).
+service account or kubeconfig); run it with `--standalone` (its peering is kopf's alone:
+the runs' workers follow only `run_operator`'s). kopf's liveness probe answers where
+`--liveness` says (`run_operator`: http://0.0.0.0:8081/healthz).
 """
 
 from __future__ import annotations
@@ -24,15 +29,11 @@ from typing import Any
 import kopf
 
 from kubetrain import k8s, opmetrics
-from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, SWEEP_PLURAL, VERSION
+from kubetrain.api import GROUP, PIPELINE_PLURAL, SWEEP_PLURAL, VERSION
 from kubetrain.handlers import pipeline, sweep
-from kubetrain.handlers.children import Children
-from kubetrain.handlers.trainingrun import (
-    MetricsAddress,
-    forget,
-    is_unfinished,
-    reconcile,
-)
+from kubetrain.handlers.children import SYNC_TIMEOUT_SECONDS, Children
+from kubetrain.handlers.runs import Peering, RunController
+from kubetrain.handlers.trainingrun import MetricsAddress, forget, is_unfinished, reconcile
 
 DEFAULT_RECONCILE_INTERVAL = 10.0
 DEFAULT_METRICS_PORT = 8080
@@ -71,18 +72,29 @@ def register(
         settings.background.cancellation_polling = reconcile_interval
         if metrics_port is not None and metrics_port > 0 and "metrics_server" not in memo:
             memo.metrics_server = opmetrics.serve(metrics_port)
-        # The children of runs and the claims, followed once for all runs; no handler runs
-        # before their first lists are in.
+        # The children of runs and the claims, followed once for all runs; no run is visited
+        # before their first lists are in. Then the runs themselves (handlers.runs).
         if "children" not in memo:
-            children = Children(memo.get("namespaces") or ())
+            namespaces = memo.get("namespaces") or ()
+            children = Children(namespaces)
             children.start()
             memo.children = children
+            peering_name, priority = memo.get("peering") or (None, 0)
+            memo.run_controller = RunController(
+                lambda namespace, name: reconcile(namespace, name, memo, children),
+                lambda namespace, name: forget(namespace, name, memo),
+                interval=reconcile_interval,
+                workers=RECONCILE_WORKERS,
+                namespaces=namespaces,
+                peering=Peering(peering_name, priority, namespaces),
+            )
+            memo.run_controller.start(SYNC_TIMEOUT_SECONDS)
 
     @kopf.on.cleanup(registry=registry)
     def stop_following(memo: kopf.Memo, **_: Any) -> None:
-        children = memo.get("children")
-        if children is not None:
-            children.stop()
+        for follower in (memo.get("run_controller"), memo.get("children")):
+            if follower is not None:
+                follower.stop()
         server = memo.get("metrics_server")
         if server is not None:
             server.shutdown()
@@ -95,39 +107,7 @@ def register(
             return kopf.ConnectionInfo(server=server, insecure=True)
         return kopf.login_via_client(**kwargs)
 
-    # A new run, and every run an operator finds at its start, is taken by the timer below,
-    # which fires at once (kopf's on.create/on.resume would only visit it a second time).
-    # A spec edit is taken at once, also for a finished run (kopf compares the spec with the
-    # one it last handled, across operator restarts too).
-    @kopf.on.update(
-        GROUP,
-        VERSION,
-        PLURAL,
-        id="spec-changed",
-        field="spec",
-        backoff=reconcile_interval,
-        registry=registry,
-    )
-    def react(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        reconcile(namespace, name, memo, memo.children)
-
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        PLURAL,
-        id="follow",
-        interval=reconcile_interval,
-        when=is_unfinished,
-        registry=registry,
-    )
-    def follow(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        reconcile(namespace, name, memo, memo.children)
-
-    @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
-    def deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        forget(namespace, name, memo)
-
-    # Pipelines: the same triggers, one reconcile. Stage runs are TrainingRuns, served above.
+    # Pipelines: kopf handlers, one reconcile. Stage runs are TrainingRuns (RunController).
     @kopf.on.create(
         GROUP,
         VERSION,
@@ -243,6 +223,10 @@ def run_operator(
     register(registry, reconcile_interval=reconcile_interval, metrics_port=metrics_port)
     memo = kopf.Memo()
     memo.namespaces = list(namespaces or ())
+    # kopf pauses every operator that meets one of equal priority: never tie.
+    priority = secrets.randbelow(2**31 - 2) + 1 if peering else None
+    if peering:
+        memo.peering = (peering, priority)
     if metrics_address is not None:
         memo.metrics_address = metrics_address
     liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
@@ -265,8 +249,7 @@ def run_operator(
                 liveness_endpoint=liveness,
                 standalone=standalone,
                 peering_name=peering,
-                # kopf pauses every operator that meets one of equal priority: never tie.
-                priority=secrets.randbelow(2**31 - 2) + 1 if peering else None,
+                priority=priority,
                 memo=memo,
                 stop_flag=stop_flag,
                 ready_flag=ready_flag,

@@ -9,9 +9,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import kopf
 from pydantic import BaseModel, ValidationError
 
+from kubetrain import k8s
 from kubetrain.api import FINISHED_PHASES, PHASE_FAILED, REASON_INVALID_SPEC
 from kubetrain.status import (
     CONDITION_READY,
@@ -48,11 +48,7 @@ class ObjectPass:
 
     def announce(self, reason: str, message: str, *, warning: bool = False) -> None:
         """An event on the object (kubectl describe) and the same line in the log."""
-        # kopf.event, unlike kopf.info, is not held back by settings.posting.level, which
-        # keeps kopf's own per-handler log lines out of the objects' events.
-        kopf.event(
-            self.body, type="Warning" if warning else "Normal", reason=reason, message=message
-        )
+        k8s.post_event(self.body, "Warning" if warning else "Normal", reason, message)
         log.log(
             logging.WARNING if warning else logging.INFO,
             "%s %s: %s",

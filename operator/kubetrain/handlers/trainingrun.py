@@ -1,8 +1,9 @@
-"""kopf glue for TrainingRun: observe, plan (`kubetrain.trainingruns`), act, write the status.
+"""A visit of one TrainingRun: observe, plan (`kubetrain.trainingruns`), act, write the status.
 
-Create, resume (operator start), spec updates and a timer all call `reconcile`, which
-reads the run fresh from the API under a per-run lock, observes its children, pods, claims
-and rank 0's metrics, asks `plan_trainingrun` what to do and does it, then writes the whole
+`kubetrain.handlers.runs` calls `reconcile` for a new run, a run found at the operator's
+start, a spec edit, and every interval while the run is not finished. It reads the run
+fresh from the API under a per-run lock, observes its children, pods, claims and rank 0's
+metrics, asks `plan_trainingrun` what to do and does it, then writes the whole
 status the plan computed. Nothing depends on remembering an earlier call: the attempt lives
 in `status.attempt`, attempt N's workload is found by its name `<run>-<N>`, and children
 are created "if absent", so an operator restarted at any point picks up where the last one
@@ -255,8 +256,9 @@ def forget(namespace: str, name: str, memo: kopf.Memo | None = None) -> None:
 
 
 def is_unfinished(spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
-    """kopf `when` filter: finished runs need no timer (spec edits still reach them), but
-    for the deletion of their workload that ttlSecondsAfterFinished asks for."""
+    """Whether an object is still followed every interval (kopf `when` filter of the
+    Pipeline and Sweep timers; the runs' clock): finished ones are not (spec edits still
+    reach them), but for the deletion of their workload that ttlSecondsAfterFinished asks."""
     return status.get("phase") not in FINISHED_PHASES or _cleanup_due(
         {"spec": spec, "status": status}
     )

@@ -1,0 +1,319 @@
+"""Who visits which TrainingRun when: one queue, a fixed pool of workers, one clock.
+
+kopf gave every run a timer of its own, and ran every event of every run (the operator's own
+status writes included) through a per-object worker that held the run's whole body: at a
+thousand runs that was most of the operator's memory, and its CPU went to bookkeeping rather
+than to runs (tests/bench/test_bench_operator.py). TrainingRuns are therefore not kopf
+handlers: an informer (`children.Informer`) follows them, keeping a few fields per run, and
+`RunController` does what the handlers did, as client-go's controllers do it:
+
+- a new run, one an operator finds at its start, a spec edit (a new generation) and a
+  deletion put the run at the front of the queue (what on.create/on.resume/on.update did);
+- a visited run that is not finished is visited again `interval` seconds later (the timer),
+  and so is a finished one whose workload ttlSecondsAfterFinished will delete;
+- a run is never in two workers at once, and never twice in the queue; an event for a run
+  being visited queues it again once that visit is done;
+- the operator's own status writes change no generation and cost no visit.
+
+With replicas (kopf peering), only the active one visits: the one no live peer in the
+peering object outranks, the rule kopf pauses its own handlers by (`Peering`). Runs that an
+operator before this one gave kopf's finalizer have it taken off when they are deleted.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import datetime
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from kubetrain import k8s
+from kubetrain.api import GROUP, PLURAL, VERSION
+from kubetrain.handlers.children import Informer, Key, Store
+from kubetrain.handlers.trainingrun import is_unfinished
+
+log = logging.getLogger(__name__)
+
+RUN_KIND: k8s.Kind = (GROUP, VERSION, PLURAL)
+# The finalizer kopf put on runs for its timers (settings.persistence.finalizer).
+KOPF_FINALIZER = f"{GROUP}/finalizer"
+# How often a replica reads the peering object to know whether it is the active one.
+PEERING_POLL_SECONDS = 5.0
+
+
+def run_facts(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the scheduling needs of a run; the visit itself reads the run fresh."""
+    meta = body["metadata"]
+    return {
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "generation": meta.get("generation"),
+            "resourceVersion": meta.get("resourceVersion"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "finalizers": list(meta.get("finalizers") or []),
+        },
+        "follow": is_unfinished(body.get("spec") or {}, body.get("status") or {}),
+    }
+
+
+class RunQueue:
+    """Keys to visit, each at most once in the queue and in at most one worker (client-go's
+    workqueue), and the clock of the next visits."""
+
+    def __init__(self) -> None:
+        self.ready: collections.deque[Key] = collections.deque()
+        self.queued: set[Key] = set()
+        self.visiting: set[Key] = set()
+        self.again: set[Key] = set()  # asked for while being visited
+        self.later: list[tuple[float, Key]] = []  # (when, key), a heap
+        self.next_visit: dict[Key, float] = {}  # the one entry of `later` that counts
+        self.changed = threading.Condition()
+        self.closed = False
+
+    def add(self, key: Key, first: bool = False) -> None:
+        """Visit `key` as soon as a worker is free (`first`: before the follow-ups)."""
+        with self.changed:
+            if key in self.visiting:
+                self.again.add(key)
+            elif key not in self.queued:
+                self.queued.add(key)
+                if first:
+                    self.ready.appendleft(key)
+                else:
+                    self.ready.append(key)
+                self.changed.notify()
+
+    def add_after(self, key: Key, seconds: float) -> None:
+        """Visit `key` again in `seconds` (replacing the next visit it had)."""
+        with self.changed:
+            when = time.monotonic() + seconds
+            self.next_visit[key] = when
+            heapq.heappush(self.later, (when, key))
+            self.changed.notify()
+
+    def forget(self, key: Key) -> None:
+        with self.changed:
+            self.next_visit.pop(key, None)
+
+    def take(self) -> Key | None:
+        """The next key to visit (None once closed); the caller calls `done` after."""
+        with self.changed:
+            while not self.closed:
+                self._move_due()
+                if self.ready:
+                    key = self.ready.popleft()
+                    self.queued.discard(key)
+                    self.visiting.add(key)
+                    return key
+                wait = self.later[0][0] - time.monotonic() if self.later else None
+                self.changed.wait(wait)
+            return None
+
+    def done(self, key: Key) -> None:
+        with self.changed:
+            self.visiting.discard(key)
+        if key in self.again:
+            self.again.discard(key)
+            self.add(key, first=True)
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def _move_due(self) -> None:
+        now = time.monotonic()
+        while self.later and self.later[0][0] <= now:
+            when, key = heapq.heappop(self.later)
+            if self.next_visit.get(key) != when:
+                continue  # replaced by a later visit, or the run is gone
+            del self.next_visit[key]
+            if key not in self.queued and key not in self.visiting:
+                self.queued.add(key)
+                self.ready.append(key)
+
+
+class RunStore(Store):
+    """The runs' facts by (namespace, name); each change is passed to `on_change`."""
+
+    def __init__(self, on_change: Callable[[str, dict[str, Any] | None, dict[str, Any]], None]):
+        super().__init__(_name_key, run_facts)
+        self.on_change = on_change
+
+    def replace(self, namespace: str | None, items: Sequence[Mapping[str, Any]]) -> None:
+        """A fresh list: runs new or changed since the last one, and runs gone meanwhile
+        (their DELETED event was missed), are passed on."""
+        held = {key: self.one(key) for key in self.held() if namespace in (None, key[0])}
+        super().replace(namespace, items)
+        listed = set()
+        for item in items:
+            listed.add(_name_key(item))
+            self.on_change("LISTED", held.get(_name_key(item)), run_facts(item))
+        for key, gone in held.items():
+            if key not in listed and gone is not None:
+                self.on_change("DELETED", gone, gone)
+
+    def apply(self, event_type: str, item: Mapping[str, Any]) -> None:
+        before = self.one(_name_key(item))
+        super().apply(event_type, item)
+        self.on_change(event_type, before, run_facts(item))
+
+    def one(self, key: Key) -> dict[str, Any] | None:
+        found = self.get(key)
+        return found[0] if found else None
+
+
+def _name_key(body: Mapping[str, Any]) -> Key:
+    meta = body["metadata"]
+    return meta["namespace"], meta["name"]
+
+
+class Peering:
+    """Whether this replica is the active one of a kopf peering (always, when alone).
+
+    kopf pauses a replica while a live peer of higher priority is in the peering object
+    (kopf._core.engines.peering); the runs follow the same rule, read every few seconds.
+    """
+
+    def __init__(self, name: str | None, priority: int, namespaces: Sequence[str]) -> None:
+        self.name, self.priority = name, priority
+        self.scopes: list[str | None] = list(namespaces) or [None]
+        self.active = threading.Event()
+        self.stopping = threading.Event()
+        if name is None:
+            self.active.set()
+
+    def start(self) -> None:
+        if self.name is not None:
+            threading.Thread(target=self._run, name="peering", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                outranked = any(self._outranked(scope) for scope in self.scopes)
+            except Exception as e:  # the API is away: keep the last answer until it is back
+                log.warning("cannot read the peering object %s: %s", self.name, e)
+            else:
+                if outranked and self.active.is_set():
+                    log.info("a replica of higher priority is active: runs are left to it")
+                    self.active.clear()
+                elif not outranked and not self.active.is_set():
+                    log.info("this replica is the active one: visiting runs")
+                    self.active.set()
+            self.stopping.wait(PEERING_POLL_SECONDS)
+
+    def _outranked(self, namespace: str | None) -> bool:
+        assert self.name is not None
+        peering = k8s.get_peering(self.name, namespace) or {}
+        now = datetime.datetime.now(datetime.UTC)
+        for peer in (peering.get("status") or {}).values():
+            if not isinstance(peer, Mapping) or int(peer.get("priority", 0)) <= self.priority:
+                continue
+            seen = peer.get("lastseen")
+            lastseen = datetime.datetime.fromisoformat(seen) if seen else now
+            if lastseen + datetime.timedelta(seconds=int(peer.get("lifetime", 60))) > now:
+                return True
+        return False
+
+
+class RunController:
+    """Follows the TrainingRuns and visits them with `visit(namespace, name)` (module doc)."""
+
+    def __init__(
+        self,
+        visit: Callable[[str, str], None],
+        forget: Callable[[str, str], None],
+        *,
+        interval: float,
+        workers: int,
+        namespaces: Sequence[str] = (),
+        peering: Peering | None = None,
+    ) -> None:
+        self.visit, self.forget, self.interval = visit, forget, interval
+        self.queue = RunQueue()
+        self.store = RunStore(self._changed)
+        self.peering = peering or Peering(None, 0, namespaces)
+        scopes: list[str | None] = list(namespaces) or [None]
+        self.informers = [Informer(RUN_KIND, scope, None, self.store) for scope in scopes]
+        # kopf.event (the runs' events) reads kopf's context variables: each worker runs in
+        # a copy of the context the controller was made in (kopf's startup handler).
+        context = contextvars.copy_context()
+        self.workers = [
+            threading.Thread(
+                target=context.copy().run,
+                args=(self._work,),
+                name=f"kubetrain-visit-{i}",
+                daemon=True,
+            )
+            for i in range(workers)
+        ]
+
+    def start(self, timeout: float) -> None:
+        self.peering.start()
+        for worker in self.workers:
+            worker.start()
+        for informer in self.informers:
+            informer.start()
+        for informer in self.informers:
+            if not informer.synced.wait(timeout):
+                raise TimeoutError(f"no list of TrainingRuns within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop taking runs; a visit under way finishes first (within `timeout`)."""
+        for informer in self.informers:
+            informer.stop()
+        self.peering.stop()
+        self.queue.close()
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+
+    def _changed(self, event: str, before: dict[str, Any] | None, run: dict[str, Any]) -> None:
+        meta = run["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if event == "DELETED":
+            self.queue.forget(key)
+            self.forget(*key)
+            return
+        if meta["deletionTimestamp"] is not None:
+            if KOPF_FINALIZER in meta["finalizers"]:
+                try:
+                    k8s.drop_trainingrun_finalizer(run, KOPF_FINALIZER)
+                except Exception as e:  # its next event tries again
+                    log.warning("TrainingRun %s/%s: cannot drop %s: %s", *key, KOPF_FINALIZER, e)
+            return
+        old = (before or {}).get("metadata") or {}
+        if old.get("uid") != meta["uid"] or old.get("generation") != meta["generation"]:
+            self.queue.add(key, first=True)  # new, found at the start, or its spec edited
+
+    def _work(self) -> None:
+        while (key := self.queue.take()) is not None:
+            try:
+                self._visit(key)
+            except Exception:
+                log.exception("TrainingRun %s/%s: visit failed; trying again", *key)
+            finally:
+                self.queue.done(key)
+
+    def _visit(self, key: Key) -> None:
+        run = self.store.one(key)
+        if run is None or run["metadata"]["deletionTimestamp"] is not None:
+            return  # gone, or going (its children go with it)
+        # A standby replica keeps each run's turn, and visits once it is the active one.
+        if self.peering.active.is_set():
+            try:
+                self.visit(*key)
+            finally:
+                run = self.store.one(key)
+        if run is not None and run["follow"]:
+            self.queue.add_after(key, self.interval)
