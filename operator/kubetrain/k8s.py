@@ -350,6 +350,10 @@ FIELD_MANAGER = "kubetrain"  # server-side apply's manager for `kubetrain submit
 # The calls a person's `kubetrain` (kubetrain.client) makes with their own credentials: the
 # chart's kubetrain-edit/-view roles and Kubernetes' edit/view (pods/log, events) cover them.
 # The operator never makes them, so tests/chart/test_rbac.py leaves them out of its grants.
+# The calls of the operator's informers and of its peering check: list and watch of the
+# kinds it follows (kubetrain.handlers.children, .runs) and get of kopf's peering object;
+# the chart's RBAC test grants those from the followed kinds and the peering layout.
+FOLLOWING_CALLS = ("_list_function", "get_peering")
 CLIENT_CALLS = (
     "apply_object", "get_object", "list_objects", "patch_object", "delete_object",
     "list_events", "list_run_pods", "stream_pod_log",

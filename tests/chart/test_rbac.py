@@ -7,9 +7,11 @@ verb and resource; custom-object calls name their group and plural through modul
 constants, read from the module, or through a helper's parameters, followed to the
 constants each caller passes. The calls only a person's `kubetrain` client makes
 (`k8s.CLIENT_CALLS`, with that person's credentials) are not the operator's. The resources
-the handlers serve come from a kopf
-registry they fill, and kopf needs list, watch and patch on each. What kopf needs for
-itself is the table `KOPF_FRAMEWORK` below, from kopf's docs and source. What admission
+the kopf handlers serve (Pipelines, Sweeps) come from a kopf registry they fill, and kopf
+needs list, watch and patch on each; the kinds the operator's informers follow (the runs,
+their children, claims: `k8s.FOLLOWING_CALLS`) need list and watch. What kopf needs for
+itself is the table `KOPF_FRAMEWORK` below, from kopf's docs and source; the peering
+object is also read (get) by the runs' workers. What admission
 needs is derived from the objects the operator creates: an ownerReference with
 blockOwnerDeletion passes OwnerReferencesPermissionEnforcement only for someone who may
 `update` the owner's `finalizers` subresource (the real apiserver enforces it in the cluster
@@ -45,6 +47,8 @@ from kubetrain.api import (
     TrainingRun,
 )
 from kubetrain.handlers import register
+from kubetrain.handlers.children import CHILD_KINDS, CLAIM_KIND
+from kubetrain.handlers.runs import RUN_KIND
 from kubetrain.pipelines import pipeline_owner_reference
 from kubetrain.render import owner_reference, render_trainingrun
 from kubetrain.sweeps import sweep_owner_reference
@@ -64,14 +68,15 @@ class Grant:
 # Events: kopf posts them (kopf._core.engines.posting, kopf.event in the handlers).
 # CRDs: kopf scans and watches them to find the resources it serves (observation.py).
 # Namespaces: only a namespaced operator follows its namespaces (namespace_observer).
-# Peering: keep-alives are patches on the peering object, which kopf lists and watches.
+# Peering: keep-alives are patches on the peering object, which kopf lists and watches;
+# the runs' workers get it (kubetrain.handlers.runs.Peering).
 EVENTS = ("", "events", ("create",), False)
 CRDS = ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"), True)
 NAMESPACES = ("", "namespaces", ("list", "watch"), True)
-CLUSTER_PEERING = ("kopf.dev", "clusterkopfpeerings", ("list", "watch", "patch"), True)
-NAMESPACED_PEERING = ("kopf.dev", "kopfpeerings", ("list", "watch", "patch"), False)
+CLUSTER_PEERING = ("kopf.dev", "clusterkopfpeerings", ("get", "list", "watch", "patch"), True)
+NAMESPACED_PEERING = ("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch"), False)
 KOPF_SERVED_VERBS = ("list", "watch", "patch")
-KOPF_INDEXED_VERBS = ("list", "watch")  # an index only watches: no finalizers, no patches
+FOLLOWED_VERBS = ("list", "watch")  # an informer only lists and watches
 HTTP_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch"}
 
 
@@ -211,6 +216,8 @@ def k8s_module_grants() -> set[Grant]:
         caller = enclosing.get(id(node))
         if caller is not None and caller.name in k8s.CLIENT_CALLS:
             continue  # a person's kubetrain client, with their own credentials
+        if caller is not None and caller.name in k8s.FOLLOWING_CALLS:
+            continue  # counted from the followed kinds and the peering layout
         if not (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -253,16 +260,10 @@ def served_resources() -> set[tuple[str, str]]:
     return served
 
 
-def indexed_resources() -> set[tuple[str, str]]:
-    """(group, plural) of every resource the operator only watches (kopf indexes)."""
-    registry = kopf.OperatorRegistry()
-    register(registry, metrics_port=None)
-    indexed = set()
-    for handler in registry._indexing.get_all_handlers():
-        selector = handler.selector
-        indexed.add((selector.group or "", selector.plural or selector.any_name))
-    assert indexed, "the handlers registered no index with kopf"
-    return indexed
+def followed_resources() -> set[tuple[str, str]]:
+    """(group, plural) of every kind the operator's informers list and watch."""
+    kinds = [*CHILD_KINDS.values(), CLAIM_KIND, RUN_KIND]
+    return {(group, plural) for group, _version, plural in kinds}
 
 
 def admission_needs() -> set[Grant]:
@@ -302,8 +303,8 @@ def operator_needs(*, namespaced: bool, peering: bool) -> tuple[set[Grant], set[
     namespaced_grants = k8s_module_grants() | admission_needs()
     for group, plural in served_resources():
         namespaced_grants |= grants(group, plural, KOPF_SERVED_VERBS)
-    for group, plural in indexed_resources():
-        namespaced_grants |= grants(group, plural, KOPF_INDEXED_VERBS)
+    for group, plural in followed_resources():
+        namespaced_grants |= grants(group, plural, FOLLOWED_VERBS)
     framework = [EVENTS, CRDS]
     if namespaced:
         framework.append(NAMESPACES)

@@ -122,7 +122,7 @@ the code and fails when the two differ, in either direction.
   verbs: [patch]
 # Each attempt's children: a ConfigMap with the trainer's config (brought up to date when
 # it differs), a headless Service, and an Indexed Job or a JobSet, deleted on restart. They
-# and the pods are watched (kopf indexes, one watch per kind for all runs); a ConfigMap or
+# and the pods are listed and watched (one informer per kind for all runs); a ConfigMap or
 # Service whose name is taken is read by name to learn who holds it.
 - apiGroups: [""]
   resources: [configmaps]
@@ -146,15 +146,16 @@ the code and fails when the two differ, in either direction.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [list, watch]
-# kopf posts the run's events (kubectl describe tr).
+# The operator posts the objects' events (kubectl describe tr).
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
 {{- if and (include "kubetrain.peering" .) .Values.watchNamespaces }}
-# kopf peering between replicas, one KopfPeering per watched namespace.
+# kopf peering between replicas, one KopfPeering per watched namespace (read by the runs'
+# workers too: only the active replica visits runs).
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
-  verbs: [list, watch, patch]
+  verbs: [get, list, watch, patch]
 {{- end }}
 {{- end }}
 
@@ -170,9 +171,10 @@ the code and fails when the two differ, in either direction.
   resources: [namespaces]
   verbs: [list, watch]
 {{- else if include "kubetrain.peering" . }}
-# kopf peering between replicas through one ClusterKopfPeering.
+# kopf peering between replicas through one ClusterKopfPeering (read by the runs' workers
+# too: only the active replica visits runs).
 - apiGroups: [kopf.dev]
   resources: [clusterkopfpeerings]
-  verbs: [list, watch, patch]
+  verbs: [get, list, watch, patch]
 {{- end }}
 {{- end }}
