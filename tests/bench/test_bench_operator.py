@@ -12,7 +12,7 @@ once in NAMESPACES namespaces, and measured:
 - seconds until all their Jobs exist, and until all runs are Running;
 - p50/p99 of kubetrain_reconcile_duration_seconds (from the histogram's buckets), during
   the start and while the runs sit Running;
-- the operator's peak RSS (VmHWM);
+- the operator's peak RSS (VmHWM), and its CPU (share of a core, and per reconcile);
 - API requests per second the operator sends (audit events by user and credential, so
   each replica apart), by verb and resource, in windows of WINDOW seconds: all runs
   Running, half of them finished (their pods end Succeeded), all finished.
@@ -202,6 +202,12 @@ class Replica:
     def sample_rss(self) -> None:
         self.rss_samples.append(self.proc_status("VmRSS"))
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used (/proc/<pid>/stat)."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def reconcile_histogram(self) -> dict[float, float]:
         """kubetrain_reconcile_duration_seconds: cumulative count per bucket bound."""
         text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
@@ -316,6 +322,7 @@ class Window:
     by_replica: dict[str, collections.Counter[str]]
     reconcile: dict[str, tuple[float | None, float | None]]
     reconciles_per_second: dict[str, float]
+    cpu_per_second: dict[str, float]  # CPU-seconds the replica used per second of the window
     scrapes_per_second: float
     load: float
 
@@ -487,6 +494,7 @@ class Scenario:
         """One window: settle for an interval, then count for WINDOW seconds."""
         time.sleep(INTERVAL)
         before = self.histograms()
+        cpu_before = {r.name: r.cpu_seconds() for r in self.replicas}
         scrapes = self.cluster.stubs.metrics.requests
         start = time.time()
         deadline = time.monotonic() + WINDOW
@@ -497,6 +505,9 @@ class Scenario:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         end = time.time()
         after = self.histograms()
+        cpu = {
+            r.name: (r.cpu_seconds() - cpu_before[r.name]) / (end - start) for r in self.replicas
+        }
         time.sleep(2)  # the audit log's last lines
         window = Window(
             name,
@@ -508,6 +519,7 @@ class Scenario:
                 / (end - start)
                 for r in self.replicas
             },
+            cpu,
             (self.cluster.stubs.metrics.requests - scrapes) / (end - start),
             os.getloadavg()[0],
         )
@@ -601,6 +613,10 @@ def report(results: list[Result]) -> str:
                     f"reconciles/s, {window.name}",
                     f"{window.reconciles_per_second[name]:.1f}",
                 )
+                visits = window.reconciles_per_second[name]
+                cpu = window.cpu_per_second[name]
+                per_visit = f", {cpu / visits * 1000:.0f} ms per reconcile" if visits else ""
+                row(label, f"CPU, {window.name}", f"{cpu * 100:.0f}% of a core{per_visit}")
             row(label, "peak RSS", f"{result.peak_rss.get(name, 0) / 2**20:.0f} MiB")
         for window in result.windows:
             row("", f"metric scrapes/s, {window.name}", f"{window.scrapes_per_second:.1f}")
