@@ -25,6 +25,11 @@ that the real scheduler binds to it as local processes:
   after the grace period, and removes the pod; `/containerLogs` is served over TLS the way
   the kubelet's API serves it, so `kubectl logs [-f]` works through the apiserver.
 
+`freeze` makes the node dead as a partitioned node is: no heartbeat (the Lease and Ready go
+stale), no sync (a deleted pod stays Terminating), while its containers' processes run on;
+`thaw` brings it back, and its next sync releases (kills) the processes of pods deleted for
+good meanwhile, as a kubelet that comes back does.
+
 What it does not do: pull or run images (the image is this checkout and its venv, with the
 ENV, ENTRYPOINT and CMD of the project's Dockerfile for that image; any other image waits
 in ErrImagePull); enforce securityContext (processes run as this user, the root filesystem
@@ -361,6 +366,7 @@ class Kubelet:
         self.pods: dict[tuple[str, str], PodRuntime] = {}
         self.lock = threading.RLock()
         self.stop_flag = threading.Event()
+        self.frozen = threading.Event()  # freeze(): a dead node, neither heartbeat nor sync
         self.thread: threading.Thread | None = None
         self.log_server = LogServer(self, tls)
 
@@ -407,6 +413,16 @@ class Kubelet:
             runtime = self.pods[namespace, pod]
             if runtime.running():
                 runtime.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+
+    def freeze(self) -> None:
+        """The node stops answering (module doc); returns once no sync is under way."""
+        self.frozen.set()
+        with self.lock:  # a sync that began before waits here, one after sees `frozen`
+            pass
+
+    def thaw(self) -> None:
+        """The node answers again: heartbeat and sync from its next round on."""
+        self.frozen.clear()
 
     # --- the node ----------------------------------------------------------------------
 
@@ -500,6 +516,9 @@ class Kubelet:
         # A sync that takes long (a thousand pods) is followed by a pause as long as it took,
         # so that listing never takes more than half of the kubelet's time.
         while not self.stop_flag.wait(max(SYNC_SECONDS, self.sync_last)):
+            if self.frozen.is_set():
+                last_heartbeat = 0.0  # the first round after thaw() says the node is back
+                continue
             try:
                 if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS:
                     self._heartbeat()
@@ -525,6 +544,8 @@ class Kubelet:
         pods = json.loads(answer.data)["items"]
         seen = set()
         with self.lock:
+            if self.frozen.is_set():
+                return  # frozen while listing: what was listed is not acted on
             for pod in pods:
                 meta = pod["metadata"]
                 key = (meta["namespace"], meta["name"])

@@ -1,28 +1,34 @@
 """Helpers the cluster tests share: runs through the real API, the operator through Helm.
 
 `Runs` creates and reads TrainingRuns and Pipelines in one namespace as kubectl would (the
-admin's credentials), and finds the pods, logs and claim folders behind them; `tiny_spec` is
-a tiny example's spec with its data on the claim `datasets` and its output on the claim
-`models`; `install_operator` installs charts/kubetrain with the real helm binary, and
-`Operator` stops, starts and reads the operator's own pod. `wait_for` and `hold` poll for
-what is expected to happen (or not to happen), never sleep blindly.
+admin's credentials), follows a run's statuses through a watch, and finds the pods, logs and
+claim folders behind them; `tiny_spec` is a tiny example's spec with its data on the claim
+`datasets` and its output on the claim `models`; `install_operator` installs
+charts/kubetrain with the real helm binary, and `Operator` stops, starts and reads the
+operator's own pod. `wait_for` and `hold` poll for what is expected to happen (or not to
+happen), never sleep blindly.
 (In a module of its own: `from conftest import` could pick any folder's conftest.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 from cluster import TestCluster
 from example_specs import REPO, example, with_spec
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 from polling import wait_for
 
@@ -140,11 +146,73 @@ class Runs:
 
     # --- what the cluster made of them -------------------------------------------------
 
-    def events(self, name: str) -> list[str]:
-        """Messages of the events about an object (kubectl describe), oldest first."""
+    def events(self, name: str, reason: str | None = None) -> list[str]:
+        """Messages of the events about an object (kubectl describe), oldest first; only
+        those with `reason` when given."""
         events = self.core.list_namespaced_event(self.namespace).items
         events.sort(key=lambda e: e.metadata.creation_timestamp)
-        return [e.message for e in events if e.involved_object.name == name]
+        return [
+            e.message
+            for e in events
+            if e.involved_object.name == name and reason in (None, e.reason)
+        ]
+
+    @contextlib.contextmanager
+    def statuses(self, name: str) -> Iterator[list[dict[str, Any]]]:
+        """Every status TrainingRun `name` has while inside, in order, from a watch: a
+        condition that lasts one reconcile pass is in it, where polling can miss it. A CRD
+        change restarts the resource's storage, which ends watches: it lists again then."""
+        seen: list[dict[str, Any]] = []
+        version: str | None = None
+
+        def catch_up() -> None:
+            nonlocal version
+            listed = self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, field_selector=f"metadata.name={name}"
+            )
+            seen.extend(item.get("status") or {} for item in listed["items"])
+            version = listed["metadata"]["resourceVersion"]
+
+        def follow() -> None:
+            nonlocal version
+            while not stop.is_set():  # short watches, so that leaving ends it soon
+                try:
+                    if version is None:
+                        catch_up()
+                    for event in watch.Watch().stream(
+                        self.custom.list_namespaced_custom_object,
+                        GROUP, VERSION, self.namespace, PLURAL,
+                        field_selector=f"metadata.name={name}", resource_version=version,
+                        timeout_seconds=2,
+                    ):  # fmt: skip
+                        seen.append(event["raw_object"].get("status") or {})
+                        version = event["raw_object"]["metadata"]["resourceVersion"]
+                except ApiException as e:
+                    if e.status == 410:  # the storage began anew after `version`
+                        version = None
+                    elif e.status in (429, 500, 503, 504):  # it is (re)initializing
+                        stop.wait(0.5)
+                    else:
+                        failed.append(e)
+                        return
+                except urllib3.exceptions.HTTPError:  # the apiserver dropped the watch
+                    stop.wait(0.5)
+                except Exception as e:  # the watch saw too little: said on leaving
+                    failed.append(e)
+                    return
+
+        catch_up()
+        stop = threading.Event()
+        failed: list[Exception] = []
+        follower = threading.Thread(target=follow, name=f"statuses-{name}", daemon=True)
+        follower.start()
+        try:
+            yield seen
+        finally:
+            stop.set()
+            follower.join(30)
+        if failed:
+            raise AssertionError(f"the watch of TrainingRun {name} failed") from failed[0]
 
     def jobs(self) -> list[str]:
         """Names of the Jobs in the namespace that are not being deleted."""

@@ -1,9 +1,11 @@
-"""What only a real cluster shows: admission, refusals, queues and garbage collection.
+"""What only a real cluster shows: admission, refusals, queues, garbage collection, dead nodes.
 
 The finalizers grant is proved by OwnerReferencesPermissionEnforcement itself; refusals by
 a ValidatingAdmissionPolicy (422) and a ResourceQuota (403) of the real apiserver; a queue's
 preemption by suspending the Job as Kueue does, with the real Job controller stopping its
-pods; name collisions by the real garbage collector taking its time.
+pods; name collisions by the real garbage collector taking its time; a dead node by a frozen
+process kubelet, whose pod the Job controller and garbage collector leave Terminating until
+the operator force-deletes it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 
 import pytest
 from cluster import TestCluster
-from e2e_runs import OPERATOR_NAMESPACE, OPERATOR_RELEASE, Runs, tiny_spec
+from e2e_runs import COMPLETION_INDEX, OPERATOR_NAMESPACE, OPERATOR_RELEASE, Runs, tiny_spec
+from kubelet import CAPACITY
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from polling import hold, wait_for
@@ -211,6 +214,60 @@ def test_a_quota_refusal_waits_with_the_reason_and_goes_on_once_it_is_lifted(
     runs.wait_phase("quota", "Succeeded", timeout=240)
 
 
+def test_a_pod_stuck_terminating_on_a_dead_node_is_force_deleted_and_the_run_goes_on(
+    cluster: TestCluster, runs: Runs, namespace: str
+) -> None:
+    # Each pod asks for more than half a node's cpu, so the real scheduler puts the two
+    # ranks on two nodes: one node can die while the other reports the crash.
+    cpu = str(int(CAPACITY["cpu"]) // 2 + 1)
+    spec = short_run(
+        "stuck",
+        training={"maxSteps": 300, "saveSteps": 300, "evalSteps": 300},  # still training
+        resources={"nodes": 2, "requests": {"cpu": cpu}},
+        restartPolicy={"forceDeleteAfterSeconds": 5},
+    )
+    runs.create("stuck", spec)
+    # Both ranks train (the data is tokenized: no rank holds the cache's lock).
+    wait_for(
+        lambda: (runs.status("stuck").get("progress") or {}).get("step"), "a training step", 240
+    )
+    ranks = {p["metadata"]["annotations"][COMPLETION_INDEX]: p for p in runs.pods("stuck-1")}
+    pod, node = ranks["1"]["metadata"]["name"], ranks["1"]["spec"]["nodeName"]
+    assert ranks["0"]["spec"]["nodeName"] != node, ranks
+    kubelet = next(k for k in cluster.nodes.kubelets if k.name == node)
+    with runs.statuses("stuck") as seen:
+        kubelet.freeze()  # rank 1's node stops answering; its container runs on
+        try:
+            runs.kill("stuck-1", 0)  # rank 0 crashes: the attempt fails, its pods are deleted
+            wait_for(
+                lambda: runs.core.read_namespaced_pod(pod, namespace).metadata.deletion_timestamp,
+                "rank 1's pod to be deleted",
+                120,
+            )
+            # Its deletionTimestamp is 300s ahead (the rendered grace period, which its node
+            # would cut short by confirming the stop). A second delete may shorten the grace
+            # (never lengthen it): the deadline passes in a second instead of five minutes.
+            runs.core.delete_namespaced_pod(pod, namespace, grace_period_seconds=1)
+            wait_for(lambda: _pod_gone(runs, pod), "the operator to force-delete rank 1's pod", 120)
+            held = kubelet.pods[namespace, pod]  # the dead node still holds its container
+        finally:
+            kubelet.thaw()
+    stuck = [
+        c["message"]
+        for status in seen
+        for c in status.get("conditions", [])
+        if c["type"] == "Ready" and c["reason"] == "PodsStuckTerminating"
+    ]
+    assert stuck and f"pod(s) {pod} on node(s) {node} are still terminating" in stuck[0], seen
+    forced = runs.events("stuck", reason="ForceDeleted")
+    assert forced and f"Force-deleted pod {namespace}/{pod}" in forced[0], runs.events("stuck")
+    # Back, the node lets go of the pod deleted meanwhile: its processes are killed.
+    wait_for(lambda: (namespace, pod) not in kubelet.pods, "the node to release the pod", 60)
+    assert not held.running()
+    status = runs.wait_phase("stuck", "Succeeded", timeout=300)
+    assert (status["attempt"], status["restarts"]) == (2, 1)
+
+
 def test_the_crd_refuses_what_the_apiserver_would_refuse_on_the_pods(
     cluster: TestCluster, namespace: str
 ) -> None:
@@ -300,6 +357,14 @@ def test_a_config_map_of_that_name_held_by_another_is_named(runs: Runs, namespac
     assert f"ConfigMap {namespace}/taken-config already exists" in waiting["message"], waiting
     assert runs.jobs() == []
     assert runs.core.read_namespaced_config_map("taken-config", namespace).data == {"mine": "yes"}
+
+
+def _pod_gone(runs: Runs, pod: str) -> bool:
+    try:
+        runs.core.read_namespaced_pod(pod, runs.namespace)
+    except ApiException as e:
+        return e.status == 404
+    return False
 
 
 def _gone(runs: Runs, name: str) -> bool:
