@@ -6,7 +6,8 @@ printer columns, `kubectl describe` with the events, `kubectl logs -f` of rank 0
 `kubectl explain`. The CRDs' schemas and CEL rules are judged by the real apiserver: every
 case of the unit tests' tables (tests/unit) is sent as a server-side dry run and must be
 refused with the same message, or accepted. A CRD upgrade from the CRDs released as 0.1.0
-(tests/e2e/crds-0.1.0) keeps existing runs readable and running.
+(tests/e2e/crds-0.1.0) keeps a run the operator started under them readable and running,
+and the fields the new schema defaults are no spec change (never SpecChangeIgnored).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from e2e_runs import (
     OPERATOR_RELEASE,
     Runs,
     api_client,
+    helm,
     install_operator,
 )
 from example_specs import EXAMPLES, REPO
@@ -34,6 +36,7 @@ from kubernetes.client.exceptions import ApiException
 from polling import wait_for
 
 from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, SWEEP_PLURAL, VERSION, TrainingRunSpec
+from kubetrain.trainingruns import STARTED_SPEC_ANNOTATION
 
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 from test_crdgen import CROSS_FIELD_CASES, schema_errors, trainingrun
@@ -199,48 +202,100 @@ def test_every_cel_rule_refuses_its_bad_example_through_the_apiserver(
     assert len(CROSS_FIELD_CASES) + len(PIPELINE_CASES) > 40
 
 
+def crds_as_chart_0_1_0_left_them(cluster: TestCluster) -> None:
+    """The TrainingRun CRD as `helm install` of chart 0.1.0 left it: Helm's ownership marks,
+    and its field manager (Helm 4 applies server-side as "helm", so this apply drops every
+    field the current chart's install set, and the upgrade's fields are Helm's own again)."""
+    for path in sorted((REPO / "tests" / "e2e" / "crds-0.1.0").glob("*trainingruns.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        crd["metadata"].setdefault("labels", {})["app.kubernetes.io/managed-by"] = "Helm"
+        crd["metadata"].setdefault("annotations", {}).update(
+            {
+                "meta.helm.sh/release-name": OPERATOR_RELEASE,
+                "meta.helm.sh/release-namespace": OPERATOR_NAMESPACE,
+            }
+        )
+        cluster.kubectl(
+            "apply", "--server-side", "--field-manager=helm", "--force-conflicts", "-f", "-",
+            input=json.dumps(crd),
+        )  # fmt: skip
+    cluster.kubectl("wait", "--for=condition=Established", "crd/trainingruns.kubetrain.dev")
+
+
+def defaulted_group_by_length(cluster: TestCluster, namespace: str, doc: dict[str, Any]) -> bool:
+    """Whether the apiserver defaults data.groupByLength in `doc` (the current schema does,
+    0.1.0's does not know the field), asked with a server-side dry run under another name."""
+    probe = {**doc, "metadata": {"name": "schema-probe"}}
+    created = cluster.kubectl(
+        "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-",
+        input=json.dumps(probe),
+    )  # fmt: skip
+    return "groupByLength" in json.loads(created.stdout)["spec"]["data"]
+
+
 def test_crd_upgrade_from_0_1_0_keeps_runs_readable_and_running(tmp_path: Path) -> None:
-    """A cluster of its own: the 0.1.0 CRDs, a run created under them, then this chart."""
+    """A cluster of its own: the operator starts a run under the 0.1.0 CRDs, then the chart
+    upgrades them while the run trains."""
     upgraded = TestCluster(tmp_path / "cluster").start()
     try:
-        # As `helm install` of chart 0.1.0 left them: Helm's ownership marks on each CRD, and
-        # its field manager (Helm 4 applies server-side as "helm"; the upgrade applies as the
-        # same manager, so the fields it changes are its own).
-        for path in sorted((REPO / "tests" / "e2e" / "crds-0.1.0").glob("*trainingruns.yaml")):
-            crd = yaml.safe_load(path.read_text())
-            crd["metadata"].setdefault("labels", {})["app.kubernetes.io/managed-by"] = "Helm"
-            crd["metadata"].setdefault("annotations", {}).update(
-                {
-                    "meta.helm.sh/release-name": OPERATOR_RELEASE,
-                    "meta.helm.sh/release-namespace": OPERATOR_NAMESPACE,
-                }
-            )
-            upgraded.kubectl(
-                "apply", "--server-side", "--field-manager=helm", "-f", "-", input=json.dumps(crd)
-            )
-        upgraded.kubectl("wait", "--for=condition=Established", "crd/trainingruns.kubetrain.dev")
+        install_operator(upgraded)  # the current chart, with the current CRDs
+        crds_as_chart_0_1_0_left_them(upgraded)
         upgraded.create_namespace("team-a")
         fill_examples_claim(upgraded, "team-a")
         doc = yaml.safe_load((CLUSTER_EXAMPLES / "trainingrun-from-scratch-tiny.yaml").read_text())
-        doc["spec"]["training"].update({"maxSteps": 20, "saveSteps": 10, "evalSteps": 10})
-        upgraded.apply(doc, namespace="team-a")
-        before = upgraded.get("tr", "from-scratch-tiny", "-n", "team-a")
-
-        install_operator(upgraded)  # the chart installs and upgrades its CRDs
-        crd = upgraded.get("crd", "trainingruns.kubetrain.dev")
-        current = yaml.safe_load((REPO / "crds" / "kubetrain.dev_trainingruns.yaml").read_text())
-        assert crd["spec"]["versions"][0]["schema"] == current["spec"]["versions"][0]["schema"]
-        after = upgraded.get("tr", "from-scratch-tiny", "-n", "team-a")
-        assert after["metadata"]["uid"] == before["metadata"]["uid"]
-        # The apiserver fills fields the new schema defaults when it reads the run back
-        # (data.groupByLength came after 0.1.0); through the model, as the operator compares
-        # specs, it is the spec the user applied.
-        assert after["spec"] != before["spec"]
-        assert TrainingRunSpec.model_validate(after["spec"]) == TrainingRunSpec.model_validate(
-            before["spec"]
+        # Long enough to be training still once the chart is upgraded.
+        doc["spec"]["training"].update({"maxSteps": 600, "saveSteps": 300, "evalSteps": 300})
+        name = doc["metadata"]["name"]
+        # The apiserver serves the new schema a moment after the apply: wait for the old one.
+        wait_for(
+            lambda: not defaulted_group_by_length(upgraded, "team-a", doc),
+            "the apiserver to serve the 0.1.0 schema",
+            60,
         )
-        status = Runs(upgraded, "team-a").wait_phase("from-scratch-tiny", "Succeeded", timeout=300)
+        runs = Runs(upgraded, "team-a")
+        with runs.statuses(name) as seen:
+            upgraded.apply(doc, namespace="team-a")
+            runs.wait_phase(name, "Running", timeout=240)
+            before = upgraded.get("tr", name, "-n", "team-a")
+            # The operator recorded the spec it started as 0.1.0 serves it.
+            started = json.loads(before["metadata"]["annotations"][STARTED_SPEC_ANNOTATION])
+            assert started == before["spec"] and "groupByLength" not in started["data"], started
+
+            helm(
+                upgraded, "upgrade", OPERATOR_RELEASE, str(REPO / "charts" / "kubetrain"),
+                "--namespace", OPERATOR_NAMESPACE, "--reuse-values", "--wait", "--timeout", "3m",
+            )  # fmt: skip
+            crd = upgraded.get("crd", "trainingruns.kubetrain.dev")
+            current = yaml.safe_load(
+                (REPO / "crds" / "kubetrain.dev_trainingruns.yaml").read_text()
+            )
+            assert crd["spec"]["versions"][0]["schema"] == current["spec"]["versions"][0]["schema"]
+            wait_for(
+                lambda: defaulted_group_by_length(upgraded, "team-a", doc),
+                "the apiserver to serve the current schema",
+                60,
+            )
+            after = upgraded.get("tr", name, "-n", "team-a")
+            # The operator follows the run under the new schema: it still trains.
+            assert runs.status(name)["phase"] == "Running", runs.status(name)
+            assert after["metadata"]["uid"] == before["metadata"]["uid"]
+            # The apiserver fills fields the new schema defaults when it reads the run back
+            # (data.groupByLength came after 0.1.0); through the model, as the operator
+            # compares specs, it is the spec the run started with.
+            assert after["spec"] != before["spec"]
+            assert TrainingRunSpec.model_validate(after["spec"]) == TrainingRunSpec.model_validate(
+                before["spec"]
+            )
+            status = runs.wait_phase(name, "Succeeded", timeout=300)
         assert status["outputs"]["modelUri"] == "pvc://examples/outputs/from-scratch-tiny"
+        # The defaults the upgrade added are no edit of the user's: never SpecChangeIgnored,
+        # in any status the run had (a watch saw each) nor in an event.
+        ignored = [
+            c for s in seen for c in s.get("conditions", []) if c["type"] == "SpecChangeIgnored"
+        ]
+        assert not ignored, ignored
+        assert not runs.events(name, reason="SpecChangeIgnored")
+        assert not [e for e in runs.events(name) if "spec changed" in e], runs.events(name)
     finally:
         upgraded.stop()
         shutil.rmtree(tmp_path / "cluster", ignore_errors=True)
