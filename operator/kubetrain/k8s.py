@@ -81,10 +81,10 @@ def api_server_override() -> str | None:
     return _api_server or os.environ.get(API_SERVER_ENV) or None
 
 
-# Connections kept open to the API server: one per thread that calls it at once (reconcile
+# Connections kept open to the API server: one per thread that calls it at once (the runs'
 # workers, informers, kopf's executor). With fewer, a busy operator opens and closes TLS
 # connections all the time, which cost it more CPU than the requests themselves.
-CONNECTION_POOL_SIZE = 32
+CONNECTION_POOL_SIZE = 64
 
 
 def _client_configuration() -> client.Configuration:

@@ -118,18 +118,19 @@ def peer(priority: int, seconds_ago: float, lifetime: int = 60) -> dict[str, Any
 
 
 @pytest.mark.parametrize(
-    ("peers", "outranked"),
+    ("others", "outranked"),
     [
-        ({}, False),
-        ({"me": peer(50, 1)}, False),
-        ({"me": peer(50, 1), "other": peer(10, 1)}, False),  # lower: we work
-        ({"me": peer(50, 1), "other": peer(90, 1)}, True),  # higher and alive: it works
-        ({"me": peer(50, 1), "other": peer(90, 120)}, False),  # higher but dead: we work
+        ([], False),
+        ([(10, 1)], False),  # lower: we work
+        ([(90, 1)], True),  # higher and alive: it works
+        ([(90, 120)], False),  # higher but silent past its lifetime: we work
     ],
 )
 def test_a_replica_visits_runs_unless_a_live_peer_outranks_it(
-    monkeypatch: pytest.MonkeyPatch, peers: dict[str, Any], outranked: bool
+    monkeypatch: pytest.MonkeyPatch, others: list[tuple[int, float]], outranked: bool
 ) -> None:
+    # (priority, seconds since last seen) of the other peers, stamped when the test runs.
+    peers = {"me": peer(50, 1)} | {f"other-{i}": peer(*o) for i, o in enumerate(others)}
     monkeypatch.setattr(k8s, "get_peering", lambda name, namespace: {"status": peers})
     assert Peering("kubetrain", 50, [])._outranked(None) is outranked
 
