@@ -119,8 +119,9 @@ class RunQueue:
     def done(self, key: Key) -> None:
         with self.changed:
             self.visiting.discard(key)
-        if key in self.again:
+            asked_again = key in self.again
             self.again.discard(key)
+        if asked_again:
             self.add(key, first=True)
 
     def close(self) -> None:
