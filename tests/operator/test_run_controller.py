@@ -90,6 +90,11 @@ def test_events_that_call_for_a_visit_and_those_that_do_not() -> None:
     assert queued(made) == []  # a status write (ours): the clock brings the next visit
     made.store.apply("MODIFIED", run("a", generation=2))  # a spec edit: at once
     assert queued(made) == [A]
+    failed = {**run("a", generation=2), "status": {"phase": "Failed"}}
+    made.store.apply("MODIFIED", failed)  # finished: no clock
+    made.queue.next_visit.clear()
+    made.store.apply("MODIFIED", {**failed, "status": {"phase": "Pending"}})
+    assert A in made.queue.next_visit  # unfinished again: followed again
     made.store.replace("team", [run("a", generation=2)])  # a relist: b was deleted meanwhile
     assert forgotten == [B] and queued(made) == [A]
     made.store.apply("DELETED", run("a", generation=2))

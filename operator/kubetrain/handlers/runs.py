@@ -296,6 +296,10 @@ class RunController:
         old = (before or {}).get("metadata") or {}
         if old.get("uid") != meta["uid"] or old.get("generation") != meta["generation"]:
             self.queue.add(key, first=True)  # new, found at the start, or its spec edited
+        elif run["follow"] and not (before or {}).get("follow"):
+            # Unfinished again (an InvalidSpec mended): its last visit, which read the run
+            # as finished, scheduled no next one.
+            self.queue.add_after(key, self.interval)
 
     def _work(self) -> None:
         while (key := self.queue.take()) is not None:
