@@ -30,8 +30,10 @@ namespace observer lists; `parse_path_with_namespaces` fixes that while the serv
 
 Still missing, and not needed by these tests: server-side apply, PUT (replace), field
 selectors, admission (OpenAPI/CEL validation: tests/unit checks the CRD schema instead),
-`deletecollection`, watch bookmarks, resuming a watch from a resourceVersion, and a
-DELETED watch event when an object's labels stop matching a watch's selector.
+`deletecollection`, watch bookmarks, resuming a watch from a resourceVersion (a watch
+starts with every object as ADDED, having joined the events first, so nothing falls
+between a list and the watch after it), and a DELETED watch event when an object's labels
+stop matching a watch's selector.
 
 `serve_emulator()` starts it on a free localhost port in a thread of its own (so the sync
 tests, the kopf operator thread and the official client all talk to it over HTTP, as to a
@@ -331,12 +333,30 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         return listing
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
-        selector = request.params.get("labelSelector")
-        async for event in super()._serve_watch(request):
-            unselected = isinstance(event, dict) and not labels_match(
-                _labels_of(event.get("object") or {}), selector or ""
-            )
-            if not unselected:
+        """kmock's watch, joining the event bus before it takes its snapshot of the objects.
+
+        kmock's own takes the snapshot, streams it, and only then joins the bus, so an object
+        created while the snapshot streams was never sent: an informer that had just listed
+        missed it for good (a real apiserver resumes a watch from the list's version).
+        """
+        yield b""  # the headers: the stream is open
+        bus = self._buses[request.resource]
+        async with self._lock:  # where every change is put on the bus
+            joined = await bus.mark()
+            snapshot = [
+                {"type": "ADDED", "object": obj.raw}
+                for obj in self._KubernetesEmulator__get_objs(request, strict=False)
+                if not obj.deleted
+            ]
+        selector = request.params.get("labelSelector") or ""
+        for event in snapshot:
+            if labels_match(_labels_of(event["object"]), selector):
+                yield event
+        async for event in bus.stream(since=joined):
+            meta = (event.get("object") or {}).get("metadata") or {}
+            if self._KubernetesEmulator__check(
+                request, request.resource, meta.get("namespace"), meta.get("name"), strict=False
+            ) and labels_match(_labels_of(event.get("object") or {}), selector):
                 yield event
 
 
