@@ -246,8 +246,9 @@ class RunController:
         self.peering = peering or Peering(None, 0, namespaces)
         scopes: list[str | None] = list(namespaces) or [None]
         self.informers = [Informer(RUN_KIND, scope, None, self.store) for scope in scopes]
-        # kopf.event (the runs' events) reads kopf's context variables: each worker runs in
-        # a copy of the context the controller was made in (kopf's startup handler).
+        # Each worker runs in a copy of the context the controller was made in (kopf's
+        # startup handler), as kopf runs its own sync handlers: kopf's settings and logging
+        # context stay what they are for the Pipeline and Sweep handlers.
         context = contextvars.copy_context()
         self.workers = [
             threading.Thread(
