@@ -32,7 +32,7 @@ from kubetrain import k8s, opmetrics
 from kubetrain.api import GROUP, PIPELINE_PLURAL, SWEEP_PLURAL, VERSION
 from kubetrain.handlers import pipeline, sweep
 from kubetrain.handlers.children import SYNC_TIMEOUT_SECONDS, Children
-from kubetrain.handlers.runs import Peering, RunController
+from kubetrain.handlers.runs import KOPF_FINALIZER, Peering, RunController
 from kubetrain.handlers.trainingrun import MetricsAddress, forget, is_unfinished, reconcile
 
 DEFAULT_RECONCILE_INTERVAL = 10.0
@@ -60,7 +60,7 @@ def register(
     def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         # Keep kopf's bookkeeping under our own prefix, in annotations, never in status
         # (the CRD's status schema would prune it).
-        settings.persistence.finalizer = f"{GROUP}/finalizer"
+        settings.persistence.finalizer = KOPF_FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"

@@ -202,6 +202,15 @@ class Informer:
         return self.kind[2] + (f" in {self.namespace}" if self.namespace else "")
 
 
+def start_informers(informers: Sequence[Informer], timeout: float) -> None:
+    """Start `informers`; return once each has its first list (TimeoutError if not)."""
+    for informer in informers:
+        informer.start()
+    for informer in informers:
+        if not informer.synced.wait(timeout):
+            raise TimeoutError(f"no list of {informer._what()} within {timeout:.0f}s")
+
+
 class Children:
     """The informers' stores, read for one run (or one namespace's claims)."""
 
@@ -210,7 +219,7 @@ class Children:
             store_id: Store(_run_key, lambda body, plural=kind[2]: trimmed(plural, body))
             for store_id, kind in CHILD_KINDS.items()
         }
-        self.stores[CLAIMS] = Store(_name_key, _claim)
+        self.stores[CLAIMS] = Store(name_key, _claim)
         scopes: list[str | None] = list(namespaces) or [None]
         self.informers = [
             Informer(kind, namespace, LABEL_RUN, self.stores[store_id])
@@ -220,12 +229,11 @@ class Children:
 
     def start(self, timeout: float = SYNC_TIMEOUT_SECONDS) -> None:
         """Start following; return once every kind has been listed (TimeoutError if not)."""
-        for informer in self.informers:
-            informer.start()
-        for informer in self.informers:
-            if not informer.synced.wait(timeout):
-                self.stop()
-                raise TimeoutError(f"no list of {informer._what()} within {timeout:.0f}s")
+        try:
+            start_informers(self.informers, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         for informer in self.informers:
@@ -258,7 +266,7 @@ def _run_key(body: Mapping[str, Any]) -> Key:
     return meta["namespace"], meta["labels"][LABEL_RUN]
 
 
-def _name_key(body: Mapping[str, Any]) -> Key:
+def name_key(body: Mapping[str, Any]) -> Key:
     meta = body["metadata"]
     return meta["namespace"], meta["name"]
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from kubetrain import k8s
 from kubetrain.api import GROUP, PLURAL, VERSION
-from kubetrain.handlers.children import Informer, Key, Store
+from kubetrain.handlers.children import Informer, Key, Store, name_key, start_informers
 from kubetrain.handlers.trainingrun import is_unfinished
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class RunStore(Store):
     """The runs' facts by (namespace, name); each change is passed to `on_change`."""
 
     def __init__(self, on_change: Callable[[str, dict[str, Any] | None, dict[str, Any]], None]):
-        super().__init__(_name_key, run_facts)
+        super().__init__(name_key, run_facts)
         self.on_change = on_change
 
     def replace(self, namespace: str | None, items: Sequence[Mapping[str, Any]]) -> None:
@@ -155,25 +155,20 @@ class RunStore(Store):
         super().replace(namespace, items)
         listed = set()
         for item in items:
-            listed.add(_name_key(item))
-            self.on_change("LISTED", held.get(_name_key(item)), run_facts(item))
+            listed.add(name_key(item))
+            self.on_change("LISTED", held.get(name_key(item)), run_facts(item))
         for key, gone in held.items():
             if key not in listed and gone is not None:
                 self.on_change("DELETED", gone, gone)
 
     def apply(self, event_type: str, item: Mapping[str, Any]) -> None:
-        before = self.one(_name_key(item))
+        before = self.one(name_key(item))
         super().apply(event_type, item)
         self.on_change(event_type, before, run_facts(item))
 
     def one(self, key: Key) -> dict[str, Any] | None:
         found = self.get(key)
         return found[0] if found else None
-
-
-def _name_key(body: Mapping[str, Any]) -> Key:
-    meta = body["metadata"]
-    return meta["namespace"], meta["name"]
 
 
 class Peering:
@@ -264,11 +259,7 @@ class RunController:
         self.peering.start()
         for worker in self.workers:
             worker.start()
-        for informer in self.informers:
-            informer.start()
-        for informer in self.informers:
-            if not informer.synced.wait(timeout):
-                raise TimeoutError(f"no list of TrainingRuns within {timeout:.0f}s")
+        start_informers(self.informers, timeout)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop taking runs; a visit under way finishes first (within `timeout`)."""
