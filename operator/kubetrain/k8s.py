@@ -210,14 +210,51 @@ def get_trainingrun(namespace: str, name: str) -> dict[str, Any] | None:
     return _get(PLURAL, namespace, name)
 
 
-def patch_trainingrun_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    """JSON-merge-patch the status subresource with `patch` (the status, not {status: ...})."""
-    _patch_status(PLURAL, namespace, name, patch)
+def patch_trainingrun_status(
+    namespace: str, name: str, patch: dict[str, Any], resource_version: str
+) -> str:
+    """JSON-merge-patch the status subresource with `patch` (the status, not {status: ...})
+    if the run is still at `resource_version` (else `Conflict`); the run's new version."""
+    body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
+    return _resource_version(
+        _conflict_on_409(
+            lambda: _custom().patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False
+            )
+        )
+    )
 
 
-def annotate_trainingrun(namespace: str, name: str, annotations: dict[str, str | None]) -> None:
-    """Set (or, with None, remove) annotations on a TrainingRun."""
-    _patch(PLURAL, namespace, name, {"metadata": {"annotations": annotations}})
+def annotate_trainingrun(
+    namespace: str, name: str, annotations: dict[str, str | None], resource_version: str
+) -> str:
+    """Set (or, with None, remove) annotations on a TrainingRun still at `resource_version`
+    (else `Conflict`); the run's new version."""
+    body = {"metadata": {"annotations": annotations, "resourceVersion": resource_version}}
+    return _resource_version(
+        _conflict_on_409(
+            lambda: _custom().patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False
+            )
+        )
+    )
+
+
+class Conflict(Exception):
+    """The object changed since the version a write was based on (409): read it again."""
+
+
+def _conflict_on_409(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except ApiException as e:
+        if e.status == 409:
+            raise Conflict(_api_message(e)) from e
+        raise
+
+
+def _resource_version(response: Any) -> str:
+    return str(_body(response)["metadata"]["resourceVersion"])
 
 
 def patch_trainingrun(namespace: str, name: str, patch: dict[str, Any]) -> None:

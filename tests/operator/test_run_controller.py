@@ -18,7 +18,7 @@ import pytest
 
 from kubetrain import k8s
 from kubetrain.handlers import runs as runs_module
-from kubetrain.handlers.runs import KOPF_FINALIZER, Peering, RunController, RunQueue
+from kubetrain.handlers.runs import KOPF_FINALIZER, Peering, RunCache, RunController, RunQueue
 
 A, B = ("team", "a"), ("team", "b")
 
@@ -67,7 +67,7 @@ def run(name: str, generation: int = 1, **meta: Any) -> dict[str, Any]:
 def controller() -> tuple[RunController, list[tuple[str, str]]]:
     forgotten: list[tuple[str, str]] = []
     made = RunController(
-        lambda namespace, name: None,
+        lambda namespace, name, cache: None,
         lambda namespace, name: forgotten.append((namespace, name)),
         interval=10.0,
         workers=0,
@@ -146,7 +146,7 @@ def test_a_standby_keeps_each_runs_turn_and_visits_once_active(
     visits: list[str] = []
     peering = Peering("kubetrain", 50, ["team"])
     made = RunController(
-        lambda namespace, name: visits.append(name),
+        lambda namespace, name, cache: visits.append(name),
         lambda namespace, name: None,
         interval=0.0,
         workers=0,
@@ -164,7 +164,7 @@ def test_a_standby_keeps_each_runs_turn_and_visits_once_active(
 def test_workers_stop_after_the_visit_under_way(monkeypatch: pytest.MonkeyPatch) -> None:
     started, release = threading.Event(), threading.Event()
 
-    def visit(namespace: str, name: str) -> None:
+    def visit(namespace: str, name: str, cache: RunCache) -> None:
         started.set()
         release.wait(10)
 

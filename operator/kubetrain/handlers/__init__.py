@@ -84,7 +84,7 @@ def register(
             memo.children = children
             peering_name, priority = memo.get("peering") or (None, 0)
             memo.run_controller = RunController(
-                lambda namespace, name: reconcile(namespace, name, memo, children),
+                lambda namespace, name, cache: reconcile(namespace, name, memo, children, cache),
                 lambda namespace, name: forget(namespace, name, memo),
                 interval=reconcile_interval,
                 workers=RUN_WORKERS,

@@ -4,8 +4,9 @@ kopf gave every run a timer of its own, and ran every event of every run (the op
 status writes included) through a per-object worker that held the run's whole body: at a
 thousand runs that was most of the operator's memory, and its CPU went to bookkeeping rather
 than to runs (tests/bench/test_bench_operator.py). TrainingRuns are therefore not kopf
-handlers: an informer (`children.Informer`) follows them, keeping a few fields per run, and
-`RunController` does what the handlers did, as client-go's controllers do it:
+handlers: an informer (`children.Informer`) follows them, keeping each run without its
+managedFields, and `RunController` does what the handlers did, as client-go's controllers do
+it:
 
 - a new run, one an operator finds at its start, a spec edit (a new generation) and a
   deletion put the run at the front of the queue (what on.create/on.resume/on.update did);
@@ -13,7 +14,9 @@ handlers: an informer (`children.Informer`) follows them, keeping a few fields p
   and so is a finished one whose workload ttlSecondsAfterFinished will delete;
 - a run is never in two workers at once, and never twice in the queue; an event for a run
   being visited queues it again once that visit is done;
-- the operator's own status writes change no generation and cost no visit.
+- the operator's own status writes change no generation and cost no visit;
+- a visit reads the run from the informer, not the API, once the informer holds the
+  operator's last write of it (`RunCache`).
 
 With replicas (kopf peering), only the active one visits: the one no live peer in the
 peering object outranks, the rule kopf pauses its own handlers by (`Peering`). Runs that an
@@ -26,14 +29,16 @@ import collections
 import contextvars
 import datetime
 import heapq
+import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kubetrain import k8s
-from kubetrain.api import GROUP, PLURAL, VERSION
+from kubetrain.api import GROUP, KIND, PLURAL, VERSION
 from kubetrain.handlers.children import Informer, Key, Store, name_key, start_informers
 from kubetrain.handlers.trainingrun import is_unfinished
 
@@ -44,10 +49,11 @@ RUN_KIND: k8s.Kind = (GROUP, VERSION, PLURAL)
 KOPF_FINALIZER = f"{GROUP}/finalizer"
 # How often a replica reads the peering object to know whether it is the active one.
 PEERING_POLL_SECONDS = 5.0
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 def run_facts(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the scheduling needs of a run; the visit itself reads the run fresh."""
+    """What the scheduling needs of a run, and the run as a visit reads it (`RunCache`)."""
     meta = body["metadata"]
     return {
         "metadata": {
@@ -60,7 +66,29 @@ def run_facts(body: Mapping[str, Any]) -> dict[str, Any]:
             "finalizers": list(meta.get("finalizers") or []),
         },
         "follow": is_unfinished(body.get("spec") or {}, body.get("status") or {}),
+        # As JSON text: a thousand runs held as parsed dicts would cost more memory than the
+        # rest of the operator.
+        "body": json.dumps(visited(body), separators=(",", ":")),
     }
+
+
+def visited(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The run without what no visit reads: managedFields and kubectl's last-applied copy
+    of the spec are most of a run's bytes. Lists leave kind and apiVersion out of items."""
+    meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    annotations = meta.get("annotations") or {}
+    if LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    return {**body, "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": meta}
+
+
+def _revision(resource_version: str | None) -> float:
+    """A resourceVersion as a number to compare (an etcd revision); one that is not a number
+    (an apiserver not backed by etcd) counts as infinitely new, so nothing cached is as new."""
+    try:
+        return int(resource_version or "")
+    except ValueError:
+        return math.inf
 
 
 class RunQueue:
@@ -155,20 +183,62 @@ class RunStore(Store):
         super().replace(namespace, items)
         listed = set()
         for item in items:
-            listed.add(name_key(item))
-            self.on_change("LISTED", held.get(name_key(item)), run_facts(item))
+            key = name_key(item)
+            listed.add(key)
+            self.on_change("LISTED", held.get(key), self.one(key) or run_facts(item))
         for key, gone in held.items():
             if key not in listed and gone is not None:
                 self.on_change("DELETED", gone, gone)
 
     def apply(self, event_type: str, item: Mapping[str, Any]) -> None:
-        before = self.one(name_key(item))
+        key = name_key(item)
+        before = self.one(key)
         super().apply(event_type, item)
-        self.on_change(event_type, before, run_facts(item))
+        after = self.one(key) if event_type != "DELETED" else None
+        self.on_change(event_type, before, after or run_facts(item))
 
     def one(self, key: Key) -> dict[str, Any] | None:
         found = self.get(key)
         return found[0] if found else None
+
+
+class RunCache:
+    """The runs as the informer last saw them, for a visit to read instead of a GET.
+
+    client-go's controllers read from their informers too. One rule keeps that safe: a
+    visit reads the cached run only once the cache holds the operator's own last write of
+    that run (its resourceVersion at least that write's), because planning from a status
+    older than one already written could redo or undo what that write recorded. Until the
+    watch brings the write back (milliseconds; visits are seconds apart) the visit reads the
+    API. Edits by others are caught by the writes themselves: each states the version it was
+    planned from, and a 409 (`k8s.Conflict`) makes the visit read the run again.
+    """
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+        self.written: dict[Key, float] = {}
+        self.lock = threading.Lock()
+
+    def fresh(self, key: Key) -> dict[str, Any] | None:
+        """The cached run, if it is at least as new as the last write; else None."""
+        facts = self.store.one(key)
+        if facts is None:
+            return None
+        with self.lock:
+            written = self.written.get(key, 0)
+        if _revision(facts["metadata"]["resourceVersion"]) < written:
+            return None
+        body: dict[str, Any] = json.loads(facts["body"])
+        return body
+
+    def wrote(self, key: Key, resource_version: str) -> None:
+        """The operator wrote the run; it is now at `resource_version`."""
+        with self.lock:
+            self.written[key] = max(self.written.get(key, 0), _revision(resource_version))
+
+    def forget(self, key: Key) -> None:
+        with self.lock:
+            self.written.pop(key, None)
 
 
 class Peering:
@@ -223,11 +293,12 @@ class Peering:
 
 
 class RunController:
-    """Follows the TrainingRuns and visits them with `visit(namespace, name)` (module doc)."""
+    """Follows the TrainingRuns and visits them with `visit(namespace, name, cache)` (module
+    doc)."""
 
     def __init__(
         self,
-        visit: Callable[[str, str], None],
+        visit: Callable[[str, str, RunCache], None],
         forget: Callable[[str, str], None],
         *,
         interval: float,
@@ -238,6 +309,7 @@ class RunController:
         self.visit, self.forget, self.interval = visit, forget, interval
         self.queue = RunQueue()
         self.store = RunStore(self._changed)
+        self.cache = RunCache(self.store)
         self.peering = peering or Peering(None, 0, namespaces)
         scopes: list[str | None] = list(namespaces) or [None]
         self.informers = [Informer(RUN_KIND, scope, None, self.store) for scope in scopes]
@@ -276,6 +348,7 @@ class RunController:
         key = (meta["namespace"], meta["name"])
         if event == "DELETED":
             self.queue.forget(key)
+            self.cache.forget(key)
             self.forget(*key)
             return
         if meta["deletionTimestamp"] is not None:
@@ -309,7 +382,7 @@ class RunController:
         # A standby replica keeps each run's turn, and visits once it is the active one.
         if self.peering.active.is_set():
             try:
-                self.visit(*key)
+                self.visit(*key, self.cache)
             finally:
                 run = self.store.one(key)
         if run is not None and run["follow"]:

@@ -1,10 +1,12 @@
 """A visit of one TrainingRun: observe, plan (`kubetrain.trainingruns`), act, write the status.
 
 `kubetrain.handlers.runs` calls `reconcile` for a new run, a run found at the operator's
-start, a spec edit, and every interval while the run is not finished. It reads the run
-fresh from the API under a per-run lock, observes its children, pods, claims and rank 0's
-metrics, asks `plan_trainingrun` what to do and does it, then writes the whole
-status the plan computed. Nothing depends on remembering an earlier call: the attempt lives
+start, a spec edit, and every interval while the run is not finished. Under a per-run lock
+it reads the run (from the runs' informer when that holds the operator's last write of it,
+else from the API), observes its children, pods, claims and rank 0's metrics, asks
+`plan_trainingrun` what to do and does it, then writes the whole status the plan computed.
+Each write of the run states the version it was planned from: a run edited meanwhile is a
+409, read again and planned again. Nothing depends on remembering an earlier call: the attempt lives
 in `status.attempt`, attempt N's workload is found by its name `<run>-<N>`, and children
 are created "if absent", so an operator restarted at any point picks up where the last one
 stopped. Children and claims are read from informers (`kubetrain.handlers.children`),
@@ -22,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kopf
 
@@ -54,6 +56,9 @@ from kubetrain.trainingruns import (
     status_body,
 )
 
+if TYPE_CHECKING:  # runs.py imports this module
+    from kubetrain.handlers.runs import RunCache
+
 log = logging.getLogger(__name__)
 
 MetricsAddress = Callable[[Mapping[str, Any]], tuple[str, int]]
@@ -75,24 +80,31 @@ def _memory(memo: kopf.Memo, namespace: str, name: str) -> RunMemory:
         return runs.setdefault((namespace, name), RunMemory())
 
 
-def reconcile(namespace: str, name: str, memo: kopf.Memo, children: Children) -> None:
+def reconcile(
+    namespace: str, name: str, memo: kopf.Memo, children: Children, cache: RunCache | None = None
+) -> None:
     """Bring one TrainingRun one step closer to its spec; safe to call any time, any often.
 
-    The run itself is read fresh every pass: kopf's copy may not have a spec edit yet (a
-    suspend a moment ago), and acting on it would undo what the user asked.
+    The first pass reads the run from `cache` when it is fresh enough (`RunCache`), a pass
+    after a change of the operator's own (a deletion, a conflict) from the API.
     """
     memory = _memory(memo, namespace, name)
     with memory.lock, opmetrics.RECONCILE_DURATION.time():
         refusal: Refusal | None = None
         found: dict[str, dict[str, Any] | None] = {}  # read after a 409: an unlabelled holder
-        for _ in range(MAX_PASSES):
-            body = k8s.get_trainingrun(namespace, name)
+        for visit_pass in range(MAX_PASSES):
+            body = cache.fresh((namespace, name)) if cache and visit_pass == 0 else None
+            if body is None:
+                body = k8s.get_trainingrun(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             observed = observe(body, memo, memory, children, refusal, found)
             plan = plan_trainingrun(observed)
-            executor = Executor(body)
-            outcome = executor.act(plan)
+            executor = Executor(body, cache)
+            try:
+                outcome = executor.act(plan)
+            except k8s.Conflict:
+                continue  # edited since it was read: read it again, plan again
             if isinstance(outcome, Refusal):
                 refusal = outcome  # the next plan puts the apiserver's answer in the status
                 continue
@@ -105,7 +117,10 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo, children: Children) ->
                 else:
                     return  # a workload: the next pass finds it in the informer
                 continue
-            executor.write(plan, observed)
+            try:
+                executor.write(plan, observed)
+            except k8s.Conflict:
+                continue
             memory.first_sample = plan.first_sample
             if not executor.look_again:
                 return
@@ -172,11 +187,22 @@ def _rank0_metrics(
 
 
 class Executor(ObjectPass):
-    """Performs one plan's actions on the API and writes its status."""
+    """Performs one plan's actions on the API and writes its status.
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    Writes of the run itself state the version the plan was made from (`k8s.Conflict` when
+    it has changed since) and tell `cache` the version they leave.
+    """
+
+    def __init__(self, body: dict[str, Any], cache: RunCache | None = None) -> None:
         super().__init__(body)
+        self.cache = cache
+        self.resource_version: str = body["metadata"]["resourceVersion"]
         self.look_again = False
+
+    def wrote(self, resource_version: str) -> None:
+        self.resource_version = resource_version
+        if self.cache is not None:
+            self.cache.wrote((self.namespace, self.name), resource_version)
 
     def act(self, plan: TrainingRunPlan) -> Refusal | str | None:
         """Do the plan's actions in order; a refusal or a conflict (409) stops them.
@@ -196,8 +222,13 @@ class Executor(ObjectPass):
             if isinstance(action, Announce):
                 self.announce(action.reason, action.message, warning=action.warning)
             elif isinstance(action, RecordStartedSpec):
-                k8s.annotate_trainingrun(
-                    self.namespace, self.name, {STARTED_SPEC_ANNOTATION: action.spec}
+                self.wrote(
+                    k8s.annotate_trainingrun(
+                        self.namespace,
+                        self.name,
+                        {STARTED_SPEC_ANNOTATION: action.spec},
+                        self.resource_version,
+                    )
                 )
             elif isinstance(action, CreateChild):
                 try:
@@ -228,7 +259,8 @@ class Executor(ObjectPass):
         new = status_body(plan.status)
         patch = merge_patch(self.status, new)
         if patch:
-            k8s.patch_trainingrun_status(self.namespace, self.name, patch)
+            version = self.resource_version
+            self.wrote(k8s.patch_trainingrun_status(self.namespace, self.name, patch, version))
         status = plan.status
         if status.phase is not None:
             opmetrics.observe_phase(self.namespace, self.name, status.phase)
