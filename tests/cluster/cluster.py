@@ -10,8 +10,8 @@ pre-bound to the claims that `create_claim` makes (the real PV controller binds 
 `make cluster` also makes the claim `examples` in namespace `default`, filled from
 examples/data, which the cluster variants of the examples (examples/cluster/) read.
 For benchmarks, `stub_pods=True` runs TrainingRuns' pods as kubelet.StubPods (Running at
-once, no process; `cluster.stubs.finish(namespace, run)` ends them) and `audit=True` turns
-on the apiserver's audit log (ControlPlane.audit_log).
+once, no process; `cluster.stubs.finish(namespace, run)` ends them) and `audit=(user, ...)`
+turns on the apiserver's audit log of those users' requests (ControlPlane.audit_log).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,11 @@ class TestCluster:
     __test__ = False  # not a pytest test class
 
     def __init__(
-        self, root: Path, nodes: int = 2, stub_pods: bool = False, audit: bool = False
+        self,
+        root: Path,
+        nodes: int = 2,
+        stub_pods: bool = False,
+        audit: Sequence[str] = (),
     ) -> None:
         self.root = root
         self.network = PodNetwork()
