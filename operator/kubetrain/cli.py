@@ -345,8 +345,9 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from kubetrain.handlers import run_operator
+    from kubetrain.handlers import limit_malloc_arenas, run_operator
 
+    limit_malloc_arenas()
     run_operator(
         namespaces=args.namespace or None,
         metrics_port=args.metrics_port,

@@ -4,8 +4,8 @@ call for a visit, and which replica of a peering visits.
 The operator tests beside this one drive the whole controller against an API; these pin
 the rules a thousand runs lean on: a run is never in two workers nor twice in the queue,
 an event during a visit is not lost, a run's next visit replaces the one it had (no chains
-of timers), the operator's own status writes cost no visit, and a replica outranked by a
-live peer leaves the runs alone.
+of timers), the operator's own status writes cost no visit, a replica outranked by a live
+peer leaves the runs alone, and the operator process keeps glibc to two malloc arenas.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kubetrain import k8s
+from kubetrain import handlers, k8s
 from kubetrain.handlers import runs as runs_module
 from kubetrain.handlers.runs import KOPF_FINALIZER, Peering, RunCache, RunController, RunQueue
 
@@ -178,3 +178,29 @@ def test_workers_stop_after_the_visit_under_way(monkeypatch: pytest.MonkeyPatch)
     release.set()
     stopper.join(10)
     assert not stopper.is_alive() and not made.workers[0].is_alive()
+
+
+def test_the_operator_process_keeps_glibc_to_two_malloc_arenas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, option: int, value: int) -> int:
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(handlers.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    handlers.limit_malloc_arenas()
+    assert calls == [(handlers.M_ARENA_MAX, 2)]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the environment's word goes
+    handlers.limit_malloc_arenas()
+    assert calls == [(handlers.M_ARENA_MAX, 2)]
+
+    def not_glibc(name: str) -> Any:
+        raise OSError("no libc")
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setattr(handlers.ctypes, "CDLL", not_glibc)
+    handlers.limit_malloc_arenas()  # nothing to do, no error

@@ -18,6 +18,7 @@ the runs' workers follow only `run_operator`'s). kopf's liveness probe answers w
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import secrets
@@ -44,8 +45,9 @@ RUN_WORKERS = 32
 PIPELINE_WORKERS = 8  # kopf's executor: Pipelines and Sweeps, a few objects
 RECONCILE_INTERVAL_ENV = "KUBETRAIN_RECONCILE_INTERVAL"
 METRICS_PORT_ENV = "KUBETRAIN_METRICS_PORT"
+M_ARENA_MAX = -8  # glibc's malloc.h
 
-__all__ = ["register", "run_operator"]
+__all__ = ["limit_malloc_arenas", "register", "run_operator"]
 
 
 def register(
@@ -258,6 +260,24 @@ def run_operator(
         )
     finally:
         executor.shutdown(wait=True)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Have glibc's malloc use `arenas` arenas, as MALLOC_ARENA_MAX would (unless it is set).
+
+    glibc gives threads that allocate at once arenas of their own, up to eight per core. The
+    operator's forty-odd threads (run workers, informers, kopf's) each parse JSON of the
+    API's answers, and the memory they free stays spread over all those arenas: at 1000
+    runs that held over ten MiB the operator no longer used. Call it before the threads
+    start; not glibc (musl, macOS): nothing to do.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_ARENA_MAX, arenas)
 
 
 def _env_float(name: str, default: float) -> float:

@@ -34,6 +34,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -66,9 +67,9 @@ def run_facts(body: Mapping[str, Any]) -> dict[str, Any]:
             "finalizers": list(meta.get("finalizers") or []),
         },
         "follow": is_unfinished(body.get("spec") or {}, body.get("status") or {}),
-        # As JSON text: a thousand runs held as parsed dicts would cost more memory than the
-        # rest of the operator.
-        "body": json.dumps(visited(body), separators=(",", ":")),
+        # As compressed JSON: a thousand runs held as parsed dicts would cost more memory
+        # than the rest of the operator, and a run's JSON compresses about fourfold.
+        "body": zlib.compress(json.dumps(visited(body), separators=(",", ":")).encode(), 1),
     }
 
 
@@ -228,7 +229,7 @@ class RunCache:
             written = self.written.get(key, 0)
         if _revision(facts["metadata"]["resourceVersion"]) < written:
             return None
-        body: dict[str, Any] = json.loads(facts["body"])
+        body: dict[str, Any] = json.loads(zlib.decompress(facts["body"]))
         return body
 
     def wrote(self, key: Key, resource_version: str) -> None:
