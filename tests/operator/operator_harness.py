@@ -36,6 +36,21 @@ NAMESPACE = "team-a"
 RECONCILE_INTERVAL = 0.25
 
 
+def create_shared_claims(cluster: Cluster, names: Sequence[str] = ("datasets", "models")) -> None:
+    """The claims the standard specs mount, as an admin would have made them."""
+    for claim in names:
+        cluster.core.create_namespaced_persistent_volume_claim(
+            NAMESPACE,
+            {
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "resources": {"requests": {"storage": "10Gi"}},
+                },
+            },
+        )
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 from kube_emulator import Cluster
-from operator_harness import NAMESPACE, JobController, OperatorThread, hold, wait_for
+from operator_harness import (
+    NAMESPACE,
+    JobController,
+    OperatorThread,
+    create_shared_claims,
+    hold,
+    wait_for,
+)
 from prometheus_client import REGISTRY
 
 from kubetrain.api import GROUP, PIPELINE_PLURAL, PLURAL, VERSION, PipelineStatus
@@ -151,18 +158,7 @@ class Pipelines:
 
 @pytest.fixture
 def pipelines(k8s_api: Cluster, jobs: JobController) -> Pipelines:
-    # The claims the stages mount exist, as an admin would have made them.
-    for claim in ("datasets", "models"):
-        k8s_api.core.create_namespaced_persistent_volume_claim(
-            NAMESPACE,
-            {
-                "metadata": {"name": claim},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "resources": {"requests": {"storage": "10Gi"}},
-                },
-            },
-        )
+    create_shared_claims(k8s_api)
     return Pipelines(k8s_api, jobs)
 
 

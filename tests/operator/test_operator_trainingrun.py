@@ -20,6 +20,7 @@ from operator_harness import (
     JobController,
     OperatorThread,
     TrainerMetricsStub,
+    create_shared_claims,
     hold,
     wait_for,
 )
@@ -91,18 +92,7 @@ class Runs:
 
 @pytest.fixture
 def runs(k8s_api: Cluster) -> Runs:
-    # The claims the standard spec mounts exist, as an admin would have made them.
-    for claim in ("datasets", "models"):
-        k8s_api.core.create_namespaced_persistent_volume_claim(
-            NAMESPACE,
-            {
-                "metadata": {"name": claim},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "resources": {"requests": {"storage": "10Gi"}},
-                },
-            },
-        )
+    create_shared_claims(k8s_api)
     return Runs(k8s_api)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import kopf
 from kube_emulator import Cluster
-from operator_harness import NAMESPACE
+from operator_harness import NAMESPACE, create_shared_claims
 from test_operator_trainingrun import RUN, Runs
 
 from kubetrain import k8s
@@ -65,17 +65,7 @@ def test_the_cached_run_is_read_only_once_it_holds_the_operators_last_write() ->
 
 
 def test_a_run_suspended_after_the_cache_read_is_read_again_not_started(k8s_api: Cluster) -> None:
-    for claim in ("datasets", "models"):
-        k8s_api.core.create_namespaced_persistent_volume_claim(
-            NAMESPACE,
-            {
-                "metadata": {"name": claim},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
+    create_shared_claims(k8s_api)
     runs = Runs(k8s_api)
     created = runs.create()
     store = RunStore(lambda event, before, after: None)
