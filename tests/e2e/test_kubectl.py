@@ -238,7 +238,11 @@ def test_crd_upgrade_from_0_1_0_keeps_runs_readable_and_running(tmp_path: Path) 
     upgrades them while the run trains."""
     upgraded = TestCluster(tmp_path / "cluster").start()
     try:
-        install_operator(upgraded)  # the current chart, with the current CRDs
+        operator = install_operator(upgraded)  # the current chart, with the current CRDs
+        # The operator runs again once the 0.1.0 CRDs are served, as one of that era ran:
+        # watches opened before go on being served with the schema they were opened under
+        # until the apiserver retires that storage, and the run must start under 0.1.0.
+        operator.scale(0)
         crds_as_chart_0_1_0_left_them(upgraded)
         upgraded.create_namespace("team-a")
         fill_examples_claim(upgraded, "team-a")
@@ -252,6 +256,7 @@ def test_crd_upgrade_from_0_1_0_keeps_runs_readable_and_running(tmp_path: Path) 
             "the apiserver to serve the 0.1.0 schema",
             60,
         )
+        operator.scale(1)
         runs = Runs(upgraded, "team-a")
         with runs.statuses(name) as seen:
             upgraded.apply(doc, namespace="team-a")
