@@ -164,16 +164,32 @@ def _get(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
     )
 
 
-def _patch_status(plural: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
-    _custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, plural, name, {"status": patch}, _preload_content=False
+def _patch_status(
+    plural: str, namespace: str, name: str, patch: dict[str, Any], at: str | None = None
+) -> str:
+    """Merge `patch` into the status (only if the object is still at version `at`, when
+    given); the object's new resourceVersion."""
+    body: dict[str, Any] = {"status": patch}
+    if at is not None:
+        body["metadata"] = {"resourceVersion": at}
+    return _resource_version(
+        _custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, plural, name, body, _preload_content=False
+        )
     )
 
 
-def _patch(plural: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
-    _custom().patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, plural, name, patch, _preload_content=False
+def _patch(plural: str, namespace: str, name: str, patch: dict[str, Any]) -> str:
+    """Merge `patch` into the object; its new resourceVersion."""
+    return _resource_version(
+        _custom().patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name, patch, _preload_content=False
+        )
     )
+
+
+def _resource_version(response: Any) -> str:
+    return str(_body(response)["metadata"]["resourceVersion"])
 
 
 def _create_unless_exists(plural: str, body: dict[str, Any]) -> bool:
@@ -215,13 +231,8 @@ def patch_trainingrun_status(
 ) -> str:
     """JSON-merge-patch the status subresource with `patch` (the status, not {status: ...})
     if the run is still at `resource_version` (else `Conflict`); the run's new version."""
-    body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
-    return _resource_version(
-        _conflict_on_409(
-            lambda: _custom().patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False
-            )
-        )
+    return _conflict_on_409(
+        lambda: _patch_status(PLURAL, namespace, name, patch, at=resource_version)
     )
 
 
@@ -230,31 +241,21 @@ def annotate_trainingrun(
 ) -> str:
     """Set (or, with None, remove) annotations on a TrainingRun still at `resource_version`
     (else `Conflict`); the run's new version."""
-    body = {"metadata": {"annotations": annotations, "resourceVersion": resource_version}}
-    return _resource_version(
-        _conflict_on_409(
-            lambda: _custom().patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False
-            )
-        )
-    )
+    patch = {"metadata": {"annotations": annotations, "resourceVersion": resource_version}}
+    return _conflict_on_409(lambda: _patch(PLURAL, namespace, name, patch))
 
 
 class Conflict(Exception):
     """The object changed since the version a write was based on (409): read it again."""
 
 
-def _conflict_on_409(call: Callable[[], Any]) -> Any:
+def _conflict_on_409(call: Callable[[], str]) -> str:
     try:
         return call()
     except ApiException as e:
         if e.status == 409:
             raise Conflict(_api_message(e)) from e
         raise
-
-
-def _resource_version(response: Any) -> str:
-    return str(_body(response)["metadata"]["resourceVersion"])
 
 
 def patch_trainingrun(namespace: str, name: str, patch: dict[str, Any]) -> None:

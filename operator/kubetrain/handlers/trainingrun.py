@@ -6,14 +6,14 @@ it reads the run (from the runs' informer when that holds the operator's last wr
 else from the API), observes its children, pods, claims and rank 0's metrics, asks
 `plan_trainingrun` what to do and does it, then writes the whole status the plan computed.
 Each write of the run states the version it was planned from: a run edited meanwhile is a
-409, read again and planned again. Nothing depends on remembering an earlier call: the attempt lives
-in `status.attempt`, attempt N's workload is found by its name `<run>-<N>`, and children
-are created "if absent", so an operator restarted at any point picks up where the last one
-stopped. Children and claims are read from informers (`kubetrain.handlers.children`),
-so following a run costs no API reads but the run itself. What the apiserver refuses goes
-back into the plan as a `Refusal` and ends in a condition; a create that meets an object
-the informers do not show (409: not labelled as ours, or just created) is read and planned
-again.
+409, read again and planned again. Nothing depends on remembering an earlier call: the
+attempt lives in `status.attempt`, attempt N's workload is found by its name `<run>-<N>`,
+and children are created "if absent", so an operator restarted at any point picks up where
+the last one stopped. Children and claims are read from informers too
+(`kubetrain.handlers.children`), so following a run costs no API read at all. What the
+apiserver refuses goes back into the plan as a `Refusal` and ends in a condition; a create
+that meets an object the informers do not show (409: not labelled as ours, or just created)
+is read and planned again.
 The lifecycle itself is in `kubetrain.trainingruns`' docstring.
 """
 
@@ -103,6 +103,8 @@ def reconcile(
             executor = Executor(body, cache)
             try:
                 outcome = executor.act(plan)
+                if outcome is None:
+                    executor.write(plan, observed)
             except k8s.Conflict:
                 continue  # edited since it was read: read it again, plan again
             if isinstance(outcome, Refusal):
@@ -116,10 +118,6 @@ def reconcile(
                     found[outcome] = k8s.get_service(namespace, service_name(name))
                 else:
                     return  # a workload: the next pass finds it in the informer
-                continue
-            try:
-                executor.write(plan, observed)
-            except k8s.Conflict:
                 continue
             memory.first_sample = plan.first_sample
             if not executor.look_again:
